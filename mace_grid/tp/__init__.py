@@ -1,0 +1,32 @@
+"""Product-basis backends: a registry mapping names to builders of the symmetric contraction.
+
+Every backend module has ``forward(x, node_attrs)`` with ``x: [n_nodes, channels, (L_in+1)**2]``
+(e3nn order) and one-hot ``node_attrs: [n_nodes, num_elements]``, returning
+``[n_nodes, irreps_out.dim]`` in mace-torch's ``SymmetricContraction`` layout.
+"""
+
+from collections.abc import Callable
+
+import torch
+from e3nn import o3
+
+from mace_grid.tp.cg import build_cg
+
+_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {"cg": build_cg}
+BACKENDS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def build(
+    name: str,
+    irreps_in: o3.Irreps,
+    irreps_out: o3.Irreps,
+    correlation: int,
+    num_elements: int,
+    **options,
+) -> torch.nn.Module:
+    """Build the product-basis contraction of backend ``name``."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown tp backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return _BUILDERS[name](
+        o3.Irreps(irreps_in), o3.Irreps(irreps_out), correlation, num_elements, **options
+    )
