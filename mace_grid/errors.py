@@ -1,0 +1,13 @@
+"""User-facing errors: entry points print them as one line and exit non-zero (no traceback)."""
+
+
+class MaceGridError(Exception):
+    """Base class of errors caused by the user's config or data, not by a bug."""
+
+
+class ConfigError(MaceGridError):
+    """The composed config is invalid; the message says what to change."""
+
+
+class DataError(MaceGridError):
+    """A data file is missing, empty, or lacks what training needs."""
