@@ -11,5 +11,16 @@ torch.serialization.add_safe_globals([slice])
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-if not OmegaConf.has_resolver("project_root"):
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT))
+
+def _resume_dir(ckpt_path: str | None, default: str) -> str:
+    """Run dir of a checkpoint written by train.py (<run>/checkpoints/x.ckpt), else ``default``."""
+    if ckpt_path:
+        run_dir = Path(ckpt_path).resolve().parent.parent
+        if (run_dir / ".hydra").is_dir():
+            return str(run_dir)
+    return default
+
+
+for _name, _fn in (("project_root", lambda: str(PROJECT_ROOT)), ("resume_dir", _resume_dir)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

@@ -7,7 +7,7 @@ from mace.modules.symmetric_contraction import SymmetricContraction
 def build_cg(
     irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, num_elements: int
 ) -> SymmetricContraction:
-    """mace's contraction exactly as ``EquivariantProductBasisBlock`` builds it (no cuEquivariance)."""
+    """mace's contraction as ``EquivariantProductBasisBlock`` builds it without cuEquivariance."""
     return SymmetricContraction(
         irreps_in=irreps_in,
         irreps_out=irreps_out,

@@ -1,0 +1,171 @@
+"""LightningModule: energy-per-atom + forces loss, Adam + ReduceLROnPlateau, error metrics.
+
+EMA of the weights is Lightning's ``EMAWeightAveraging`` callback (``conf/callbacks``): it swaps
+the averaged weights in for validation and stores them as the checkpoint's ``state_dict``.
+"""
+
+import random
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torchmetrics
+
+from mace_grid.model import build_model
+
+METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
+
+
+class ErrorMetrics(torch.nn.Module):
+    """Energy-per-atom (meV/atom) and force-component (meV/Å) MAE/RMSE, free atoms only.
+
+    torchmetrics does the accumulation, so the numbers are exact over an epoch and synced in DDP.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e_mae = torchmetrics.MeanAbsoluteError()
+        self.e_rmse = torchmetrics.MeanSquaredError(squared=False)
+        self.f_mae = torchmetrics.MeanAbsoluteError()
+        self.f_rmse = torchmetrics.MeanSquaredError(squared=False)
+
+    def update(self, pred: Mapping[str, torch.Tensor], batch: Any) -> None:
+        n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(pred["energy"].dtype)
+        e_pred, e_ref = pred["energy"] / n_atoms, batch.energy / n_atoms
+        free = batch.free_mask.bool()
+        f_pred, f_ref = pred["forces"][free], batch.forces[free]
+        for metric, (p, r) in (
+            (self.e_mae, (e_pred, e_ref)),
+            (self.e_rmse, (e_pred, e_ref)),
+            (self.f_mae, (f_pred, f_ref)),
+            (self.f_rmse, (f_pred, f_ref)),
+        ):
+            metric.update(p.detach() * 1000.0, r * 1000.0)
+
+    def metrics(self) -> dict[str, torchmetrics.Metric]:
+        return {name: getattr(self, name) for name in METRIC_NAMES}
+
+
+class MaceLitModule(L.LightningModule):
+    """Trains a mace-torch model built by :func:`mace_grid.model.build_model`.
+
+    The constructor arguments (model/tp config, data statistics, optimisation settings) are saved
+    as hyperparameters, so ``MaceLitModule.load_from_checkpoint(path)`` rebuilds the model from the
+    checkpoint alone.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        tp: Mapping[str, Any],
+        statistics: Mapping[str, Any],
+        lr: float = 0.01,
+        weight_decay: float = 5e-7,
+        amsgrad: bool = True,
+        lr_factor: float = 0.8,
+        scheduler_patience: int = 5,
+        energy_weight: float = 1.0,
+        forces_weight: float = 100.0,
+        test_names: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model, tp, statistics)
+        self.train_metrics = ErrorMetrics()
+        self.val_metrics = ErrorMetrics()
+        self.test_metrics = torch.nn.ModuleList(ErrorMetrics() for _ in test_names)
+        self.initial_val: dict[str, float] | None = None
+        self.run_dir: str | None = None
+        self.run_config: dict[str, Any] | None = None
+        # Wall-clock seconds of fit() before this process (a resumed run continues the count).
+        self.fit_time_offset = 0.0
+        self._fit_start = 0.0
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.model(batch.to_dict(), training=self.training, compute_force=True)
+
+    def loss(self, pred: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
+        """Weighted MSE of energy per atom and of the forces on free atoms."""
+        n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(pred["energy"].dtype)
+        e_loss = torch.mean(((pred["energy"] - batch.energy) / n_atoms) ** 2)
+        mask = batch.free_mask.to(pred["forces"].dtype).unsqueeze(-1)
+        f_sq = (mask * (pred["forces"] - batch.forces) ** 2).sum()
+        f_loss = f_sq / (3.0 * mask.sum()).clamp(min=1.0)
+        return self.hparams.energy_weight * e_loss + self.hparams.forces_weight * f_loss
+
+    def _log_metrics(self, prefix: str, metrics: ErrorMetrics, batch_size: int) -> None:
+        for name, metric in metrics.metrics().items():
+            self.log(
+                f"{prefix}/{name}",
+                metric,
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                add_dataloader_idx=False,
+            )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        pred = self(batch)
+        loss = self.loss(pred, batch)
+        self.train_metrics.update(pred, batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch.num_graphs)
+        self._log_metrics("train", self.train_metrics, batch.num_graphs)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        with torch.enable_grad():
+            pred = self(batch)
+        self.val_metrics.update(pred, batch)
+        self.log("val/loss", self.loss(pred, batch).detach(), batch_size=batch.num_graphs)
+        self._log_metrics("val", self.val_metrics, batch.num_graphs)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        with torch.enable_grad():
+            pred = self(batch)
+        metrics = self.test_metrics[dataloader_idx]
+        metrics.update(pred, batch)
+        name = self.hparams.test_names[dataloader_idx]
+        self._log_metrics(f"test/{name}", metrics, batch.num_graphs)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(
+            self.model.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+            amsgrad=self.hparams.amsgrad,
+        )
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=self.hparams.lr_factor, patience=self.hparams.scheduler_patience
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
+        }
+
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["initial_val"] = self.initial_val
+        checkpoint["run_dir"] = self.run_dir
+        checkpoint["run_config"] = self.run_config
+        checkpoint["fit_time_s"] = self.fit_time_offset + time.perf_counter() - self._fit_start
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),  # noqa: NPY002 (the global state seed_everything sets)
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.initial_val = checkpoint.get("initial_val")
+        self.run_dir = checkpoint.get("run_dir")
+        self.run_config = checkpoint.get("run_config")
+        self.fit_time_offset = checkpoint.get("fit_time_s", 0.0)
+        states = checkpoint.get("rng_states")
+        if states is not None:
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(states["numpy"])  # noqa: NPY002
+            random.setstate(states["python"])

@@ -1,0 +1,142 @@
+"""Build mace-torch's ``ScaleShiftMACE`` from a model config, a tp backend and data statistics.
+
+The model is mace's own; only each product block's ``symmetric_contractions`` is swapped for the
+chosen backend (``cg`` keeps mace's module untouched, so the stock model is reproduced exactly).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from e3nn import o3
+from mace.modules import ScaleShiftMACE, interaction_classes
+from mace.modules.blocks import EquivariantProductBasisBlock
+
+from mace_grid import tp as tp_backends
+from mace_grid.errors import ConfigError
+
+GATES = {"silu": torch.nn.functional.silu, "tanh": torch.tanh, "none": None}
+
+MODEL_KEYS = {
+    "r_max": float,
+    "num_bessel": int,
+    "num_polynomial_cutoff": int,
+    "max_ell": int,
+    "num_interactions": int,
+    "hidden_irreps": str,
+    "MLP_irreps": str,
+    "correlation": int,
+    "radial_MLP": list,
+    "gate": str,
+    "interaction": str,
+    "interaction_first": str,
+}
+STATISTICS_KEYS = ("atomic_numbers", "atomic_energies", "avg_num_neighbors", "mean", "std")
+
+
+def validate_model_config(model: Mapping[str, Any]) -> None:
+    """Check keys, types and choices of a model config; raise ``ConfigError`` saying what to fix."""
+    unknown = sorted(set(model) - set(MODEL_KEYS))
+    if unknown:
+        raise ConfigError(f"model: unknown key(s) {unknown}; valid keys are {sorted(MODEL_KEYS)}")
+    missing = sorted(set(MODEL_KEYS) - set(model))
+    if missing:
+        raise ConfigError(f"model: missing key(s) {missing}")
+    for key, kind in MODEL_KEYS.items():
+        value = model[key]
+        ok = isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+        if not ok or isinstance(value, bool):
+            raise ConfigError(f"model.{key}={value!r} must be of type {kind.__name__}")
+    if model["r_max"] <= 0:
+        raise ConfigError(f"model.r_max={model['r_max']} must be positive")
+    if model["num_interactions"] < 1 or not 1 <= model["correlation"] <= 4:
+        raise ConfigError("model.num_interactions must be >= 1 and model.correlation in 1..4")
+    if model["gate"] not in GATES:
+        raise ConfigError(f"model.gate={model['gate']!r}; choose one of {sorted(GATES)}")
+    for key in ("interaction", "interaction_first"):
+        if model[key] not in interaction_classes:
+            raise ConfigError(
+                f"model.{key}={model[key]!r}; choose one of {sorted(interaction_classes)}"
+            )
+    try:
+        hidden = o3.Irreps(model["hidden_irreps"])
+        o3.Irreps(model["MLP_irreps"])
+    except (ValueError, AssertionError) as err:
+        raise ConfigError(f"model irreps: {err}") from None
+    if len({mul for mul, _ in hidden}) != 1:
+        raise ConfigError(
+            f"model.hidden_irreps={model['hidden_irreps']} must use one multiplicity for every "
+            "irrep (MACE's channel layout), e.g. 64x0e+64x1o"
+        )
+
+
+def build_model(
+    model: Mapping[str, Any], tp: Mapping[str, Any], statistics: Mapping[str, Any]
+) -> ScaleShiftMACE:
+    """``ScaleShiftMACE`` with the product-basis contraction of backend ``tp["name"]``.
+
+    ``model`` holds the architecture (see ``conf/model/mace.yaml``), ``tp`` the backend name and
+    its ``options``, ``statistics`` what the training set determines (atomic numbers, E0s,
+    average neighbour count, scale and shift).
+    """
+    validate_model_config(model)
+    missing = [key for key in STATISTICS_KEYS if key not in statistics]
+    if missing:
+        raise ConfigError(f"data statistics lack {missing}")
+    atomic_numbers = [int(z) for z in statistics["atomic_numbers"]]
+    net = ScaleShiftMACE(
+        r_max=float(model["r_max"]),
+        num_bessel=model["num_bessel"],
+        num_polynomial_cutoff=model["num_polynomial_cutoff"],
+        max_ell=model["max_ell"],
+        interaction_cls=interaction_classes[model["interaction"]],
+        interaction_cls_first=interaction_classes[model["interaction_first"]],
+        num_interactions=model["num_interactions"],
+        num_elements=len(atomic_numbers),
+        hidden_irreps=o3.Irreps(model["hidden_irreps"]),
+        MLP_irreps=o3.Irreps(model["MLP_irreps"]),
+        atomic_energies=np.asarray(statistics["atomic_energies"], dtype=float),
+        avg_num_neighbors=float(statistics["avg_num_neighbors"]),
+        atomic_numbers=atomic_numbers,
+        correlation=model["correlation"],
+        gate=GATES[model["gate"]],
+        radial_MLP=list(model["radial_MLP"]),
+        atomic_inter_scale=float(statistics["std"]),
+        atomic_inter_shift=float(statistics["mean"]),
+    )
+    if tp["name"] != "cg":
+        replace_product_contractions(net, tp, model["correlation"], len(atomic_numbers))
+    return net
+
+
+def replace_product_contractions(
+    net: torch.nn.Module, tp: Mapping[str, Any], correlation: int, num_elements: int
+) -> None:
+    """Put backend ``tp["name"]`` in place of every product block's symmetric contraction."""
+    for block in net.modules():
+        if isinstance(block, EquivariantProductBasisBlock):
+            old = block.symmetric_contractions
+            block.symmetric_contractions = tp_backends.build(
+                tp["name"],
+                old.irreps_in,
+                old.irreps_out,
+                correlation,
+                num_elements,
+                **dict(tp.get("options") or {}),
+            )
+
+
+def count_parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def describe_products(net: torch.nn.Module) -> str:
+    """One line on the product blocks: backend module and its trainable weights."""
+    parts = []
+    for i, block in enumerate(
+        m for m in net.modules() if isinstance(m, EquivariantProductBasisBlock)
+    ):
+        sc = block.symmetric_contractions
+        parts.append(f"product {i}: {type(sc).__name__}, {count_parameters(sc)} weights")
+    return "; ".join(parts)

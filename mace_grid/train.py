@@ -1,0 +1,170 @@
+"""The training pipeline behind ``train.py``: validate → data → statistics → model → fit → test.
+
+Each step logs the object it built. ``run(cfg)`` returns the run summary that is also written
+to ``<run dir>/summary.json``.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mace_grid import tp as tp_backends
+from mace_grid.callbacks import EpochTrainTimer
+from mace_grid.errors import ConfigError
+from mace_grid.lit_module import METRIC_NAMES, MaceLitModule
+from mace_grid.model import count_parameters, describe_products, validate_model_config
+from mace_grid.utils import atomic_write_text, format_metrics_table
+
+log = logging.getLogger("mace_grid.train")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Groups that define the run: a resumed run takes them from its checkpoint.
+RUN_DEFINING = ("data", "model", "tp", "seed", "dtype", "optim", "loss")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail fast, before anything is built, with a message that says what to change."""
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype={cfg.dtype!r}; choose one of {sorted(DTYPES)}")
+    if cfg.tp.name not in tp_backends.BACKENDS:
+        raise ConfigError(
+            f"tp.name={cfg.tp.name!r}; choose one of {', '.join(tp_backends.BACKENDS)} (tp=<name>)"
+        )
+    validate_model_config(OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.trainer.get("max_epochs") is not None and cfg.trainer.max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    if cfg.threads is not None and int(cfg.threads) < 1:
+        raise ConfigError(f"threads={cfg.threads} must be a positive integer or null")
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+
+
+def load_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
+    """Load ``cfg.ckpt_path`` and put its run-defining config groups into ``cfg``.
+
+    Resuming continues the same run, so overriding those groups on the command line is an error.
+    """
+    if cfg.ckpt_path is None:
+        return None
+    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    if "run_config" not in ckpt:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint written by train.py")
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    clashing = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in RUN_DEFINING]
+    if clashing:
+        raise ConfigError(
+            f"ckpt_path resumes a run with its own config; drop {clashing} "
+            "(to train a new model from other settings, start a new run)"
+        )
+    saved = ckpt["run_config"]
+    with open_dict(cfg):
+        for key in RUN_DEFINING:
+            cfg[key] = saved[key]
+    log.info("Resuming run from %s (epoch %d)", cfg.ckpt_path, ckpt["epoch"])
+    return ckpt
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, test the best checkpoint, write and return the run summary."""
+    validate_config(cfg)
+    resume = load_resume_checkpoint(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_default_dtype(DTYPES[cfg.dtype])
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    out_dir = Path(cfg.paths.output_dir)
+
+    log.info("Instantiating data <%s> (%s)", cfg.data._target_, cfg.data.name)
+    z_table = resume["hyper_parameters"]["statistics"]["atomic_numbers"] if resume else None
+    datamodule = hydra.utils.instantiate(cfg.data, atomic_numbers=z_table)
+    datamodule.setup("fit")
+    statistics = resume["hyper_parameters"]["statistics"] if resume else datamodule.statistics
+    log.info("Data statistics: %s", json.dumps(statistics))
+
+    module = MaceLitModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        tp=OmegaConf.to_container(cfg.tp, resolve=True),
+        statistics=statistics,
+        test_names=tuple(datamodule.test_names),
+        **cfg.optim,
+        **cfg.loss,
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    module.run_dir = str(out_dir)
+    log.info(
+        "Built ScaleShiftMACE with tp=%s: %d parameters (%s)",
+        cfg.tp.name,
+        count_parameters(module.model),
+        describe_products(module.model),
+    )
+
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    log.info("Instantiating trainer with callbacks %s", [type(c).__name__ for c in callbacks])
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
+    evaluator: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        callbacks=[],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+    if resume is None:
+        log.info("Validating the untrained model (initial_val)")
+        module.initial_val = _metrics(evaluator.validate(module, datamodule, verbose=False), "val")
+    log.info("Training for up to %d epochs", cfg.trainer.max_epochs)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    train_time = module.fit_time_offset + time.perf_counter() - start
+
+    best = _best_checkpoint(trainer)
+    log.info("Testing best checkpoint %s", best)
+    val = _metrics(evaluator.validate(module, datamodule, ckpt_path=best, verbose=False), "val")
+    test_results = trainer.test(module, datamodule, ckpt_path=best, verbose=False)
+    test = {
+        name: _metrics(test_results, f"test/{name}", index=i)
+        for i, name in enumerate(datamodule.test_names)
+    }
+    timer = next((c for c in callbacks if isinstance(c, EpochTrainTimer)), None)
+    summary = {
+        "tp": cfg.tp.name,
+        "data": cfg.data.name,
+        "epochs": trainer.current_epoch,
+        "train_time_s": train_time,
+        "epoch_train_time_s": timer.per_epoch if timer else [],
+        "initial_val": module.initial_val,
+        "val": val,
+        "test": test,
+        "best_checkpoint": best,
+    }
+    if trainer.is_global_zero:
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        rows = {"initial val": module.initial_val, "val (best)": val}
+        rows.update({f"test {name}": m for name, m in test.items()})
+        print(format_metrics_table(rows, METRIC_NAMES))
+        print(f"best checkpoint: {best}\nsummary: {out_dir / 'summary.json'}")
+    return summary
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None or not (ckpt.best_model_path or ckpt.last_model_path):
+        raise ConfigError("no checkpoint was written: keep callbacks.model_checkpoint enabled")
+    return ckpt.best_model_path or ckpt.last_model_path
+
+
+def _metrics(results: list[dict[str, float]], prefix: str, index: int = 0) -> dict[str, float]:
+    """``{e_mae, e_rmse, f_mae, f_rmse}`` from Lightning's validate/test result list."""
+    return {name: float(results[index][f"{prefix}/{name}"]) for name in METRIC_NAMES}
