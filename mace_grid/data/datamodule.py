@@ -1,0 +1,420 @@
+"""`AtomsDataModule`: ASE files → mace `AtomicData` graphs → mace's torch_geometric loaders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from mace.data import AtomicData
+from mace.data.utils import Configuration
+from mace.modules.utils import compute_avg_num_neighbors, compute_mean_rms_energy_forces
+from mace.tools import AtomicNumberTable, atomic_numbers_to_indices, to_one_hot
+from mace.tools.torch_geometric.dataloader import DataLoader
+
+from mace_grid.data.io import expand_files, fingerprint, read_configs, resolve_e0s, symbol
+from mace_grid.data.neighbours import Neighbours, file_neighbours
+from mace_grid.errors import DataError
+
+log = logging.getLogger("mace_grid.data")
+
+
+@dataclass
+class Source:
+    """All frames of one file with their neighbour lists."""
+
+    path: str
+    configs: list[Configuration]
+    graphs: list[Neighbours]
+
+
+def load_source(
+    path: str, key: str, r_max: float, energy_key: str, forces_key: str, cache_dir
+) -> Source:
+    """Read and validate `path` (`key` = config entry to blame) and get its neighbour lists."""
+    configs = read_configs(path, key, energy_key, forces_key)
+    return Source(path, configs, file_neighbours(path, configs, r_max, cache_dir))
+
+
+def to_atomic_data(
+    config: Configuration, graph: Neighbours, z_table: AtomicNumberTable, config_type_id: int = 0
+) -> AtomicData:
+    """mace AtomicData with energy [] (eV), forces [n, 3] (eV/Å) and extra per-atom `free_mask`
+    [n] (1 free, 0 fixed) and per-graph `config_type_id` []; dtype = torch default dtype."""
+    dtype = torch.get_default_dtype()
+    indices = atomic_numbers_to_indices(config.atomic_numbers, z_table=z_table)
+    one, zero = (torch.tensor(v, dtype=dtype) for v in (1.0, 0.0))
+    return AtomicData(
+        edge_index=torch.as_tensor(graph.edge_index, dtype=torch.long),
+        node_attrs=to_one_hot(torch.as_tensor(indices).long().unsqueeze(-1), len(z_table)),
+        positions=torch.tensor(config.positions, dtype=dtype),
+        shifts=torch.tensor(graph.shifts, dtype=dtype),
+        unit_shifts=torch.tensor(graph.unit_shifts, dtype=dtype),
+        cell=torch.tensor(graph.cell, dtype=dtype),
+        pbc=torch.tensor([config.pbc], dtype=torch.bool),
+        weight=one,
+        head=torch.tensor(0, dtype=torch.long),
+        energy_weight=one.clone(),
+        forces_weight=one.clone(),
+        stress_weight=zero,
+        virials_weight=zero.clone(),
+        dipole_weight=None,
+        charges_weight=None,
+        polarizability_weight=None,
+        forces=torch.tensor(config.properties["forces"], dtype=dtype),
+        energy=torch.tensor(config.properties["energy"], dtype=dtype),
+        stress=torch.zeros(1, 3, 3, dtype=dtype),
+        virials=torch.zeros(1, 3, 3, dtype=dtype),
+        dipole=None,
+        charges=None,
+        polarizability=None,
+        elec_temp=None,
+        free_mask=torch.tensor(config.properties["free_mask"], dtype=dtype),
+        config_type_id=torch.tensor(config_type_id, dtype=torch.long),
+    )
+
+
+def check_elements(configs: Sequence[Configuration], z_table: AtomicNumberTable, where: str):
+    """DataError naming the first element of `configs` that `z_table` lacks."""
+    known = set(z_table.zs)
+    for config in configs:
+        for z in np.unique(config.atomic_numbers):
+            if int(z) not in known:
+                elements = ", ".join(symbol(z) for z in z_table.zs)
+                raise DataError(
+                    f"element {symbol(z)} in {where} is not among the model's elements [{elements}]"
+                )
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0):
+    """mace's torch_geometric DataLoader over a list of AtomicData."""
+    return DataLoader(
+        dataset=dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def build_loader(
+    path: str,
+    atomic_numbers: Sequence[int],
+    r_max: float,
+    batch_size: int = 8,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    cache_dir: str | None = None,
+    num_workers: int = 0,
+    key: str = "path",
+) -> DataLoader:
+    """Unshuffled loader over all frames of an ASE-readable file for a model with elements
+    `atomic_numbers` (e.g. from checkpoint statistics); `key` names the option in errors."""
+    z_table = AtomicNumberTable(sorted(int(z) for z in atomic_numbers))
+    source = load_source(str(path), key, r_max, energy_key, forces_key, cache_dir)
+    check_elements(source.configs, z_table, f"{path} ({key})")
+    dataset = [to_atomic_data(c, g, z_table) for c, g in zip(*_pairs(source), strict=True)]
+    return make_loader(dataset, batch_size, num_workers=num_workers)
+
+
+def _pairs(source: Source, indices: Sequence[int] | None = None):
+    idx = range(len(source.configs)) if indices is None else indices
+    return [source.configs[i] for i in idx], [source.graphs[i] for i in idx]
+
+
+def _count(fraction: float, n: int) -> int:
+    return max(1, int(fraction * n)) if fraction > 0 else 0
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class AtomsDataModule(L.LightningDataModule):
+    """Train/valid/test graphs from ASE-readable files (extxyz, .traj, .db).
+
+    train_file: path, glob or list of them. Validation comes from `valid_file` or a seeded
+    `valid_fraction` of the training pool; `test_fraction` holds out a test set named "test";
+    `split_by` = "frame" (random frames) or "file" (whole files, i.e. systems, per split; held-out
+    files are drawn only among those whose elements stay covered by the training files).
+    test_files: {name: path}; with `drop_train_overlap`, frames also present in the training
+    files (same species, positions, energy) are removed from valid_file and test sets.
+    e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`).
+    atomic_numbers: fixed z table (e.g. from a checkpoint) instead of the training elements.
+    After `setup()`: `statistics` (plain dict), `test_names`, `sizes`, `config_types`.
+    """
+
+    def __init__(
+        self,
+        train_file: str | Sequence[str],
+        name: str = "data",
+        valid_file: str | None = None,
+        valid_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        test_files: Mapping[str, str] | None = None,
+        split_by: str = "frame",
+        drop_train_overlap: bool = True,
+        energy_key: str = "energy",
+        forces_key: str = "forces",
+        e0s: str | Mapping = "average",
+        r_max: float = 5.0,
+        batch_size: int = 8,
+        valid_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        output_dir: str | None = None,
+        atomic_numbers: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        if split_by not in ("frame", "file"):
+            raise DataError(f"data.split_by must be 'frame' or 'file', got '{split_by}'")
+        for key, frac in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= frac < 1.0:
+                raise DataError(f"data.{key} must be in [0, 1), got {frac}")
+        self.name = name
+        self.train_file = train_file if isinstance(train_file, str) else list(train_file)
+        self.valid_file = valid_file
+        self.valid_fraction = float(valid_fraction)
+        self.test_fraction = float(test_fraction)
+        self.test_files = {str(k): v for k, v in (test_files or {}).items()}
+        if test_fraction > 0 and "test" in self.test_files:
+            raise DataError("data.test_files: the name 'test' is taken by data.test_fraction")
+        self.split_by = split_by
+        self.drop_train_overlap = drop_train_overlap
+        self.energy_key, self.forces_key = energy_key, forces_key
+        self.e0s = e0s if isinstance(e0s, str) else dict(e0s)
+        self.r_max = float(r_max)
+        self.batch_size = int(batch_size)
+        self.valid_batch_size = int(valid_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.cache_dir = cache_dir
+        self.output_dir = output_dir
+        self.atomic_numbers = None if atomic_numbers is None else sorted(map(int, atomic_numbers))
+        self.statistics: dict | None = None
+        self.test_names: list[str] = []
+        self.sizes: dict[str, int] = {}
+        self.config_types: list[str] = []
+        self.z_table: AtomicNumberTable | None = (
+            None if self.atomic_numbers is None else AtomicNumberTable(self.atomic_numbers)
+        )
+        self._train: list = []
+        self._valid: list = []
+        self._tests: list[list] = []
+
+    # -- setup -------------------------------------------------------------------------------
+    def _load(self, path: str, key: str) -> Source:
+        return load_source(path, key, self.r_max, self.energy_key, self.forces_key, self.cache_dir)
+
+    def _split_frames(self, sources: list[Source], rng, n_valid_wanted: bool):
+        offsets = np.cumsum([0] + [len(s.configs) for s in sources])
+        n = int(offsets[-1])
+        n_test = _count(self.test_fraction, n)
+        n_valid = _count(self.valid_fraction, n) if n_valid_wanted else 0
+        if n - n_test - n_valid < 1:
+            raise DataError(
+                f"data.train_file has {n} frames: too few for valid/test fractions "
+                f"{self.valid_fraction}/{self.test_fraction}"
+            )
+        perm = rng.permutation(n)
+        parts = {"test": perm[:n_test], "valid": perm[n_test : n_test + n_valid]}
+        parts["train"] = perm[n_test + n_valid :]
+        out = {}
+        for part, idx in parts.items():
+            idx = np.sort(idx)
+            f = np.searchsorted(offsets, idx, side="right") - 1
+            out[part] = {s.path: (idx[f == i] - offsets[i]).tolist() for i, s in enumerate(sources)}
+        return out
+
+    def _split_files(self, sources: list[Source], rng, n_valid_wanted: bool):
+        n = len(sources)
+        n_test = _count(self.test_fraction, n)
+        n_valid = _count(self.valid_fraction, n) if n_valid_wanted else 0
+        elements = [
+            set(np.unique(np.concatenate([c.atomic_numbers for c in s.configs])).tolist())
+            for s in sources
+        ]
+        remaining = list(range(n))
+        held: list[int] = []
+        for i in rng.permutation(n).tolist():
+            if len(held) == n_test + n_valid:
+                break
+            rest = [j for j in remaining if j != i]
+            if rest and elements[i] <= set().union(*(elements[j] for j in rest)):
+                held.append(i)
+                remaining = rest
+        if len(held) < n_test + n_valid:
+            raise DataError(
+                f"split_by=file: only {len(held)} of {n} files can be held out without leaving "
+                f"an element unseen in training, {n_test + n_valid} requested; lower "
+                "data.valid_fraction/test_fraction"
+            )
+        parts = {"test": held[:n_test], "valid": held[n_test:], "train": sorted(remaining)}
+        return {
+            part: {sources[i].path: list(range(len(sources[i].configs))) for i in sorted(idx)}
+            for part, idx in parts.items()
+        }
+
+    def _graphs(self, by_path: dict, sources: dict[str, Source], where: str):
+        configs, graphs = [], []
+        for path, idx in by_path.items():
+            c, g = _pairs(sources[path], idx)
+            configs += c
+            graphs += g
+        if self.z_table is not None:
+            check_elements(configs, self.z_table, where)
+        return configs, graphs
+
+    def _dataset(self, configs, graphs) -> list[AtomicData]:
+        ids = []
+        for c in configs:
+            if c.config_type not in self.config_types:
+                self.config_types.append(c.config_type)
+            ids.append(self.config_types.index(c.config_type))
+        return [
+            to_atomic_data(c, g, self.z_table, i)
+            for c, g, i in zip(configs, graphs, ids, strict=True)
+        ]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, split, build graphs and statistics once (all stages at the first call)."""
+        if self.statistics is not None:
+            return
+        self.prepare_data()
+        train_paths = expand_files(self.train_file, "data.train_file")
+        pool = [self._load(p, "data.train_file") for p in train_paths]
+        sources = {s.path: s for s in pool}
+        rng = np.random.default_rng(self.seed)
+        split = self._split_frames if self.split_by == "frame" else self._split_files
+        parts = split(pool, rng, n_valid_wanted=self.valid_file is None)
+
+        train_configs, train_graphs = self._graphs(parts["train"], sources, "data.train_file")
+        if self.z_table is None:
+            zs = np.unique(np.concatenate([c.atomic_numbers for c in train_configs]))
+            self.z_table = AtomicNumberTable([int(z) for z in zs])
+
+        seen = set()
+        if self.drop_train_overlap:
+            seen = {fingerprint(c) for s in pool for c in s.configs}
+        extra = {}  # name -> (key, path) of explicitly given valid/test files
+        if self.valid_file is not None:
+            extra["valid"] = ("data.valid_file", str(self.valid_file))
+        for name, path in self.test_files.items():
+            extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
+        for part, (key, path) in extra.items():
+            src = self._load(path, key)
+            sources[path] = src
+            keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
+            if len(keep) < len(src.configs):
+                log.info(
+                    "%s: dropped %d of %d configurations also in the training file(s)",
+                    key,
+                    len(src.configs) - len(keep),
+                    len(src.configs),
+                )
+            if not keep:
+                raise DataError(f"{path} ({key}): every configuration is also in data.train_file")
+            parts[part] = {path: keep}
+
+        self._train = self._dataset(train_configs, train_graphs)
+        where = "the validation split"
+        if "valid" in extra:
+            where = f"{extra['valid'][1]} ({extra['valid'][0]})"
+        self._valid = self._dataset(*self._graphs(parts["valid"], sources, where))
+        self.test_names, self._tests = [], []
+        test_parts = ["test"] if parts.get("test") and any(parts["test"].values()) else []
+        test_parts += [f"test:{n}" for n in self.test_files]
+        for part in test_parts:
+            name = part.split(":", 1)[1] if ":" in part else "test"
+            where = "the held-out test split"
+            if part in extra:
+                where = f"{extra[part][1]} ({extra[part][0]})"
+            self.test_names.append(name)
+            self._tests.append(self._dataset(*self._graphs(parts[part], sources, where)))
+        self.sizes = {"train": len(self._train), "valid": len(self._valid)}
+        self.sizes.update({n: len(d) for n, d in zip(self.test_names, self._tests, strict=True)})
+
+        self.statistics = self._statistics(train_configs)
+        self._save_splits(parts)
+        s = self.statistics
+        log.info(
+            "data %s: sizes %s, elements %s, E0s %s, avg_num_neighbors %.3f, mean %.4g, std %.4g",
+            self.name,
+            self.sizes,
+            [symbol(z) for z in s["atomic_numbers"]],
+            [round(e, 4) for e in s["atomic_energies"]],
+            s["avg_num_neighbors"],
+            s["mean"],
+            s["std"],
+        )
+
+    def _statistics(self, train_configs) -> dict:
+        e0 = resolve_e0s(self.e0s, self.z_table, train_configs, self.energy_key)
+        atomic_energies = [float(e0[z]) for z in self.z_table.zs]
+        loader = make_loader(self._train, self.batch_size)
+        mean, rms = compute_mean_rms_energy_forces(loader, np.array(atomic_energies))
+        return {
+            "atomic_numbers": [int(z) for z in self.z_table.zs],
+            "atomic_energies": atomic_energies,
+            "avg_num_neighbors": float(compute_avg_num_neighbors(loader)),
+            "mean": float(np.asarray(mean).reshape(-1)[0]),
+            "std": float(np.asarray(rms).reshape(-1)[0]),
+            "r_max": self.r_max,
+        }
+
+    def _save_splits(self, parts: dict) -> None:
+        if self.output_dir is None:
+            return
+        path = Path(self.output_dir) / "splits.json"
+        _write_json(
+            path,
+            {"seed": self.seed, "split_by": self.split_by, "test_names": self.test_names, **parts},
+        )
+        log.info("saved data splits to %s", path)
+
+    # -- loaders ------------------------------------------------------------------------------
+    def _ready(self):
+        if self.statistics is None:
+            raise RuntimeError("call setup() first")
+
+    def train_dataloader(self):
+        self._ready()
+        return make_loader(self._train, self.batch_size, True, self.num_workers)
+
+    def val_dataloader(self):
+        self._ready()
+        if not self._valid:
+            return []
+        return make_loader(self._valid, self.valid_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        self._ready()
+        return [
+            make_loader(d, self.valid_batch_size, num_workers=self.num_workers) for d in self._tests
+        ]
+
+    def loader_for(self, path: str, batch_size: int | None = None) -> DataLoader:
+        """Unshuffled loader over all frames of `path` with this module's z table and r_max."""
+        if self.z_table is None:
+            raise RuntimeError("call setup() first or pass atomic_numbers")
+        return build_loader(
+            path,
+            self.z_table.zs,
+            self.r_max,
+            batch_size or self.valid_batch_size,
+            self.energy_key,
+            self.forces_key,
+            self.cache_dir,
+            key="path",
+        )

@@ -1,0 +1,200 @@
+"""Read ASE files (extxyz, .traj, .db) into mace `Configuration`s and resolve E0s."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+
+import ase.data
+import ase.db
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.constraints import FixAtoms
+from mace.data.utils import Configuration, compute_average_E0s
+from mace.tools import AtomicNumberTable
+
+from mace_grid.errors import DataError
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def expand_files(spec: str | Sequence[str], key: str) -> list[str]:
+    """Expand a path, a glob or a list of them into sorted existing files; `key` names the
+    config entry to blame when nothing matches."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    if not specs:
+        raise DataError(f"{key} is empty: give a file path or glob")
+    files: list[str] = []
+    for s in map(str, specs):
+        if glob.has_magic(s):
+            matches = sorted(glob.glob(s))
+            if not matches:
+                raise DataError(f"no file matches {s} (set {key} to an existing path or glob)")
+            files.extend(matches)
+        elif not os.path.isfile(s):
+            raise DataError(f"data file not found: {s} (set {key} to an existing file)")
+        else:
+            files.append(s)
+    return files
+
+
+def read_atoms(path: str, key: str) -> list[Atoms]:
+    """All frames of an ASE-readable file; DataError if missing, unreadable or empty."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path} (set {key} to an existing file)")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file is empty: {path} ({key})")
+    try:
+        if path.endswith(".db"):  # keep key-value pairs (e.g. config_type) as atoms.info
+            with ase.db.connect(path) as db:
+                frames = [row.toatoms(add_additional_information=True) for row in db.select()]
+            for atoms in frames:
+                atoms.info.update(atoms.info.pop("key_value_pairs", {}))
+        else:
+            frames = ase.io.read(path, index=":")
+    except Exception as exc:  # ase raises many types; report them as one line
+        raise DataError(f"cannot read {path} ({key}): {_one_line(exc)}") from exc
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    if not frames:
+        raise DataError(f"data file has no configurations: {path} ({key})")
+    return frames
+
+
+def _energy(atoms: Atoms, key: str) -> float | None:
+    if key in atoms.info:
+        return float(atoms.info[key])
+    try:  # ASE >= 3.23 moves extxyz `energy` onto a SinglePointCalculator
+        return float(atoms.get_potential_energy())
+    except Exception:
+        return None
+
+
+def _forces(atoms: Atoms, key: str) -> np.ndarray | None:
+    if key in atoms.arrays:
+        return np.array(atoms.arrays[key], dtype=float)
+    try:  # raw forces: FixAtoms would zero the fixed atoms' forces otherwise
+        return np.array(atoms.get_forces(apply_constraint=False), dtype=float)
+    except Exception:
+        return None
+
+
+def free_mask(atoms: Atoms) -> np.ndarray:
+    """1.0 for free atoms, 0.0 for atoms fixed by an ase FixAtoms constraint."""
+    mask = np.ones(len(atoms))
+    for constraint in atoms.constraints:
+        if isinstance(constraint, FixAtoms):
+            mask[constraint.get_indices()] = 0.0
+    return mask
+
+
+def to_configs(
+    frames: Sequence[Atoms], path: str, key: str, energy_key: str, forces_key: str
+) -> list[Configuration]:
+    """mace Configurations with properties energy, forces and free_mask; DataError if a frame
+    lacks energy or forces."""
+    configs = []
+    for i, atoms in enumerate(frames):
+        energy, forces = _energy(atoms, energy_key), _forces(atoms, forces_key)
+        if energy is None:
+            raise DataError(
+                f"{path} ({key}): frame {i} has no energy (no info['{energy_key}'], no "
+                "calculator energy); set data.energy_key"
+            )
+        if forces is None:
+            raise DataError(
+                f"{path} ({key}): frame {i} has no forces (no arrays['{forces_key}'], no "
+                "calculator forces); set data.forces_key"
+            )
+        configs.append(
+            Configuration(
+                atomic_numbers=np.asarray(atoms.numbers, dtype=int),
+                positions=np.array(atoms.positions, dtype=float),
+                properties={"energy": energy, "forces": forces, "free_mask": free_mask(atoms)},
+                property_weights={"energy": 1.0, "forces": 1.0},
+                cell=np.array(atoms.cell[:], dtype=float),
+                pbc=tuple(bool(p) for p in atoms.pbc),
+                config_type=str(atoms.info.get("config_type", "Default")),
+            )
+        )
+    return configs
+
+
+def read_configs(path: str, key: str, energy_key: str, forces_key: str) -> list[Configuration]:
+    """Read and validate one file (see `read_atoms`, `to_configs`)."""
+    return to_configs(read_atoms(path, key), path, key, energy_key, forces_key)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(config: Configuration) -> str:
+    """Identity of a configuration for overlap removal: species, positions (1e-5 Å), energy."""
+    h = hashlib.sha1(np.asarray(config.atomic_numbers, dtype=np.int64).tobytes())
+    h.update((np.round(config.positions, 5) + 0.0).tobytes())
+    h.update(np.round(np.float64(config.properties["energy"]), 5).tobytes())
+    return h.hexdigest()
+
+
+def symbol(z: int) -> str:
+    return ase.data.chemical_symbols[int(z)]
+
+
+def _z_of(key) -> int:
+    if isinstance(key, (int, np.integer)) or (isinstance(key, str) and key.isdigit()):
+        return int(key)
+    if key in ase.data.atomic_numbers:
+        return ase.data.atomic_numbers[key]
+    raise DataError(f"data.e0s: unknown element '{key}' (use a symbol like 'H' or Z like 1)")
+
+
+def resolve_e0s(
+    e0s: str | Mapping,
+    z_table: AtomicNumberTable,
+    train: Sequence[Configuration],
+    energy_key: str = "energy",
+) -> dict[int, float]:
+    """E0 per Z of `z_table` from an isolated-atoms file, a {symbol or Z: eV} mapping,
+    "average" (least squares over training compositions; refuses when they don't determine
+    it) or "min_norm" (the same fit accepting the minimum-norm solution of a rank-deficient
+    system, as mace's own "average" silently does)."""
+    if isinstance(e0s, Mapping):
+        table = {_z_of(k): float(v) for k, v in e0s.items()}
+        source = "data.e0s"
+    elif e0s in ("average", "min_norm"):
+        counts = np.array([[np.sum(c.atomic_numbers == z) for z in z_table.zs] for c in train])
+        rank = int(np.linalg.matrix_rank(counts))
+        if rank < len(z_table) and e0s == "average":
+            raise DataError(
+                f"data.e0s=average: the training compositions determine only {rank} of "
+                f"{len(z_table)} element energies (too few distinct compositions); give "
+                "isolated-atom energies (a file or {symbol: eV}) or e0s=min_norm"
+            )
+        table = {int(z): float(v) for z, v in compute_average_E0s(list(train), z_table).items()}
+        source = f"data.e0s={e0s}"
+    else:
+        path = str(e0s)
+        frames = read_atoms(path, "data.e0s")
+        table = {}
+        for atoms in frames:
+            if len(atoms) == 1:
+                energy = _energy(atoms, energy_key)
+                if energy is not None:
+                    table[int(atoms.numbers[0])] = energy
+        if not table:
+            raise DataError(f"data.e0s: {path} has no single-atom configurations with energies")
+        source = f"data.e0s ({path})"
+    missing = [symbol(z) for z in z_table.zs if z not in table]
+    if missing:
+        raise DataError(f"{source} has no E0 for element(s) {', '.join(missing)}")
+    return {int(z): table[z] for z in z_table.zs}
