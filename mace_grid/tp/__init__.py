@@ -11,8 +11,14 @@ import torch
 from e3nn import o3
 
 from mace_grid.tp.cg import build_cg
+from mace_grid.tp.gaunt import build_gaunt
+from mace_grid.tp.grid import build_grid
 
-_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {"cg": build_cg}
+_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
+    "cg": build_cg,
+    "gaunt": build_gaunt,
+    "grid": build_grid,
+}
 BACKENDS: tuple[str, ...] = tuple(_BUILDERS)
 
 

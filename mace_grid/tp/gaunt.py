@@ -1,0 +1,283 @@
+"""MACE-Gaunt product basis: the shared parameterisation and the 2D-Fourier (Luo et al.) backend.
+
+B[c, LM] = sum_nu w[nu, element, c, L] * P_LM(f_c^nu), nu = 1..correlation, where
+f_c = sum_lm A[c, lm] Y_lm is channel c's spherical function and P_LM the projection on Y_LM
+(conventions in `mace_grid.tp.sphere`). `GauntProductBasis` owns the weights and the final
+contraction; subclasses only compute the projected powers P_LM(f^nu), nu >= 2, so every Gaunt
+backend has the same parameters and state_dict.
+Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
+"""
+
+import torch
+from e3nn import o3
+from e3nn.util.jit import compile_mode
+
+from mace_grid.errors import ConfigError
+from mace_grid.tp import sphere
+
+#: second moment of every output component at init for i.i.d. standard-normal inputs; the cg
+#: backend gives 0.85-4.7 there (L_in 1-4, correlation 1-3), this sits in the middle.
+INIT_SECOND_MOMENT = 2.0
+MAX_CORRELATION = 4
+
+
+def _natural(ir: o3.Irrep) -> bool:
+    return ir.p == (-1) ** ir.l
+
+
+def validate_irreps(
+    irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int
+) -> tuple[int, int, list[int]]:
+    """Check the irreps a Gaunt product can compute; return (channels, L_in, output degrees).
+
+    Raises `ConfigError` with a message saying what to change.
+    """
+    irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
+    pseudo = [str(ir) for _, ir in (*irreps_in, *irreps_out) if not _natural(ir)]
+    if pseudo:
+        raise ConfigError(
+            f"the Gaunt product backends (gaunt, grid) only produce natural-parity irreps "
+            f"(0e, 1o, 2e, 3o, ...), but got {', '.join(sorted(set(pseudo)))} in "
+            f"irreps_in={irreps_in} / irreps_out={irreps_out}; use tp=cg for pseudo-tensors"
+        )
+    if not isinstance(correlation, int) or not 1 <= correlation <= MAX_CORRELATION:
+        raise ConfigError(
+            f"correlation must be an integer in 1..{MAX_CORRELATION}, got {correlation}"
+        )
+    muls = {mul for mul, _ in irreps_in}
+    ls = [ir.l for _, ir in irreps_in]
+    if len(muls) != 1 or ls != list(range(len(ls))):
+        raise ConfigError(
+            f"irreps_in must hold every degree 0..L_in once, in order, with one common "
+            f"multiplicity (e.g. 64x0e+64x1o+64x2e), got {irreps_in}"
+        )
+    (channels,) = muls
+    bad_out = [str(mul) for mul, _ in irreps_out if mul != channels]
+    if len(irreps_out) == 0 or bad_out:
+        raise ConfigError(
+            f"irreps_out must be a non-empty list of irreps with multiplicity {channels} "
+            f"(the channel count of irreps_in), got {irreps_out}"
+        )
+    return channels, len(ls) - 1, [ir.l for _, ir in irreps_out]
+
+
+def basis_scale(l_in: int, correlation: int, l_out: list[int]) -> torch.Tensor:
+    """``[correlation, len(l_out)]`` constants multiplying the weights of P_L(f^nu).
+
+    Each nonzero basis function P_LM(f^nu) is scaled to unit second moment for i.i.d.
+    standard-normal A (`sphere.power_second_moment`), then divided among the nonzero terms of
+    its L so that N(0, 1) weights give outputs of second moment `INIT_SECOND_MOMENT`.
+    Basis functions that vanish identically (L > nu * L_in) get 0.
+    """
+    moment = torch.tensor(
+        [
+            [sphere.power_second_moment(l_in, nu, l) for l in l_out]
+            for nu in range(1, correlation + 1)
+        ],
+        dtype=torch.float64,
+    )
+    alive = moment > 1e-9
+    n_terms = alive.sum(0, keepdim=True).clamp(min=1)
+    scale = torch.sqrt(INIT_SECOND_MOMENT / n_terms / moment.clamp(min=1e-9))
+    return torch.where(alive, scale, torch.zeros_like(scale))
+
+
+class GauntProductBasis(torch.nn.Module):
+    """Shared weights and contraction of the MACE-Gaunt product basis (see module docstring).
+
+    Parameters: ``weight [correlation, num_elements, len(irreps_out), channels]``, N(0, 1) at
+    init; the fixed ``basis_scale`` buffer keeps outputs O(1). Subclasses implement
+    ``project_powers(x) -> [n, C, correlation - 1, D_out]`` (P_LM(f^nu) for nu = 2..correlation,
+    columns ordered as the components of irreps_out).
+    """
+
+    def __init__(
+        self, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, num_elements: int
+    ) -> None:
+        super().__init__()
+        channels, l_in, l_out = validate_irreps(irreps_in, irreps_out, correlation)
+        if num_elements < 1:
+            raise ConfigError(f"num_elements must be >= 1, got {num_elements}")
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        self.correlation = correlation
+        self.contraction_degree = correlation  # the name mace's tools read
+        self.num_elements = num_elements
+        self.num_features = channels
+        self.l_in = l_in
+        self.l_out: list[int] = l_out
+        self.l_out_max = max(l_out)
+        self.out_lm: list[int] = [sphere.lm_index(l, m) for l in l_out for m in range(-l, l + 1)]
+        self.dim_out = len(self.out_lm)  # per channel
+
+        self.weight = torch.nn.Parameter(
+            torch.randn(correlation, num_elements, len(l_out), channels)
+        )
+        self.register_buffer("basis_scale", basis_scale(l_in, correlation, l_out), persistent=False)
+        col_irrep = [i for i, l in enumerate(l_out) for _ in range(2 * l + 1)]
+        self.register_buffer("col_irrep", torch.tensor(col_irrep), persistent=False)
+        # nu = 1 is A itself; columns with L > L_in have basis_scale 0 and read any entry
+        in_dim = (l_in + 1) ** 2
+        self.register_buffer(
+            "col_in", torch.tensor([i if i < in_dim else 0 for i in self.out_lm]), persistent=False
+        )
+        # [n, C, D_out] (channel-major over all irreps) -> mace's per-irrep channel-major blocks
+        perm, start = [], 0
+        for l in l_out:
+            d = 2 * l + 1
+            perm += [c * self.dim_out + start + m for c in range(channels) for m in range(d)]
+            start += d
+        self.identity_layout = len(l_out) == 1
+        self.register_buffer("out_perm", torch.tensor(perm), persistent=False)
+
+    def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
+        """Per-node weights of every basis column, ``[n, C, correlation, D_out]``."""
+        w = (
+            self.weight.to(node_attrs.dtype)
+            * self.basis_scale.to(node_attrs.dtype)[:, None, :, None]
+        )
+        w = w.index_select(2, self.col_irrep)  # [nu, E, D_out, C]
+        w = w.permute(1, 3, 0, 2).reshape(self.num_elements, -1)
+        n = node_attrs.shape[0]
+        return (node_attrs @ w).view(n, self.num_features, self.correlation, self.dim_out)
+
+    def contract(
+        self, x: torch.Tensor, node_attrs: torch.Tensor, powers: torch.Tensor
+    ) -> torch.Tensor:
+        """Weight A (nu = 1) and the projected powers, and lay the result out as mace does."""
+        n = x.shape[0]
+        basis = torch.cat([x.index_select(2, self.col_in).unsqueeze(2), powers], dim=2)
+        out = (basis * self.node_weights(node_attrs.to(x.dtype))).sum(2)  # [n, C, D_out]
+        out = out.reshape(n, self.num_features * self.dim_out)
+        if self.identity_layout:
+            return out
+        return out.index_select(1, self.out_perm)
+
+    def project_powers(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        return self.contract(x, node_attrs, self.project_powers(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.irreps_in} -> {self.irreps_out}, correlation={self.correlation}, "
+            f"num_elements={self.num_elements}"
+        )
+
+
+def _fourier_sizes(l_in: int, correlation: int, l_out: int) -> tuple[int, int]:
+    """(n_theta, n_phi) of the torus FFT grid: every u of f^corr (|u| <= corr L_in) must be
+    alias-free; in phi only |v| <= l_out is read back."""
+    return 2 * correlation * l_in + 1, max(correlation * l_in + l_out + 1, 2 * l_in + 1)
+
+
+@compile_mode("script")
+class FourierGauntProduct(GauntProductBasis):
+    """Gaunt product by 2D Fourier series on the torus (Luo et al., ICLR 2024).
+
+    SH -> 2D Fourier coefficients (exact, float64 `sphere.sh_to_fourier`), powers F^nu by FFT
+    convolution (zero-padded inverse FFT, pointwise power, FFT) or, with
+    ``direct_convolution=True``, by direct 2D convolution of the coefficient arrays; then the
+    closed-form Fourier -> SH projection truncated to the output degrees.
+    Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim].
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        correlation: int,
+        num_elements: int,
+        direct_convolution: bool = False,
+    ) -> None:
+        super().__init__(irreps_in, irreps_out, correlation, num_elements)
+        self.direct_convolution = direct_convolution
+        l_in, l_max = self.l_in, self.l_out_max
+        self.n_theta, self.n_phi = _fourier_sizes(l_in, correlation, l_max)
+        theta, phi = sphere.sh_to_fourier(l_in)  # [lm, u], [m, v]
+        m_in = torch.tensor([m for l in range(l_in + 1) for m in range(-l, l + 1)])
+        coeff = theta[:, :, None] * phi[l_in + m_in][:, None, :]  # [lm, u, v], u, v in -L..L
+        if direct_convolution:
+            to_fourier = coeff  # full spectrum, index u + L_in, v + L_in
+            umax = correlation * l_in
+            rows = torch.arange(-umax, umax + 1)
+        else:  # half spectrum v >= 0, u wrapped modulo n_theta as the FFT expects
+            to_fourier = coeff.new_zeros(len(m_in), self.n_theta, l_in + 1)
+            u = torch.arange(-l_in, l_in + 1)
+            to_fourier[:, u % self.n_theta, :] = coeff[:, :, l_in:]
+            umax = self.n_theta // 2
+            rows = torch.arange(self.n_theta)
+            rows = torch.where(rows > umax, rows - self.n_theta, rows)
+        self.register_buffer(
+            "to_fourier", torch.view_as_real(to_fourier).reshape(len(m_in), -1), persistent=False
+        )
+        # P_LM = sum_{u, 0 <= v <= L} c_v Re(G[u, v] z[u, v, LM]), c_0 = 1, c_v = 2 (G is Hermitian)
+        zeta, phi_out = sphere.fourier_to_sh(l_max, umax)  # [LM, u], [M, v]
+        zeta, phi_out = zeta[self.out_lm], phi_out  # columns of irreps_out
+        m_out = torch.tensor([m for l in self.l_out for m in range(-l, l + 1)])
+        v = torch.arange(l_max + 1)
+        z = 0.5 * zeta.T[rows + umax][:, None, :] * phi_out[l_max + m_out][:, l_max - v].T[None]
+        z = z * torch.where(v == 0, 1.0, 2.0).to(torch.float64)[None, :, None]  # [u, v, D_out]
+        from_fourier = torch.stack([z.real, -z.imag], dim=2)  # [u, v, re/im, D_out]
+        self.register_buffer("from_fourier", from_fourier.contiguous(), persistent=False)
+
+    def _conv(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Full 2D linear convolution of complex coefficient arrays, per row: [R, h, w]."""
+        kh, kw = b.shape[1], b.shape[2]
+        out = torch.nn.functional.conv2d(
+            a.unsqueeze(0),
+            b.flip([1, 2]).unsqueeze(1),
+            None,
+            [1, 1],
+            [kh - 1, kw - 1],
+            [1, 1],
+            a.shape[0],
+        )
+        return out.squeeze(0)
+
+    def project_powers(self, x: torch.Tensor) -> torch.Tensor:
+        n, channels = x.shape[0], x.shape[1]
+        rows = n * channels
+        k = self.correlation - 1
+        if k == 0:
+            return x.new_zeros(n, channels, 0, self.dim_out)
+        l_in, v_out = self.l_in, self.l_out_max + 1
+        coeff = x.reshape(rows, -1) @ self.to_fourier.to(x.dtype)
+        from_fourier = self.from_fourier.to(x.dtype)
+        if self.direct_convolution:
+            first = torch.view_as_complex(coeff.view(rows, 2 * l_in + 1, 2 * l_in + 1, 2))
+            umax = self.correlation * l_in
+            power = first
+            out = []
+            for nu in range(2, self.correlation + 1):
+                power = self._conv(power, first)  # |u|, |v| <= nu L_in
+                v_take = min(v_out, nu * l_in + 1)  # f^nu has no |v| > nu L_in
+                half = torch.view_as_real(power[:, :, nu * l_in : nu * l_in + v_take])
+                z = from_fourier[umax - nu * l_in : umax + nu * l_in + 1, :v_take]
+                z = z.reshape(-1, self.dim_out)
+                out.append(half.reshape(rows, -1) @ z)
+            return torch.stack(out, dim=1).view(n, channels, k, self.dim_out)
+        first = torch.view_as_complex(coeff.view(rows, self.n_theta, l_in + 1, 2))
+        values = torch.fft.irfft2(first, s=[self.n_theta, self.n_phi], norm="forward")
+        power = values
+        powers = []
+        for _ in range(k):
+            power = power * values
+            powers.append(power)
+        spectrum = torch.fft.rfft2(torch.stack(powers, dim=1), norm="forward")[..., :v_out]
+        spectrum = torch.view_as_real(spectrum).reshape(rows, k, -1)
+        return (spectrum @ from_fourier.reshape(-1, self.dim_out)).view(
+            n, channels, k, self.dim_out
+        )
+
+
+def build_gaunt(
+    irreps_in: o3.Irreps,
+    irreps_out: o3.Irreps,
+    correlation: int,
+    num_elements: int,
+    direct_convolution: bool = False,
+) -> FourierGauntProduct:
+    """The ``gaunt`` backend; ``direct_convolution`` swaps the FFT for direct convolution."""
+    return FourierGauntProduct(irreps_in, irreps_out, correlation, num_elements, direct_convolution)
