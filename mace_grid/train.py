@@ -85,6 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     log.info("Instantiating data <%s> (%s)", cfg.data._target_, cfg.data.name)
     z_table = resume["hyper_parameters"]["statistics"]["atomic_numbers"] if resume else None
     datamodule = hydra.utils.instantiate(cfg.data, atomic_numbers=z_table)
+    datamodule.prepare_data()
     datamodule.setup("fit")
     statistics = resume["hyper_parameters"]["statistics"] if resume else datamodule.statistics
     log.info("Data statistics: %s", json.dumps(statistics))
@@ -106,8 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         describe_products(module.model),
     )
 
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers = _instantiate_all(cfg.get("logger"))
     log.info("Instantiating trainer with callbacks %s", [type(c).__name__ for c in callbacks])
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
@@ -130,13 +131,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_time = module.fit_time_offset + time.perf_counter() - start
 
     best = _best_checkpoint(trainer)
-    log.info("Testing best checkpoint %s", best)
-    val = _metrics(evaluator.validate(module, datamodule, ckpt_path=best, verbose=False), "val")
-    test_results = trainer.test(module, datamodule, ckpt_path=best, verbose=False)
+    log.info("Evaluating best checkpoint %s (EMA weights)", best)
+    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    val = _metrics(evaluator.validate(module, datamodule, verbose=False), "val")
+    test_results = evaluator.test(module, datamodule, verbose=False)
     test = {
         name: _metrics(test_results, f"test/{name}", index=i)
         for i, name in enumerate(datamodule.test_names)
     }
+    for logger in trainer.loggers:
+        logger.log_metrics(
+            {f"test/{name}/{k}": v for name, m in test.items() for k, v in m.items()},
+            step=trainer.global_step,
+        )
+        logger.save()
     timer = next((c for c in callbacks if isinstance(c, EpochTrainTimer)), None)
     summary = {
         "tp": cfg.tp.name,
@@ -156,6 +164,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(format_metrics_table(rows, METRIC_NAMES))
         print(f"best checkpoint: {best}\nsummary: {out_dir / 'summary.json'}")
     return summary
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-valued group; ``key=null`` disables an entry."""
+    return [hydra.utils.instantiate(c) for c in (group or {}).values() if c is not None]
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str:

@@ -1,0 +1,198 @@
+"""The real CLI (`python train.py`) on tiny generated EMT data: run, reload, resume, errors."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mace_grid import PROJECT_ROOT
+from mace_grid.lit_module import MaceLitModule
+
+TINY_MODEL = [
+    "model.hidden_irreps=8x0e+8x1o",
+    "model.max_ell=2",
+    "model.correlation=2",
+    "model.radial_MLP=[8,8]",
+    "model.r_max=4.0",
+]
+
+QUIET = ["callbacks.progress_bar=null"]
+
+
+def tiny_demo(tmp: Path) -> list[str]:
+    return [
+        "data=demo",
+        f"data.demo_dir={tmp}/demo",
+        "data.n_frames=24",
+        "data.n_test_frames=6",
+        "data.frames_per_system=6",
+        "data.batch_size=4",
+        f"paths.cache_dir={tmp}/cache",
+        *TINY_MODEL,
+    ]
+
+
+def train_cli(*overrides: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "train.py"),
+        "callbacks.progress_bar=null",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT, **popen)
+    if check and proc.returncode != 0:
+        pytest.fail(f"train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metric_rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "csv" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def val_epochs(run: Path) -> list[int]:
+    return [int(r["epoch"]) for r in metric_rows(run) if r.get("val/f_mae")]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One 3-epoch run on tiny demo data, shared by the tests that inspect its outputs."""
+    tmp = tmp_path_factory.mktemp("trained")
+    run = tmp / "run"
+    train_cli(*tiny_demo(tmp), "trainer.max_epochs=3", f"hydra.run.dir={run}", "optim.lr=0.005")
+    return run
+
+
+def test_run_writes_summary_and_metrics(trained: Path) -> None:
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["tp"] == "cg" and summary["data"] == "demo"
+    assert summary["epochs"] == 3
+    assert len(summary["epoch_train_time_s"]) == 3
+    assert all(t > 0 for t in summary["epoch_train_time_s"])
+    assert summary["train_time_s"] >= sum(summary["epoch_train_time_s"])
+    for part in ("initial_val", "val", "test"):
+        metrics = summary[part] if part != "test" else summary["test"]["test"]
+        assert set(metrics) == {"e_mae", "e_rmse", "f_mae", "f_rmse"}
+        assert all(v > 0 for v in metrics.values())
+    assert Path(summary["best_checkpoint"]).is_file()
+    assert (trained / "splits.json").is_file()
+    assert val_epochs(trained) == [0, 1, 2]
+
+
+def test_training_lowers_the_loss(trained: Path) -> None:
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["val"]["f_mae"] < summary["initial_val"]["f_mae"]
+    losses = [float(r["train/loss"]) for r in metric_rows(trained) if r.get("train/loss")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_checkpoint_alone_rebuilds_the_model(trained: Path) -> None:
+    summary = json.loads((trained / "summary.json").read_text())
+    ckpt = torch.load(summary["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert ckpt["run_config"]["tp"]["name"] == "cg"
+    module = MaceLitModule.load_from_checkpoint(summary["best_checkpoint"], map_location="cpu")
+    assert module.hparams.statistics["atomic_numbers"] == [1, 6, 7, 8, 29]
+    for name, tensor in module.state_dict().items():
+        torch.testing.assert_close(tensor, ckpt["state_dict"][name])
+
+
+def test_kill_during_epoch_3_and_resume_logs_every_epoch_once(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "train.py"),
+        *QUIET,
+        *tiny_demo(tmp_path),
+        "trainer.max_epochs=5",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "csv" / "metrics.csv").is_file() and 2 in val_epochs(run):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert val_epochs(run) == [0, 1, 2]
+
+    train_cli(f"ckpt_path={run}/checkpoints/last.ckpt", "trainer.max_epochs=5")
+    assert val_epochs(run) == [0, 1, 2, 3, 4]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 5
+    assert len(summary["epoch_train_time_s"]) == 5
+    assert summary["initial_val"] is not None
+
+
+def test_resume_refuses_to_change_the_run(tmp_path: Path, trained: Path) -> None:
+    proc = train_cli(f"ckpt_path={trained}/checkpoints/last.ckpt", "tp=cg", check=False)
+    assert proc.returncode == 2
+    assert "ckpt_path resumes a run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _write_xyz(path: Path, symbols: str, with_labels: bool = True, n: int = 3) -> Path:
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    frames = []
+    for i in range(n):
+        atoms = bulk(symbols, "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+        atoms.rattle(0.05, seed=i)
+        if with_labels:
+            atoms.calc = EMT()
+            atoms.calc = SinglePointCalculator(
+                atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces()
+            )
+        frames.append(atoms)
+    write(path, frames)
+    return path
+
+
+def _expect_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "case", ["missing file", "empty file", "no labels", "unknown element", "unknown option"]
+)
+def test_bad_input_gives_one_line_error(case: str, tmp_path: Path) -> None:
+    good = _write_xyz(tmp_path / "cu.xyz", "Cu", n=6)
+    args = ["data=xyz", "data.e0s={Cu: 0.0}", f"paths.cache_dir={tmp_path}/cache"]
+    args += [f"hydra.run.dir={tmp_path}/run", *TINY_MODEL, "trainer.max_epochs=1"]
+    if case == "missing file":
+        proc = train_cli(*args, f"data.train_file={tmp_path}/nope.xyz", check=False)
+        _expect_one_line_error(proc, "nope.xyz")
+    elif case == "empty file":
+        (tmp_path / "empty.xyz").write_text("")
+        proc = train_cli(*args, f"data.train_file={tmp_path}/empty.xyz", check=False)
+        _expect_one_line_error(proc, "empty.xyz")
+    elif case == "no labels":
+        bare = _write_xyz(tmp_path / "bare.xyz", "Cu", with_labels=False)
+        proc = train_cli(*args, f"data.train_file={bare}", check=False)
+        _expect_one_line_error(proc, "bare.xyz")
+    elif case == "unknown element":
+        gold = _write_xyz(tmp_path / "au.xyz", "Au")
+        proc = train_cli(
+            *args, f"data.train_file={good}", f"+data.test_files.gold={gold}", check=False
+        )
+        _expect_one_line_error(proc, "Au")
+    else:
+        proc = train_cli(*args, f"data.train_file={good}", "+model.n_layers=3", check=False)
+        _expect_one_line_error(proc, "n_layers")
