@@ -20,6 +20,7 @@ from mace_grid import tp as tp_backends
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.errors import ConfigError
 from mace_grid.lit_module import METRIC_NAMES, MaceLitModule
+from mace_grid.loggers import ResumableCSVLogger
 from mace_grid.model import count_parameters, describe_products, validate_model_config
 from mace_grid.utils import atomic_write_text, format_metrics_table
 
@@ -122,7 +123,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
     )
 
-    if resume is None:
+    if resume is not None:
+        for logger in loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                logger.drop_after(resume["epoch"])
+    else:
         log.info("Validating the untrained model (initial_val)")
         module.initial_val = _metrics(evaluator.validate(module, datamodule, verbose=False), "val")
     log.info("Training for up to %d epochs", cfg.trainer.max_epochs)
