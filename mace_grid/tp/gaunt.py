@@ -87,8 +87,8 @@ class GauntProductBasis(torch.nn.Module):
 
     Parameters: ``weight [correlation, num_elements, len(irreps_out), channels]``, N(0, 1) at
     init; the fixed ``basis_scale`` buffer keeps outputs O(1). Subclasses implement
-    ``project_powers(x) -> [n, C, correlation - 1, D_out]`` (P_LM(f^nu) for nu = 2..correlation,
-    columns ordered as the components of irreps_out).
+    ``project_powers`` (P_LM(f^nu) for nu = 2..correlation, rows ordered as the components of
+    irreps_out). Constant buffers are not persistent, so the state_dict holds only ``weight``.
     """
 
     def __init__(
@@ -121,43 +121,43 @@ class GauntProductBasis(torch.nn.Module):
         self.register_buffer(
             "col_in", torch.tensor([i if i < in_dim else 0 for i in self.out_lm]), persistent=False
         )
-        # [n, C, D_out] (channel-major over all irreps) -> mace's per-irrep channel-major blocks
+        # inside, a node's features live in columns r = c * n + node ("transposed" layout: the
+        # long node-channel axis last makes every matmul a wide, fast one); out_perm maps
+        # mace's column (irrep i, channel c, m) to row (offset_i + m) * C + c of the result
         perm, start = [], 0
         for l in l_out:
-            d = 2 * l + 1
-            perm += [c * self.dim_out + start + m for c in range(channels) for m in range(d)]
-            start += d
-        self.identity_layout = len(l_out) == 1
+            perm += [(start + m) * channels + c for c in range(channels) for m in range(2 * l + 1)]
+            start += 2 * l + 1
         self.register_buffer("out_perm", torch.tensor(perm), persistent=False)
 
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
-        """Per-node weights of every basis column, ``[n, C, correlation, D_out]``."""
-        w = (
-            self.weight.to(node_attrs.dtype)
-            * self.basis_scale.to(node_attrs.dtype)[:, None, :, None]
-        )
-        w = w.index_select(2, self.col_irrep)  # [nu, E, D_out, C]
-        w = w.permute(1, 3, 0, 2).reshape(self.num_elements, -1)
-        n = node_attrs.shape[0]
-        return (node_attrs @ w).view(n, self.num_features, self.correlation, self.dim_out)
+        """Per-node weight of every basis column, ``[correlation, D_out, C * n]``."""
+        dtype = node_attrs.dtype
+        w = self.weight.to(dtype) * self.basis_scale.to(dtype)[:, None, :, None]
+        w = w.index_select(2, self.col_irrep).permute(0, 2, 3, 1)  # [nu, D_out, C, E]
+        w = w.reshape(-1, self.num_elements) @ node_attrs.t()  # [nu * D_out * C, n]
+        return w.view(self.correlation, self.dim_out, -1)
 
     def contract(
-        self, x: torch.Tensor, node_attrs: torch.Tensor, powers: torch.Tensor
+        self, features: torch.Tensor, node_attrs: torch.Tensor, powers: torch.Tensor
     ) -> torch.Tensor:
-        """Weight A (nu = 1) and the projected powers, and lay the result out as mace does."""
-        n = x.shape[0]
-        basis = torch.cat([x.index_select(2, self.col_in).unsqueeze(2), powers], dim=2)
-        out = (basis * self.node_weights(node_attrs.to(x.dtype))).sum(2)  # [n, C, D_out]
-        out = out.reshape(n, self.num_features * self.dim_out)
-        if self.identity_layout:
-            return out
-        return out.index_select(1, self.out_perm)
+        """Weight A (nu = 1) and the projected powers, and lay the result out as mace does.
 
-    def project_powers(self, x: torch.Tensor) -> torch.Tensor:
+        ``features [D_in, C * n]``, ``powers [correlation - 1, D_out, C * n]`` -> ``[n, dim]``.
+        """
+        n = node_attrs.shape[0]
+        first = features.index_select(0, self.col_in).unsqueeze(0)
+        basis = torch.cat([first, powers], dim=0)  # [nu, D_out, C * n]
+        out = (basis * self.node_weights(node_attrs.to(features.dtype))).sum(0)
+        return out.view(-1, n).t().index_select(1, self.out_perm)
+
+    def project_powers(self, features: torch.Tensor) -> torch.Tensor:
+        """P_LM(f^nu), nu = 2..correlation: ``[D_in, C n] -> [correlation - 1, D_out, C n]``."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        return self.contract(x, node_attrs, self.project_powers(x))
+        features = x.permute(2, 1, 0).reshape(x.shape[2], -1)  # [D_in, C * n]
+        return self.contract(features, node_attrs, self.project_powers(features))
 
     def extra_repr(self) -> str:
         return (
@@ -166,10 +166,25 @@ class GauntProductBasis(torch.nn.Module):
         )
 
 
+def _smooth(n: int) -> int:
+    """Smallest integer >= n without prime factors above 5 (a fast FFT length)."""
+
+    def rest(k: int) -> int:
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        return k
+
+    while rest(n) != 1:
+        n += 1
+    return n
+
+
 def _fourier_sizes(l_in: int, correlation: int, l_out: int) -> tuple[int, int]:
     """(n_theta, n_phi) of the torus FFT grid: every u of f^corr (|u| <= corr L_in) must be
-    alias-free; in phi only |v| <= l_out is read back."""
-    return 2 * correlation * l_in + 1, max(correlation * l_in + l_out + 1, 2 * l_in + 1)
+    alias-free; in phi only |v| <= l_out is read back. Rounded up to fast FFT lengths."""
+    n_phi = max(correlation * l_in + l_out + 1, 2 * max(l_in, l_out) + 1)
+    return _smooth(2 * correlation * l_in + 1), _smooth(n_phi)
 
 
 @compile_mode("script")
@@ -236,15 +251,14 @@ class FourierGauntProduct(GauntProductBasis):
         )
         return out.squeeze(0)
 
-    def project_powers(self, x: torch.Tensor) -> torch.Tensor:
-        n, channels = x.shape[0], x.shape[1]
-        rows = n * channels
+    def project_powers(self, features: torch.Tensor) -> torch.Tensor:
+        rows = features.shape[1]
         k = self.correlation - 1
         if k == 0:
-            return x.new_zeros(n, channels, 0, self.dim_out)
+            return features.new_zeros(0, self.dim_out, rows)
         l_in, v_out = self.l_in, self.l_out_max + 1
-        coeff = x.reshape(rows, -1) @ self.to_fourier.to(x.dtype)
-        from_fourier = self.from_fourier.to(x.dtype)
+        coeff = features.t() @ self.to_fourier.to(features.dtype)  # [rows, Fourier coefficients]
+        from_fourier = self.from_fourier.to(features.dtype)
         if self.direct_convolution:
             first = torch.view_as_complex(coeff.view(rows, 2 * l_in + 1, 2 * l_in + 1, 2))
             umax = self.correlation * l_in
@@ -257,7 +271,7 @@ class FourierGauntProduct(GauntProductBasis):
                 z = from_fourier[umax - nu * l_in : umax + nu * l_in + 1, :v_take]
                 z = z.reshape(-1, self.dim_out)
                 out.append(half.reshape(rows, -1) @ z)
-            return torch.stack(out, dim=1).view(n, channels, k, self.dim_out)
+            return torch.stack(out, dim=0).transpose(1, 2)
         first = torch.view_as_complex(coeff.view(rows, self.n_theta, l_in + 1, 2))
         values = torch.fft.irfft2(first, s=[self.n_theta, self.n_phi], norm="forward")
         power = values
@@ -265,11 +279,11 @@ class FourierGauntProduct(GauntProductBasis):
         for _ in range(k):
             power = power * values
             powers.append(power)
-        spectrum = torch.fft.rfft2(torch.stack(powers, dim=1), norm="forward")[..., :v_out]
+        # rfft2 restricted to the |v| <= L_out columns the projection reads: phi first, then theta
+        spectrum = torch.fft.rfft(torch.stack(powers, dim=1), dim=-1, norm="forward")
+        spectrum = torch.fft.fft(spectrum[..., :v_out], dim=-2, norm="forward")
         spectrum = torch.view_as_real(spectrum).reshape(rows, k, -1)
-        return (spectrum @ from_fourier.reshape(-1, self.dim_out)).view(
-            n, channels, k, self.dim_out
-        )
+        return (spectrum @ from_fourier.reshape(-1, self.dim_out)).permute(1, 2, 0)
 
 
 def build_gaunt(
