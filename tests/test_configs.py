@@ -53,8 +53,7 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
-    prefix = "+" if group in ("experiment", "hparams_search") else ""
-    cfg = compose_train([f"{prefix}{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
+    cfg = compose_train([f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
     OmegaConf.resolve(cfg)
     validate_config(cfg)
     for target in targets(cfg.get(group)) + targets(cfg.trainer) + targets(cfg.data):
