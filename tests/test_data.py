@@ -218,6 +218,20 @@ def test_loader_for_other_file(demo_dir: Path, tmp_path: Path) -> None:
     assert torch.equal(next(iter(loader)).energy, next(iter(same)).energy)
 
 
+def test_frame_stride_keeps_every_kth_frame(demo_dir: Path, tmp_path: Path) -> None:
+    full = demo_module(demo_dir, tmp_path / "full", valid_fraction=0.0)
+    strided = demo_module(demo_dir, tmp_path / "strided", valid_fraction=0.0, frame_stride=3)
+    full.setup()
+    strided.setup()
+    assert full.sizes["train"] == 30 and strided.sizes["train"] == 10
+    assert strided.sizes["test"] == 4  # test files are strided too: frames 0, 3, 6, 9
+    every = {round(float(e), 6) for b in full.train_dataloader() for e in b.energy}
+    kept = {round(float(e), 6) for b in strided.train_dataloader() for e in b.energy}
+    assert len(kept) == 10 and kept < every
+    with pytest.raises(DataError, match="frame_stride"):
+        demo_module(demo_dir, tmp_path, frame_stride=0)
+
+
 # -- errors ------------------------------------------------------------------------------------
 def test_missing_and_empty_files(demo_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "nope.xyz"

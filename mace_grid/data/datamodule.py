@@ -151,6 +151,8 @@ class AtomsDataModule(L.LightningDataModule):
     files (same species, positions, energy) are removed from valid_file and test sets.
     e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`).
     atomic_numbers: fixed z table (e.g. from a checkpoint) instead of the training elements.
+    frame_stride: keep every k-th frame of each file (relaxation trajectories are highly
+    correlated frame to frame); indices in `splits.json` count the kept frames.
     After `setup()`: `statistics` (plain dict), `test_names`, `sizes`, `config_types`.
     """
 
@@ -175,8 +177,12 @@ class AtomsDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         output_dir: str | None = None,
         atomic_numbers: Sequence[int] | None = None,
+        frame_stride: int = 1,
     ):
         super().__init__()
+        if int(frame_stride) < 1:
+            raise DataError(f"data.frame_stride must be a positive integer, got {frame_stride}")
+        self.frame_stride = int(frame_stride)
         if split_by not in ("frame", "file"):
             raise DataError(f"data.split_by must be 'frame' or 'file', got '{split_by}'")
         for key, frac in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
@@ -215,7 +221,9 @@ class AtomsDataModule(L.LightningDataModule):
 
     # -- setup -------------------------------------------------------------------------------
     def _load(self, path: str, key: str) -> Source:
-        return load_source(path, key, self.r_max, self.energy_key, self.forces_key, self.cache_dir)
+        src = load_source(path, key, self.r_max, self.energy_key, self.forces_key, self.cache_dir)
+        k = self.frame_stride
+        return src if k == 1 else Source(src.path, src.configs[::k], src.graphs[::k])
 
     def _split_frames(self, sources: list[Source], rng, n_valid_wanted: bool):
         offsets = np.cumsum([0] + [len(s.configs) for s in sources])
