@@ -1,0 +1,153 @@
+"""A train.py checkpoint as a plain mace-torch model, an ASE calculator, MD and export.
+
+The model is rebuilt from the checkpoint alone (``hyper_parameters``: model, tp, statistics) and
+carries the EMA weights; ``MaceGridCalculator`` is mace's own ``MACECalculator`` on that model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms, units
+from ase.io import Trajectory
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+from mace.calculators import MACECalculator
+from mace.modules import ScaleShiftMACE
+from mace.tools.torch_tools import default_dtype
+
+from mace_grid.errors import ConfigError
+from mace_grid.model import build_model
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict; ``ConfigError`` if missing or not written by train.py."""
+    if not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "run_config" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a checkpoint written by train.py")
+    return ckpt
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], device: str = "cpu", dtype: str | None = None
+) -> ScaleShiftMACE:
+    """The checkpoint's ``ScaleShiftMACE`` with its EMA weights, in eval mode.
+
+    Built directly in ``dtype`` (default: the training dtype), so the float64 constants of the
+    product backends are not rounded through float32.
+    """
+    dtype = dtype or ckpt["run_config"]["dtype"]
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
+    hp = ckpt["hyper_parameters"]
+    with default_dtype(DTYPES[dtype]):
+        model = build_model(hp["model"], hp["tp"], hp["statistics"])
+    prefix = "model."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def load_model(
+    ckpt_path: str | Path, device: str = "cpu", dtype: str | None = None
+) -> ScaleShiftMACE:
+    """:func:`model_from_checkpoint` of the file ``ckpt_path``."""
+    return model_from_checkpoint(read_checkpoint(ckpt_path), device, dtype)
+
+
+class MaceGridCalculator(MACECalculator):
+    """ASE calculator of a train.py checkpoint (any tp backend): energy, free_energy, node
+    energies, forces and stress (periodic cells; zero for non-periodic ones), via mace's
+    ``MACECalculator``. ``dtype``: float32/float64, default the training dtype."""
+
+    def __init__(
+        self, ckpt_path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs
+    ) -> None:
+        model = load_model(ckpt_path, device, dtype)
+        dtype_name = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
+        super().__init__(models=[model], device=device, default_dtype=dtype_name, **kwargs)
+
+
+def export_model(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """``torch.save`` the checkpoint's ``ScaleShiftMACE`` to ``out``: the file mace's
+    ``MACECalculator(model_paths=out)`` and mace's tools load (gaunt/grid models need
+    ``mace_grid`` importable, as their product modules are ours)."""
+    model = load_model(ckpt_path, "cpu", dtype)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model, out)
+    return out
+
+
+def export_torchscript(model: torch.nn.Module, out: str | Path) -> Path:
+    """Compile ``model`` with ``e3nn.util.jit.compile`` (TorchScript) and save it to ``out``;
+    ``torch.jit.load(out)`` then needs neither mace nor mace_grid."""
+    from e3nn.util import jit
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(jit.compile(model), str(out))
+    return out
+
+
+def run_md(
+    atoms: Atoms,
+    calc: MACECalculator,
+    steps: int = 200,
+    timestep_fs: float = 0.5,
+    temperature_K: float = 300.0,
+    langevin_steps: int = 0,
+    friction_per_fs: float = 0.01,
+    seed: int = 0,
+    trajectory: str | Path | None = None,
+) -> dict[str, Any]:
+    """Maxwell-Boltzmann velocities at ``temperature_K``, optional Langevin thermalisation, then
+    ``steps`` NVE (velocity Verlet) steps; constraints (FixAtoms) are respected.
+
+    Returns the NVE total energy per atom at every step and its drift: ``drift`` (slope of a
+    linear fit, meV/atom/ps) and ``max_deviation`` (max |E(t) - E(0)|, meV/atom).
+    """
+    atoms = atoms.copy()
+    atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    dt = timestep_fs * units.fs
+    traj = Trajectory(str(trajectory), "w", atoms) if trajectory else None
+    if langevin_steps > 0:
+        thermostat = Langevin(
+            atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng
+        )
+        thermostat.run(langevin_steps)
+    nve = VelocityVerlet(atoms, dt)
+    energies, temperatures = [], []
+
+    def record() -> None:
+        energies.append(atoms.get_total_energy() / len(atoms))
+        temperatures.append(atoms.get_temperature())
+
+    nve.attach(record, interval=1)
+    if traj is not None:
+        nve.attach(traj.write, interval=10)
+    nve.run(steps)
+    if traj is not None:
+        traj.close()
+    e = np.asarray(energies) * 1000.0  # meV/atom
+    time_ps = np.arange(len(e)) * timestep_fs / 1000.0
+    slope = float(np.polyfit(time_ps, e, 1)[0]) if len(e) > 1 else 0.0
+    return {
+        "n_atoms": len(atoms),
+        "steps": steps,
+        "timestep_fs": timestep_fs,
+        "mean_temperature_K": float(np.mean(temperatures)),
+        "energy_per_atom_meV": e.tolist(),
+        "drift_meV_per_atom_per_ps": slope,
+        "max_deviation_meV_per_atom": float(np.max(np.abs(e - e[0]))),
+    }

@@ -1,0 +1,304 @@
+"""Evaluate a train.py checkpoint on labelled structures (logic of ``scripts/evaluate.py``).
+
+Writes into the output dir, per evaluated set: ``<set>_predictions.xyz`` (extxyz: reference
+``REF_energy``/``REF_forces`` and predicted ``MACE_energy``/``MACE_forces``, FixAtoms kept) and
+``<set>_parity.png``; and ``metrics.json`` for all sets. Energies in meV/atom, forces in meV/Å
+(force components of free atoms only, as in training).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ase.io
+import hydra
+import numpy as np
+import torch
+from ase import Atoms
+from ase.constraints import FixAtoms
+from mace.tools import AtomicNumberTable
+from mace.tools.torch_tools import default_dtype
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mace_grid.calculator import model_from_checkpoint, read_checkpoint
+from mace_grid.data.datamodule import check_elements, load_source, make_loader, to_atomic_data
+from mace_grid.data.io import free_mask, symbol
+from mace_grid.errors import ConfigError
+from mace_grid.lit_module import METRIC_NAMES
+from mace_grid.utils import atomic_write_text, format_metrics_table
+
+log = logging.getLogger("mace_grid.evaluate")
+
+
+@dataclass
+class EvalSet:
+    """A named loader; ``config_types[i]`` names the batches' ``config_type_id`` i."""
+
+    name: str
+    loader: Any
+    config_types: Sequence[str]
+
+
+def file_set(
+    path: str,
+    atomic_numbers: Sequence[int],
+    r_max: float,
+    batch_size: int,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    cache_dir: str | None = None,
+) -> EvalSet:
+    """All frames of an ASE-readable file (named by its stem), with their config types."""
+    z_table = AtomicNumberTable(sorted(int(z) for z in atomic_numbers))
+    source = load_source(path, "file", r_max, energy_key, forces_key, cache_dir)
+    check_elements(source.configs, z_table, f"{path} (file)")
+    types = list(dict.fromkeys(c.config_type for c in source.configs))
+    dataset = [
+        to_atomic_data(c, g, z_table, types.index(c.config_type))
+        for c, g in zip(source.configs, source.graphs, strict=True)
+    ]
+    return EvalSet(Path(path).stem, make_loader(dataset, batch_size), types)
+
+
+def data_sets(data: dict[str, Any]) -> list[EvalSet]:
+    """The test sets of a data config (``AtomsDataModule`` arguments with ``_target_``)."""
+    datamodule = hydra.utils.instantiate(data)
+    datamodule.setup("test")
+    if not datamodule.test_names:
+        raise ConfigError(
+            f"data {datamodule.name} has no test set: give file=<structures> or a data config "
+            "with test_files or test_fraction"
+        )
+    loaders = datamodule.test_dataloader()
+    return [
+        EvalSet(name, loader, list(datamodule.config_types))
+        for name, loader in zip(datamodule.test_names, loaders, strict=True)
+    ]
+
+
+def predict(
+    model: torch.nn.Module, eval_set: EvalSet, atomic_numbers: Sequence[int]
+) -> tuple[list[Atoms], float]:
+    """One ``Atoms`` per structure with reference and predicted energy/forces, and the seconds
+    spent in the model (forward + forces, after one untimed warm-up batch)."""
+    zs = np.asarray(sorted(int(z) for z in atomic_numbers))
+    device = next(model.parameters()).device
+    frames: list[Atoms] = []
+    seconds = 0.0
+    for i, batch in enumerate(eval_set.loader):
+        batch = batch.to(device)
+        if i == 0:
+            model(batch.to_dict(), training=False, compute_force=True)
+        start = time.perf_counter()
+        out = model(batch.to_dict(), training=False, compute_force=True)
+        energy, forces = out["energy"].detach().cpu().numpy(), out["forces"].detach().cpu().numpy()
+        seconds += time.perf_counter() - start
+        frames += _batch_atoms(batch, zs, energy, forces, eval_set.config_types)
+    return frames, seconds
+
+
+def _batch_atoms(batch, zs, energy, forces, config_types) -> list[Atoms]:
+    ptr = batch.ptr.cpu().numpy()
+    numbers = zs[batch.node_attrs.argmax(-1).cpu().numpy()]
+    positions, ref_forces = batch.positions.detach().cpu().numpy(), batch.forces.cpu().numpy()
+    cells = batch.cell.detach().cpu().numpy().reshape(-1, 3, 3)
+    pbc = batch.pbc.cpu().numpy().reshape(-1, 3)
+    free = batch.free_mask.cpu().numpy().astype(bool)
+    frames = []
+    for g in range(len(ptr) - 1):
+        s = slice(ptr[g], ptr[g + 1])
+        atoms = Atoms(numbers=numbers[s], positions=positions[s], cell=cells[g], pbc=pbc[g])
+        if not free[s].all():
+            atoms.set_constraint(FixAtoms(mask=~free[s]))
+        atoms.info["config_type"] = config_types[int(batch.config_type_id[g])]
+        atoms.info["REF_energy"] = float(batch.energy[g])
+        atoms.info["MACE_energy"] = float(energy[g])
+        atoms.arrays["REF_forces"] = ref_forces[s]
+        atoms.arrays["MACE_forces"] = forces[s]
+        frames.append(atoms)
+    return frames
+
+
+def _errors(frames: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Energy errors per atom [meV/atom], force component errors [meV/Å] and the atomic
+    numbers of free atoms."""
+    de = np.array([(a.info["MACE_energy"] - a.info["REF_energy"]) / len(a) for a in frames])
+    free = [free_mask(a).astype(bool) for a in frames]
+    df = np.concatenate(
+        [
+            (a.arrays["MACE_forces"] - a.arrays["REF_forces"])[m]
+            for a, m in zip(frames, free, strict=True)
+        ]
+    )
+    z = np.concatenate([a.numbers[m] for a, m in zip(frames, free, strict=True)])
+    return de * 1000.0, df * 1000.0, z
+
+
+def error_metrics(frames: Sequence[Atoms]) -> dict[str, Any]:
+    """e_mae, e_rmse (meV/atom), f_mae, f_rmse (meV/Å, free atoms), per-element force MAE and,
+    when the frames carry config types, the same four per config type."""
+    de, df, z = _errors(frames)
+    metrics: dict[str, Any] = {
+        "n_structures": len(frames),
+        "n_atoms": int(sum(len(a) for a in frames)),
+        **_four(de, df),
+        "f_mae_per_element": {symbol(e): float(np.abs(df[z == e]).mean()) for e in np.unique(z)},
+    }
+    by_type: dict[str, list[Atoms]] = {}
+    for atoms in frames:
+        by_type.setdefault(atoms.info["config_type"], []).append(atoms)
+    if set(by_type) != {"Default"}:
+        metrics["per_config_type"] = {
+            t: {"n_structures": len(group), **_four(*_errors(group)[:2])}
+            for t, group in by_type.items()
+        }
+    return metrics
+
+
+def _four(de: np.ndarray, df: np.ndarray) -> dict[str, float]:
+    nan = float("nan")
+    return {
+        "e_mae": float(np.abs(de).mean()),
+        "e_rmse": float(np.sqrt((de**2).mean())),
+        "f_mae": float(np.abs(df).mean()) if df.size else nan,
+        "f_rmse": float(np.sqrt((df**2).mean())) if df.size else nan,
+    }
+
+
+def parity_plot(frames: Sequence[Atoms], path: Path, title: str) -> None:
+    """Energy-per-atom (by config type) and force-component (by element) parity plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_f) = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
+    e_ref = np.array([a.info["REF_energy"] / len(a) for a in frames])
+    e_pred = np.array([a.info["MACE_energy"] / len(a) for a in frames])
+    types = np.array([a.info["config_type"] for a in frames])
+    for t in dict.fromkeys(types):
+        ax_e.scatter(e_ref[types == t], e_pred[types == t], s=10, label=t)
+    free = [free_mask(a).astype(bool) for a in frames]
+    z = np.concatenate([a.numbers[m] for a, m in zip(frames, free, strict=True)])
+    f_ref = np.concatenate([a.arrays["REF_forces"][m] for a, m in zip(frames, free, strict=True)])
+    f_pred = np.concatenate([a.arrays["MACE_forces"][m] for a, m in zip(frames, free, strict=True)])
+    for e in np.unique(z):
+        ax_f.scatter(f_ref[z == e].ravel(), f_pred[z == e].ravel(), s=4, label=symbol(e))
+    for ax, unit, values in (
+        (ax_e, "energy (eV/atom)", (e_ref, e_pred)),
+        (ax_f, "force component (eV/Å)", (f_ref, f_pred)),
+    ):
+        lo, hi = min(v.min() for v in values), max(v.max() for v in values)
+        pad = 0.05 * (hi - lo) or 0.01
+        lims = [lo - pad, hi + pad]
+        ax.plot(lims, lims, "k--", lw=0.8)
+        ax.set(xlim=lims, ylim=lims, xlabel=f"reference {unit}", ylabel=f"predicted {unit}")
+        ax.legend(fontsize=8, markerscale=2)
+    m = error_metrics(frames)
+    ax_e.set_title(f"{title}: energy MAE {m['e_mae']:.2f} meV/atom")
+    ax_f.set_title(f"force MAE {m['f_mae']:.1f} meV/Å (free atoms)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def eval_sets(cfg: DictConfig, ckpt: dict[str, Any], out_dir: Path) -> list[EvalSet]:
+    """``file=`` → that file; ``data=<name>`` → its test sets; neither → the test sets of the
+    data the checkpoint was trained on. Graphs use the model's elements and r_max."""
+    hp, run_config = ckpt["hyper_parameters"], ckpt["run_config"]
+    atomic_numbers = hp["statistics"]["atomic_numbers"]
+    r_max = float(hp["model"]["r_max"])
+    if cfg.get("data") is not None and cfg.file is not None:
+        raise ConfigError("give either file=<structures> or data=<name>, not both")
+    if cfg.file is not None:
+        return [
+            file_set(
+                str(cfg.file),
+                atomic_numbers,
+                r_max,
+                cfg.batch_size,
+                cfg.energy_key,
+                cfg.forces_key,
+                cfg.paths.cache_dir,
+            )
+        ]
+    if cfg.get("data") is not None:
+        with open_dict(cfg):  # what data configs interpolate: the model's r_max, the run seed
+            cfg.model = {"r_max": r_max}
+            cfg.seed = run_config["seed"]
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+    else:
+        data = dict(run_config["data"])
+    data.update(
+        r_max=r_max,
+        atomic_numbers=atomic_numbers,
+        valid_batch_size=cfg.batch_size,
+        output_dir=str(out_dir),
+    )
+    return data_sets(data)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` (see ``conf/evaluate.yaml``); write and return the metrics."""
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
+    ckpt = read_checkpoint(cfg.ckpt_path)
+    model = model_from_checkpoint(ckpt, cfg.device, cfg.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dtype = next(model.parameters()).dtype
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_numbers = ckpt["hyper_parameters"]["statistics"]["atomic_numbers"]
+    with default_dtype(dtype):
+        sets = eval_sets(cfg, ckpt, out_dir)
+    tp = ckpt["hyper_parameters"]["tp"]["name"]
+    results = {}
+    for eval_set in sets:
+        log.info("Evaluating %s (tp=%s) on %s", cfg.ckpt_path, tp, eval_set.name)
+        frames, seconds = predict(model, eval_set, atomic_numbers)
+        metrics = error_metrics(frames)
+        metrics["time_per_structure_ms"] = 1000.0 * seconds / len(frames)
+        results[eval_set.name] = metrics
+        ase.io.write(out_dir / f"{eval_set.name}_predictions.xyz", frames, format="extxyz")
+        parity_plot(frames, out_dir / f"{eval_set.name}_parity.png", f"{eval_set.name} ({tp})")
+    report = {
+        "checkpoint": str(cfg.ckpt_path),
+        "tp": tp,
+        "dtype": str(dtype).removeprefix("torch."),
+        "sets": results,
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2) + "\n")
+    print(metrics_tables(results))
+    print(f"outputs: {out_dir}")
+    return report
+
+
+def metrics_tables(results: dict[str, dict[str, Any]]) -> str:
+    """The four metrics per set (and per config type), force MAE per element, timings."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, m in results.items():
+        rows[name] = m
+        for t, mt in m.get("per_config_type", {}).items():
+            rows[f"  {name}/{t}"] = mt
+    elements = list(dict.fromkeys(e for m in results.values() for e in m["f_mae_per_element"]))
+    per_element = {
+        f"{name} f_mae": {e: m["f_mae_per_element"].get(e, float("nan")) for e in elements}
+        for name, m in results.items()
+    }
+    timing = "\n".join(
+        f"{name}: {m['n_structures']} structures, {m['time_per_structure_ms']:.2f} ms/structure"
+        for name, m in results.items()
+    )
+    return "\n\n".join(
+        [
+            format_metrics_table(rows, METRIC_NAMES),
+            format_metrics_table(per_element, elements),
+            timing,
+        ]
+    )
