@@ -15,9 +15,10 @@ from e3nn.util.jit import compile_mode
 from mace_grid.errors import ConfigError
 from mace_grid.tp import sphere
 
-#: second moment of every output component at init for i.i.d. standard-normal inputs; the cg
-#: backend gives 0.85-4.7 there (L_in 1-4, correlation 1-3), this sits in the middle.
-INIT_SECOND_MOMENT = 2.0
+#: second moment at init, for i.i.d. standard-normal inputs, of the nu = 1 term and of each
+#: power nu >= 2 of an output component. cg's outputs there: ~1 at correlation 1, 0.9-2.7 at 2,
+#: 0.9-4.7 at 3 (scalars highest, L_in 1-4); these give 1, 1.5, 2.
+INIT_MOMENT_LINEAR, INIT_MOMENT_POWER = 1.0, 0.5
 MAX_CORRELATION = 4
 
 
@@ -64,9 +65,9 @@ def validate_irreps(
 def basis_scale(l_in: int, correlation: int, l_out: list[int]) -> torch.Tensor:
     """``[correlation, len(l_out)]`` constants multiplying the weights of P_L(f^nu).
 
-    Each nonzero basis function P_LM(f^nu) is scaled to unit second moment for i.i.d.
-    standard-normal A (`sphere.power_second_moment`), then divided among the nonzero terms of
-    its L so that N(0, 1) weights give outputs of second moment `INIT_SECOND_MOMENT`.
+    Each nonzero basis function P_LM(f^nu) is scaled to second moment `INIT_MOMENT_LINEAR`
+    (nu = 1) or `INIT_MOMENT_POWER` (nu >= 2) for i.i.d. standard-normal A
+    (`sphere.power_second_moment`), so N(0, 1) weights keep outputs O(1) at any L_in.
     Basis functions that vanish identically (L > nu * L_in) get 0.
     """
     moment = torch.tensor(
@@ -76,10 +77,10 @@ def basis_scale(l_in: int, correlation: int, l_out: list[int]) -> torch.Tensor:
         ],
         dtype=torch.float64,
     )
+    target = torch.full_like(moment, INIT_MOMENT_POWER)
+    target[0] = INIT_MOMENT_LINEAR
     alive = moment > 1e-9
-    n_terms = alive.sum(0, keepdim=True).clamp(min=1)
-    scale = torch.sqrt(INIT_SECOND_MOMENT / n_terms / moment.clamp(min=1e-9))
-    return torch.where(alive, scale, torch.zeros_like(scale))
+    return torch.where(alive, torch.sqrt(target / moment.clamp(min=1e-9)), torch.zeros_like(moment))
 
 
 class GauntProductBasis(torch.nn.Module):

@@ -1,0 +1,387 @@
+"""Product-basis backends: equivariance, agreement, references, derivatives, init, TorchScript."""
+
+import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
+
+# isort: split
+import contextlib
+import functools
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+from e3nn.util.jit import compile as jit_compile
+from mace.modules.blocks import EquivariantProductBasisBlock
+
+from mace_grid.errors import ConfigError
+from mace_grid.tp import BACKENDS, build, expressivity
+from mace_grid.tp.gaunt import INIT_MOMENT_LINEAR, INIT_MOMENT_POWER
+
+F64 = torch.float64
+GAUNT_VARIANTS = [("gaunt", {}), ("gaunt", {"direct_convolution": True}), ("grid", {})]
+
+
+def natural(mul: int, ls) -> o3.Irreps:
+    return o3.Irreps("+".join(f"{mul}x{l}{'e' if l % 2 == 0 else 'o'}" for l in ls))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def make(name, irreps_in, irreps_out, correlation, num_elements, seed=0, **options):
+    """A float64 module (built in float64, so mace's U matrices are float64 too)."""
+    torch.manual_seed(seed)
+    with default_dtype(F64):
+        return build(name, irreps_in, irreps_out, correlation, num_elements, **options).double()
+
+
+@functools.cache
+def cached_cg(irreps_in: str, irreps_out: str, correlation: int, num_elements: int):
+    """mace's U matrices take seconds at L_in=3, correlation 3: build each cg module once."""
+    return make("cg", irreps_in, irreps_out, correlation, num_elements)
+
+
+def inputs(n, channels, l_in, num_elements, seed=1, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
+    species = torch.arange(n) % num_elements
+    return x, torch.nn.functional.one_hot(species, num_elements).to(dtype)
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# --- equivariance -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("l_in", [1, 2, 3, 4])
+@pytest.mark.parametrize("correlation", [1, 2, 3])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_equivariant_under_rotations_and_inversion(name, correlation, l_in):
+    channels, num_elements = 3, 2
+    irreps_in, irreps_out = natural(channels, range(l_in + 1)), natural(channels, range(3))
+    if name == "cg":
+        if l_in == 4 and correlation == 3:
+            pytest.skip("e3nn's wigner_3j stops at l=11: mace cannot build U here")
+        module = cached_cg(str(irreps_in), str(irreps_out), correlation, num_elements)
+    else:
+        module = make(name, irreps_in, irreps_out, correlation, num_elements)
+    x, attrs = inputs(7, channels, l_in, num_elements)
+    y = module(x, attrs)
+    torch.manual_seed(l_in * 10 + correlation)
+    rotation = o3.rand_matrix(dtype=F64)
+    for matrix in (rotation, -rotation):  # -R: rotation times inversion
+        d_in = natural(1, range(l_in + 1)).D_from_matrix(matrix)
+        d_out = irreps_out.D_from_matrix(matrix)
+        assert relative_error(module(x @ d_in.T, attrs), y @ d_out.T) < 1e-10
+
+
+def test_a_sized_down_grid_breaks_equivariance():
+    """The equivariance test can fail: a grid sized from the output degree aliases the powers."""
+    module = make("grid", natural(2, range(4)), natural(2, range(3)), 3, 1)
+    from mace_grid.tp import sphere
+
+    size = sphere.grid_resolution(module.l_in, 1, module.l_out_max)  # as if correlation were 1
+    weight = sphere.gauss_legendre_grid(*size)[2].reshape(-1, 1)
+    sh = sphere.sh_on_grid(3, *size).reshape(weight.numel(), -1)
+    module.to_grid, module.to_grid_t = sh.clone(), sh.T.clone()
+    module.projector_t = weight * sh[:, module.out_lm]
+    module.projector = module.projector_t.T.clone()
+    x, attrs = inputs(5, 2, 3, 1)
+    rotation = o3.rand_matrix(dtype=F64)
+    rotated = module(x @ natural(1, range(4)).D_from_matrix(rotation).T, attrs)
+    assert (
+        relative_error(rotated, module(x, attrs) @ module.irreps_out.D_from_matrix(rotation).T)
+        > 1e-3
+    )
+
+
+# --- the two Gaunt algorithms agree, and agree with independent references --------------
+
+
+@pytest.mark.parametrize("l_in", [1, 2, 3, 4])
+@pytest.mark.parametrize("correlation", [1, 2, 3, 4])
+def test_gaunt_and_grid_agree_on_the_same_state_dict(correlation, l_in):
+    irreps_in, irreps_out = natural(4, range(l_in + 1)), natural(4, [2, 0, 1])
+    grid = make("grid", irreps_in, irreps_out, correlation, 3, seed=1)
+    state = grid.state_dict()
+    assert set(state) == {"weight"}
+    x, attrs = inputs(6, 4, l_in, 3)
+    expected = grid(x, attrs)
+    for direct in (False, True):
+        gaunt = make(
+            "gaunt", irreps_in, irreps_out, correlation, 3, seed=2, direct_convolution=direct
+        )
+        gaunt.load_state_dict(state)
+        assert relative_error(gaunt(x, attrs), expected) < 1e-10
+
+
+def z_axis_reference(module, x, attrs):
+    """The product basis by brute force: a dense Gauss-Legendre(z) x 64-point phi quadrature
+    around the z axis (not the y axis the backends use) with e3nn's spherical_harmonics."""
+    cos_t, w_t = np.polynomial.legendre.leggauss(32)
+    phi = torch.arange(64, dtype=F64) * 2 * math.pi / 64
+    cos_t, w_t = torch.from_numpy(cos_t)[:, None], torch.from_numpy(w_t)[:, None]
+    sin_t = (1 - cos_t**2).sqrt()
+    xyz = torch.stack(
+        [
+            (sin_t * phi.cos()).flatten(),
+            (sin_t * phi.sin()).flatten(),
+            cos_t.expand(-1, 64).flatten(),
+        ],
+        dim=-1,
+    )
+    weight = (w_t / 2 / 64).expand(-1, 64).flatten()
+    l_max = max(module.l_in, module.l_out_max)
+    sh = o3.spherical_harmonics(list(range(l_max + 1)), xyz, True, normalization="component")
+    f = x @ sh[:, : x.shape[-1]].T  # [n, C, points]
+    w = module.weight.detach() * module.basis_scale[:, None, :, None]  # [nu, E, irrep, C]
+    w = torch.einsum("ne,veic->nvic", attrs, w)
+    out = []
+    for i, (_, ir) in enumerate(module.irreps_out):
+        y = sh[:, ir.l**2 : (ir.l + 1) ** 2]
+        proj = torch.stack(
+            [(f**nu * weight) @ y for nu in range(1, module.correlation + 1)], dim=1
+        )  # [n, nu, C, 2l+1]
+        out.append((w[:, :, i, :, None] * proj).sum(1).reshape(x.shape[0], -1))
+    return torch.cat(out, dim=-1)
+
+
+@pytest.mark.parametrize(
+    "l_in,correlation,irreps_out",
+    [(1, 4, [2, 0, 1]), (2, 3, [0, 2]), (3, 3, [1, 0, 3]), (4, 2, [2])],
+)
+def test_grid_matches_brute_force_quadrature(l_in, correlation, irreps_out):
+    module = make("grid", natural(3, range(l_in + 1)), natural(3, irreps_out), correlation, 2)
+    x, attrs = inputs(5, 3, l_in, 2)
+    assert relative_error(module(x, attrs), z_axis_reference(module, x, attrs)) < 1e-10
+
+
+def three_j_000(l1, l2, l3):
+    """Wigner 3j symbol (l1 l2 l3; 0 0 0) by Racah's closed form."""
+    j = l1 + l2 + l3
+    if j % 2 or l3 < abs(l1 - l2) or l3 > l1 + l2:
+        return 0.0
+    g = j // 2
+    f = math.factorial
+    return (
+        (-1) ** g
+        * math.sqrt(f(j - 2 * l1) * f(j - 2 * l2) * f(j - 2 * l3) / f(j + 1))
+        * (f(g) / (f(g - l1) * f(g - l2) * f(g - l3)))
+    )
+
+
+def test_quadratic_term_is_the_gaunt_tensor_of_wigner_3j():
+    """P_LM(Y_i Y_j) = +-sqrt((2l1+1)(2l2+1)(2L+1)) (l1 l2 L; 0 0 0) wigner_3j(l1, l2, L)."""
+    l_in = 2
+    module = make("grid", natural(1, range(l_in + 1)), natural(1, range(2 * l_in + 1)), 2, 1)
+    dim = (l_in + 1) ** 2
+    eye = torch.eye(dim, dtype=F64)
+    pairs = (eye[:, None, :] + eye[None, :, :]).reshape(-1, dim)
+    proj = lambda a: module.project_powers(a.T.contiguous())[0].T  # noqa: E731  [rows, LM]
+    single = proj(eye)
+    gaunt = ((proj(pairs).reshape(dim, dim, -1) - single[:, None] - single[None, :]) / 2).clone()
+    gaunt[range(dim), range(dim)] = single
+    for l1 in range(l_in + 1):
+        for l2 in range(l_in + 1):
+            for l3 in range(2 * l_in + 1):
+                block = gaunt[l1**2 : (l1 + 1) ** 2, l2**2 : (l2 + 1) ** 2, l3**2 : (l3 + 1) ** 2]
+                norm = math.sqrt((2 * l1 + 1) * (2 * l2 + 1) * (2 * l3 + 1)) * abs(
+                    three_j_000(l1, l2, l3)
+                )
+                w3j = o3.wigner_3j(l1, l2, l3, dtype=F64) if norm else torch.zeros_like(block)
+                sign = 1.0 if (block * w3j).sum() >= 0 else -1.0
+                assert (block - sign * norm * w3j).abs().max() < 1e-12, (l1, l2, l3)
+
+
+# --- cg is the stock mace contraction -----------------------------------------------------
+
+
+def test_cg_is_the_contraction_mace_builds():
+    irreps_in, irreps_out = natural(8, range(3)), natural(8, range(2))
+    block = EquivariantProductBasisBlock(irreps_in, irreps_out, 3, num_elements=3)
+    stock = block.symmetric_contractions
+    ours = build("cg", irreps_in, irreps_out, 3, 3)
+    assert type(ours) is type(stock)
+    ours.load_state_dict(stock.state_dict())
+    x, attrs = inputs(9, 8, 2, 3, dtype=torch.float32)
+    assert torch.equal(ours(x, attrs), stock(x, attrs))
+
+
+def test_grid_runs_inside_the_mace_product_block():
+    irreps_in, irreps_out = natural(8, range(3)), natural(8, range(2))
+    block = EquivariantProductBasisBlock(irreps_in, irreps_out, 2, num_elements=3)
+    block.symmetric_contractions = build("grid", irreps_in, irreps_out, 2, 3)
+    x, attrs = inputs(9, 8, 2, 3, dtype=torch.float32)
+    assert block(x, None, attrs).shape == (9, irreps_out.dim)
+
+
+# --- derivatives ---------------------------------------------------------------------------
+
+
+def training_step(module, x, attrs):
+    """What training differentiates: energy, forces by create_graph, then backward."""
+    x = x.clone().requires_grad_(True)
+    module.zero_grad()
+    y = module(x, attrs)
+    energy = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum()
+    (forces,) = torch.autograd.grad(energy, x, create_graph=True)
+    (energy + forces.square().sum()).backward()
+    return y, forces, x.grad, [p.grad.clone() for p in module.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("name,options", [("cg", {}), *GAUNT_VARIANTS])
+def test_second_derivatives(name, options):
+    irreps_in, irreps_out = natural(3, range(3)), natural(3, range(3))
+    if name == "cg":  # the equivariance test's module, built once
+        module = cached_cg(str(irreps_in), str(irreps_out), 3, 2)
+    else:
+        module = make(name, irreps_in, irreps_out, 3, 2, **options)
+    y, forces, x_grad, weight_grads = training_step(module, *inputs(4, 3, 2, 2))
+    assert x_grad is not None and weight_grads and all(g.abs().sum() > 0 for g in weight_grads)
+    assert torch.isfinite(x_grad).all()
+
+
+def test_fused_grid_derivatives_match_autograd_and_gaunt():
+    """The hand-written first and second derivatives of the grid kernel against autograd
+    through the same math (TorchScript path) and through the FFT backend."""
+    irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
+    grid = make("grid", irreps_in, irreps_out, 4, 3)
+    grid.block = 8  # several blocks, the last one partial
+    plain = make("grid", irreps_in, irreps_out, 4, 3)
+    plain.load_state_dict(grid.state_dict())
+    plain.project_powers = plain._project_autograd
+    gaunt = make("gaunt", irreps_in, irreps_out, 4, 3)
+    gaunt.load_state_dict(grid.state_dict())
+    x, attrs = inputs(7, 5, 3, 3)
+    y, forces, x_grad, weight_grads = training_step(grid, x, attrs)
+    for other in (plain, gaunt):
+        y2, forces2, x_grad2, weight_grads2 = training_step(other, x, attrs)
+        for a, b in zip(
+            [y, forces, x_grad, *weight_grads], [y2, forces2, x_grad2, *weight_grads2], strict=True
+        ):
+            assert relative_error(a, b) < 1e-10
+
+
+def test_fused_grid_gradgradcheck():
+    module = make("grid", natural(1, range(3)), natural(1, [0, 1]), 3, 2)
+    module.block = 2
+    x, attrs = inputs(3, 1, 2, 2)
+    x.requires_grad_(True)
+    func = lambda x, w: torch.func.functional_call(module, {"weight": w}, (x, attrs))  # noqa: E731
+    weight = module.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(func, (x, weight), fast_mode=True)
+    assert torch.autograd.gradgradcheck(func, (x, weight), fast_mode=True)
+
+
+# --- init, dtype, TorchScript, validation ---------------------------------------------------
+
+
+def second_moments(module, x, attrs):
+    """Mean square output per output irrep, and over all outputs."""
+    y = module(x, attrs)
+    out, start = [], 0
+    for mul, ir in module.irreps_out:
+        out.append(y[:, start : start + mul * ir.dim].square().mean().item())
+        start += mul * ir.dim
+    return out, y.square().mean().item()
+
+
+@pytest.mark.parametrize("l_in,correlation", [(1, 3), (2, 3), (3, 2)])
+def test_output_second_moment_at_init_is_close_to_cg(l_in, correlation):
+    """Overall within a factor 2 of cg's; per irrep within 4 (cg's scalars get many more paths
+    at high correlation, e.g. 5 vs 2.6 for 0e vs 1o at L_in=1, correlation 3)."""
+    irreps_in, irreps_out = natural(64, range(l_in + 1)), natural(64, range(min(l_in, 2) + 1))
+    x, attrs = inputs(300, 64, l_in, 2)
+    with torch.no_grad():
+        cg, cg_all = second_moments(
+            cached_cg(str(irreps_in), str(irreps_out), correlation, 2), x, attrs
+        )
+        for name, options in GAUNT_VARIANTS[::2]:
+            module = make(name, irreps_in, irreps_out, correlation, 2, **options)
+            ours, ours_all = second_moments(module, x, attrs)
+            assert 1 / 2 < ours_all / cg_all < 2, (name, ours_all, cg_all)
+            for a, b in zip(ours, cg, strict=True):
+                assert 1 / 4 < a / b < 4, (name, ours, cg)
+            expected = INIT_MOMENT_LINEAR + (correlation - 1) * INIT_MOMENT_POWER
+            assert np.allclose(ours, expected, rtol=0.3), (name, ours, expected)
+
+
+def test_dtype_follows_the_input():
+    module = build("grid", natural(4, range(3)), natural(4, range(2)), 3, 2)  # float32 weights
+    x, attrs = inputs(5, 4, 2, 2)
+    assert module(x.float(), attrs.float()).dtype == torch.float32
+    assert module(x, attrs).dtype == F64
+    exact = module.double()(x, attrs)
+    assert relative_error(module.float()(x.float(), attrs.float()).double(), exact) < 1e-5
+
+
+@pytest.mark.parametrize("name,options", [("cg", {}), *GAUNT_VARIANTS])
+def test_torchscript(name, options):
+    irreps_in, irreps_out = natural(3, range(3)), natural(3, [0, 1])
+    if name == "cg":
+        module = cached_cg(str(irreps_in), str(irreps_out), 3, 2)
+    else:
+        module = make(name, irreps_in, irreps_out, 3, 2, **options)
+    scripted = jit_compile(module)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x, attrs = inputs(4, 3, 2, 2)
+    expected = training_step(module, x, attrs)
+    for other in (scripted, loaded):
+        y, forces, x_grad, _ = training_step(other, x, attrs)
+        assert relative_error(y, expected[0]) < 1e-12
+        assert relative_error(forces, expected[1]) < 1e-10
+        assert relative_error(x_grad, expected[2]) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["gaunt", "grid"])
+@pytest.mark.parametrize(
+    "irreps_in,irreps_out",
+    [("4x0e+4x1e", "4x0e"), ("4x0e+4x1o", "4x0o"), ("4x0o+4x1e+4x2o", "4x0o+4x1e")],
+)
+def test_pseudo_tensors_are_refused_with_one_clear_message(name, irreps_in, irreps_out):
+    with pytest.raises(ConfigError) as err:
+        build(name, irreps_in, irreps_out, 2, 1)
+    message = str(err.value)
+    assert "tp=cg" in message and "natural-parity" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "irreps_in,irreps_out,correlation,needle",
+    [
+        ("4x0e+2x1o", "4x0e", 2, "common multiplicity"),
+        ("4x0e+4x2e", "4x0e", 2, "every degree 0..L_in"),
+        ("4x1o+4x0e", "4x0e", 2, "every degree 0..L_in"),
+        ("4x0e+4x1o", "2x0e", 2, "multiplicity 4"),
+        ("4x0e+4x1o", "4x0e", 5, "correlation"),
+        ("4x0e+4x1o", "4x0e", 0, "correlation"),
+    ],
+)
+def test_unsupported_irreps_are_refused(irreps_in, irreps_out, correlation, needle):
+    with pytest.raises(ConfigError, match=needle):
+        build("grid", irreps_in, irreps_out, correlation, 1)
+
+
+def test_expressivity_counts():
+    irreps_in = natural(8, range(3))
+    # one weight per (nu, output irrep); cg: one per coupling path, e.g. 1 + 3 + 11 into 0e
+    assert expressivity("cg", irreps_in, "8x0e", 3) == (15, 15)
+    assert expressivity("grid", irreps_in, "8x0e", 3) == (3, 3)
+    assert expressivity("gaunt", irreps_in, "8x0e+8x1o+8x2e+8x3o", 1) == (4, 3)  # 3o: L > L_in
+    cg_weights = sum(
+        p.numel() for p in cached_cg(str(irreps_in), "8x0e", 3, 1).parameters() if p.requires_grad
+    )
+    assert cg_weights == 8 * 15
