@@ -1,0 +1,351 @@
+"""Time the product-basis backends (cg, gaunt, grid) as training uses them.
+
+    python scripts/benchmark_tp.py [--threads 1] [--dtype float32 float64] [--max-l 6]
+        [--max-cg-l 3] [--backends cg gaunt grid] [--model] [--out results/benchmark_tp]
+
+Op section: one symmetric contraction, C channels, n nodes, correlation 3, irreps_in
+0e+1o+...+L_in, irreps_out 0e..min(L_in, 2) (mace's layout), E elements one-hot. Two numbers
+per backend, median over repeats after warm-up:
+  step    = forward + d(sum of outputs * fixed weights)/dx with create_graph=True + backward of
+            (energy + |dE/dx|^2) into x and the weights  -- what a force-training step does;
+  forward = forward alone under torch.no_grad().
+Model section (--model): one whole ScaleShiftMACE training step (forward with forces, energy +
+forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, tp=cg vs tp=grid.
+Writes <out>/op.csv, <out>/op.png (log-log time vs L_in) and <out>/model.csv.
+"""
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
+
+# isort: split
+import numpy as np
+import torch
+from e3nn import o3
+
+from mace_grid import tp
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BACKEND_SPECS = {
+    "cg": ("cg", {}),
+    "gaunt": ("gaunt", {}),
+    "gaunt-direct": ("gaunt", {"direct_convolution": True}),
+    "grid": ("grid", {}),
+}
+
+
+def natural(mul: int, lmax: int) -> o3.Irreps:
+    return o3.Irreps("+".join(f"{mul}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)))
+
+
+def median_ms(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def time_op(module, x, attrs, repeats: int, warmup: int) -> tuple[float, float]:
+    """(step, forward) medians in ms; see the module docstring for what is timed."""
+    coeff = torch.linspace(-1, 1, module(x[:1], attrs[:1]).shape[-1], dtype=x.dtype)
+    x = x.clone().requires_grad_(True)
+
+    def step():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        energy = (module(x, attrs) * coeff).sum()
+        (forces,) = torch.autograd.grad(energy, x, create_graph=True)
+        (energy + forces.square().sum()).backward()
+
+    def forward():
+        with torch.no_grad():
+            module(x, attrs)
+
+    return median_ms(step, repeats, warmup), median_ms(forward, repeats, warmup)
+
+
+def scaling_exponent(ls: list[int], times: list[float]) -> float:
+    """Slope of log(time) against log(L_in), least squares."""
+    if len(ls) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(ls), np.log(times), 1)[0])
+
+
+def run_op(args) -> list[dict]:
+    rows = []
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        torch.set_default_dtype(dtype)
+        for l_in in range(args.min_l, args.max_l + 1):
+            l_out = min(l_in, 2)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(args.nodes, args.channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
+            species = torch.randint(0, args.elements, (args.nodes,), generator=gen)
+            attrs = torch.nn.functional.one_hot(species, args.elements).to(dtype)
+            for label in args.backends:
+                if label == "cg" and l_in > args.max_cg_l:
+                    continue
+                name, options = BACKEND_SPECS[label]
+                start = time.perf_counter()
+                module = tp.build(
+                    name,
+                    natural(args.channels, l_in),
+                    natural(args.channels, l_out),
+                    args.correlation,
+                    args.elements,
+                    **options,
+                ).to(dtype)
+                build_s = time.perf_counter() - start
+                step, forward = time_op(module, x, attrs, args.repeats, args.warmup)
+                rows.append(
+                    dict(
+                        backend=label,
+                        dtype=dtype_name,
+                        l_in=l_in,
+                        l_out=l_out,
+                        correlation=args.correlation,
+                        channels=args.channels,
+                        nodes=args.nodes,
+                        threads=args.threads,
+                        step_ms=round(step, 3),
+                        forward_ms=round(forward, 3),
+                        build_s=round(build_s, 2),
+                    )
+                )
+                print(
+                    f"  {dtype_name} L_in={l_in} {label:>12}: step {step:9.2f} ms, "
+                    f"forward {forward:8.2f} ms (build {build_s:.1f} s)",
+                    flush=True,
+                )
+    torch.set_default_dtype(torch.float32)
+    return rows
+
+
+def print_op_table(rows: list[dict], backends: list[str]) -> None:
+    """Per dtype: each backend's step / forward time, and cg/backend and gaunt/grid ratios."""
+    for dtype in sorted({r["dtype"] for r in rows}):
+        sub = [r for r in rows if r["dtype"] == dtype]
+        table = {(r["backend"], r["l_in"]): r for r in sub}
+        ls = sorted({r["l_in"] for r in sub})
+        print(
+            f"\n{dtype}, C={sub[0]['channels']}, n={sub[0]['nodes']}, correlation "
+            f"{sub[0]['correlation']}, L_out=min(L_in,2), {sub[0]['threads']} thread(s); "
+            "median ms; step = forward + forces (create_graph) + backward; "
+            "xN = cg time / backend time (speed-up over cg in this run)"
+        )
+        for key in ("step_ms", "forward_ms"):
+            header = f"{key[:-3]:>8} L_in" + "".join(f"{b:>22}" for b in backends)
+            if "gaunt" in backends and "grid" in backends:
+                header += f"{'gaunt/grid':>12}"
+            print(header)
+            for l_in in ls:
+                line = f"{'':>8} {l_in:>4}"
+                cg = table.get(("cg", l_in))
+                for b in backends:
+                    r = table.get((b, l_in))
+                    if r is None:
+                        line += f"{'-':>22}"
+                        continue
+                    ratio = f" (x{cg[key] / r[key]:.1f})" if cg and b != "cg" else ""
+                    line += f"{r[key]:>13.2f}{ratio:>9}"
+                if "gaunt" in backends and "grid" in backends:
+                    g, s = table.get(("gaunt", l_in)), table.get(("grid", l_in))
+                    line += f"{g[key] / s[key]:>12.1f}" if g and s else f"{'-':>12}"
+                print(line)
+            slopes = []
+            for b in backends:
+                pts = [(l, table[(b, l)][key]) for l in ls if (b, l) in table]
+                if len(pts) > 1:
+                    exp = scaling_exponent([p[0] for p in pts], [p[1] for p in pts])
+                    slopes.append(f"{b} L^{exp:.2f} (L_in {pts[0][0]}-{pts[-1][0]})")
+            print(f"{'':>8} log-log fit: " + ", ".join(slopes))
+
+
+def plot_op(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in zip(
+        axes, ("step_ms", "forward_ms"), ("forward + forces + backward", "forward"), strict=True
+    ):
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            for dtype, style in (("float32", "-o"), ("float64", "--s")):
+                pts = [
+                    (r["l_in"], r[key])
+                    for r in rows
+                    if (r["backend"], r["dtype"]) == (backend, dtype)
+                ]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, label=f"{backend} {dtype}")
+        ax.set(xscale="log", yscale="log", xlabel="L_in", title=title)
+        ax.set_xticks(sorted({r["l_in"] for r in rows}), labels=sorted({r["l_in"] for r in rows}))
+        ax.grid(True, which="both", alpha=0.3)
+    r0 = rows[0]
+    axes[0].set_ylabel("median time (ms)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(
+        f"symmetric contraction, C={r0['channels']}, n={r0['nodes']}, correlation "
+        f"{r0['correlation']}, L_out=min(L_in,2), {r0['threads']} thread(s)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def random_molecule(rng: np.random.Generator, n_atoms: int = 27):
+    """A branched chain of H/C/N/O with 3BPA's composition (C12H12N2O) and 1.1-1.5 Å bonds."""
+    from ase import Atoms
+
+    symbols = ["C"] * 12 + ["H"] * 12 + ["N"] * 2 + ["O"]
+    rng.shuffle(symbols)
+    positions = [np.zeros(3)]
+    while len(positions) < n_atoms:
+        anchor = positions[rng.integers(len(positions))]
+        step = rng.normal(size=3)
+        candidate = anchor + rng.uniform(1.1, 1.5) * step / np.linalg.norm(step)
+        if min(np.linalg.norm(candidate - p) for p in positions) > 1.05:
+            positions.append(candidate)
+    return Atoms(symbols[:n_atoms], positions=np.array(positions))
+
+
+def run_model(args) -> list[dict]:
+    from mace.data import AtomicData, config_from_atoms
+    from mace.tools import AtomicNumberTable
+    from mace.tools.torch_geometric.dataloader import DataLoader
+
+    from mace_grid.model import build_model
+
+    dtype = DTYPES[args.dtype[0]]
+    torch.set_default_dtype(dtype)
+    model_cfg = dict(
+        r_max=5.0,
+        num_bessel=8,
+        num_polynomial_cutoff=5,
+        max_ell=3,
+        num_interactions=2,
+        hidden_irreps=args.model_hidden_irreps,
+        MLP_irreps="16x0e",
+        correlation=3,
+        radial_MLP=[64, 64, 64],
+        gate="silu",
+        interaction="RealAgnosticResidualInteractionBlock",
+        interaction_first="RealAgnosticResidualInteractionBlock",
+    )
+    z_table = AtomicNumberTable([1, 6, 7, 8])
+    rng = np.random.default_rng(0)
+    graphs = []
+    for _ in range(args.model_molecules):
+        atoms = random_molecule(rng)
+        atoms.info["REF_energy"] = 0.0
+        atoms.arrays["REF_forces"] = rng.normal(size=(len(atoms), 3))
+        graphs.append(AtomicData.from_config(config_from_atoms(atoms), z_table, cutoff=5.0))
+    batch = next(iter(DataLoader(graphs, batch_size=len(graphs))))
+    avg_neighbours = batch.edge_index.shape[1] / batch.num_nodes
+    statistics_ = dict(
+        atomic_numbers=[1, 6, 7, 8],
+        atomic_energies=[-13.587, -1029.489, -1484.981, -2041.982],
+        avg_num_neighbors=avg_neighbours,
+        mean=0.0,
+        std=1.0,
+    )
+    rows = []
+    print(
+        f"\nwhole model: ScaleShiftMACE, hidden {args.model_hidden_irreps}, max_ell 3, "
+        f"correlation 3, 2 layers, {dtype}, batch of {args.model_molecules} x 27 atoms, "
+        f"{avg_neighbours:.1f} neighbours/atom, {args.threads} thread(s); median ms of one "
+        "training step = forward with forces + energy/forces MSE + backward"
+    )
+    for label in ("cg", "grid"):
+        torch.manual_seed(0)
+        model = build_model(model_cfg, {"name": label, "options": {}}, statistics_).to(dtype)
+        data = batch.to_dict()
+
+        def step(model=model, data=data):
+            model.zero_grad(set_to_none=True)
+            out = model(data, training=True, compute_force=True)
+            loss = (
+                out["energy"].square().mean()
+                + 100 * (out["forces"] - data["forces"]).square().mean()
+            )
+            loss.backward()
+
+        ms = median_ms(step, args.repeats, args.warmup)
+        rows.append(dict(tp=label, dtype=args.dtype[0], threads=args.threads, step_ms=round(ms, 2)))
+        print(f"  tp={label:>4}: {ms:9.1f} ms", flush=True)
+    if len(rows) == 2:
+        print(f"  cg / grid = {rows[0]['step_ms'] / rows[1]['step_ms']:.2f}x")
+    torch.set_default_dtype(torch.float32)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
+    p.add_argument(
+        "--backends", nargs="+", choices=list(BACKEND_SPECS), default=["cg", "gaunt", "grid"]
+    )
+    p.add_argument("--min-l", type=int, default=1)
+    p.add_argument("--max-l", type=int, default=6)
+    p.add_argument(
+        "--max-cg-l",
+        type=int,
+        default=3,
+        help="skip cg above this L_in (default 3: at correlation 3 mace cannot build L_in=4, "
+        "e3nn's wigner_3j stops at l=11)",
+    )
+    p.add_argument("--channels", type=int, default=64)
+    p.add_argument("--nodes", type=int, default=270)
+    p.add_argument("--elements", type=int, default=4)
+    p.add_argument("--correlation", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--op", action=argparse.BooleanOptionalAction, default=True, help="op section")
+    p.add_argument("--model", action="store_true", help="also time whole-model steps, cg vs grid")
+    p.add_argument("--model-hidden-irreps", default="64x0e+64x1o")
+    p.add_argument("--model-molecules", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("results/benchmark_tp"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {sys.platform}")
+    if args.op:
+        rows = run_op(args)
+        print_op_table(rows, args.backends)
+        write_csv(rows, args.out / "op.csv")
+        plot_op(rows, args.out / "op.png")
+        print(f"\nwrote {args.out / 'op.csv'} and {args.out / 'op.png'}")
+    if args.model:
+        rows = run_model(args)
+        write_csv(rows, args.out / "model.csv")
+        print(f"wrote {args.out / 'model.csv'}")
+
+
+if __name__ == "__main__":
+    main()
