@@ -111,7 +111,14 @@ class MaceLitModule(L.LightningModule):
         pred = self(batch)
         loss = self.loss(pred, batch)
         self.train_metrics.update(pred, batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=batch.num_graphs)
+        self.log(
+            "train/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch.num_graphs,
+            sync_dist=True,
+        )
         self._log_metrics("train", self.train_metrics, batch.num_graphs)
         return loss
 
@@ -119,7 +126,11 @@ class MaceLitModule(L.LightningModule):
         with torch.enable_grad():
             pred = self(batch)
         self.val_metrics.update(pred, batch)
-        self.log("val/loss", self.loss(pred, batch).detach(), batch_size=batch.num_graphs)
+        # sync_dist: under DDP every rank's LR scheduler, checkpoint and early stopping must see
+        # the same val/loss (the mean over ranks), or their learning rates drift apart.
+        self.log(
+            "val/loss", self.loss(pred, batch).detach(), batch_size=batch.num_graphs, sync_dist=True
+        )
         self._log_metrics("val", self.val_metrics, batch.num_graphs)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
