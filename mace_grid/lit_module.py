@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 import torchmetrics
+from lightning.pytorch.loggers import WandbLogger
 
 from mace_grid.model import build_model
 
@@ -164,6 +165,10 @@ class MaceLitModule(L.LightningModule):
         checkpoint["run_dir"] = self.run_dir
         checkpoint["run_config"] = self.run_config
         checkpoint["fit_time_s"] = self.fit_time_offset + time.perf_counter() - self._fit_start
+        # train.py resumes this W&B run (logger id) when the run is resumed from this checkpoint.
+        checkpoint["wandb_run_id"] = next(
+            (lg.version for lg in self.loggers if isinstance(lg, WandbLogger)), None
+        )
         checkpoint["rng_states"] = {
             "torch": torch.get_rng_state(),
             "numpy": np.random.get_state(),  # noqa: NPY002 (the global state seed_everything sets)

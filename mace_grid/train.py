@@ -69,6 +69,8 @@ def load_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     with open_dict(cfg):
         for key in RUN_DEFINING:
             cfg[key] = saved[key]
+        if ckpt.get("wandb_run_id") and (cfg.get("logger") or {}).get("wandb") is not None:
+            cfg.logger.wandb.id = ckpt["wandb_run_id"]  # continue the same W&B run
     log.info("Resuming run from %s (epoch %d)", cfg.ckpt_path, ckpt["epoch"])
     return ckpt
 
