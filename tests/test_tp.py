@@ -89,6 +89,7 @@ def test_equivariant_under_rotations_and_inversion(name, correlation, l_in):
 def test_a_sized_down_grid_breaks_equivariance():
     """The equivariance test can fail: a grid sized from the output degree aliases the powers."""
     module = make("grid", natural(2, range(4)), natural(2, range(3)), 3, 1)
+    module.separable = False  # the dense matrices below replace the grid
     from mace_grid.tp import sphere
 
     size = sphere.grid_resolution(module.l_in, 1, module.l_out_max)  # as if correlation were 1
@@ -271,6 +272,20 @@ def test_fused_grid_derivatives_match_autograd_and_gaunt():
             [y, forces, x_grad, *weight_grads], [y2, forces2, x_grad2, *weight_grads2], strict=True
         ):
             assert relative_error(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("l_in", [1, 3, 6])
+def test_separable_and_dense_grid_transforms_agree(l_in):
+    irreps_in, irreps_out = natural(2, range(l_in + 1)), natural(2, [0, 2, 1])
+    separable = make("grid", irreps_in, irreps_out, 3, 2)
+    dense = make("grid", irreps_in, irreps_out, 3, 2)
+    dense.load_state_dict(separable.state_dict())
+    separable.separable, dense.separable, separable.block = True, False, 3
+    x, attrs = inputs(5, 2, l_in, 2)
+    for a, b in zip(
+        training_step(separable, x, attrs)[:3], training_step(dense, x, attrs)[:3], strict=True
+    ):
+        assert relative_error(a, b) < 1e-12
 
 
 def test_fused_grid_gradgradcheck():

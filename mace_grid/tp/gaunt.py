@@ -122,9 +122,9 @@ class GauntProductBasis(torch.nn.Module):
         self.register_buffer(
             "col_in", torch.tensor([i if i < in_dim else 0 for i in self.out_lm]), persistent=False
         )
-        # inside, a node's features live in columns r = c * n + node ("transposed" layout: the
-        # long node-channel axis last makes every matmul a wide, fast one); out_perm maps
-        # mace's column (irrep i, channel c, m) to row (offset_i + m) * C + c of the result
+        # inside, features live in columns r = node * C + c ("transposed" layout: the long
+        # node-channel axis last makes every matmul a wide, fast one); out_perm maps mace's
+        # column (irrep i, channel c, m) to column (offset_i + m) * C + c of a node's result
         perm, start = [], 0
         for l in l_out:
             perm += [(start + m) * channels + c for c in range(channels) for m in range(2 * l + 1)]
@@ -132,11 +132,11 @@ class GauntProductBasis(torch.nn.Module):
         self.register_buffer("out_perm", torch.tensor(perm), persistent=False)
 
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
-        """Per-node weight of every basis column, ``[correlation, D_out, C * n]``."""
+        """Per-node weight of every basis row, ``[correlation, D_out, n * C]``."""
         dtype = node_attrs.dtype
         w = self.weight.to(dtype) * self.basis_scale.to(dtype)[:, None, :, None]
-        w = w.index_select(2, self.col_irrep).permute(0, 2, 3, 1)  # [nu, D_out, C, E]
-        w = w.reshape(-1, self.num_elements) @ node_attrs.t()  # [nu * D_out * C, n]
+        w = w.index_select(2, self.col_irrep).transpose(1, 2)  # [nu, D_out, E, C]
+        w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [nu D_out, n, C]
         return w.view(self.correlation, self.dim_out, -1)
 
     def contract(
@@ -144,20 +144,21 @@ class GauntProductBasis(torch.nn.Module):
     ) -> torch.Tensor:
         """Weight A (nu = 1) and the projected powers, and lay the result out as mace does.
 
-        ``features [D_in, C * n]``, ``powers [correlation - 1, D_out, C * n]`` -> ``[n, dim]``.
+        ``features [D_in, n * C]``, ``powers [correlation - 1, D_out, n * C]`` -> ``[n, dim]``.
         """
         n = node_attrs.shape[0]
         first = features.index_select(0, self.col_in).unsqueeze(0)
-        basis = torch.cat([first, powers], dim=0)  # [nu, D_out, C * n]
-        out = (basis * self.node_weights(node_attrs.to(features.dtype))).sum(0)
-        return out.view(-1, n).t().index_select(1, self.out_perm)
+        basis = torch.cat([first, powers], dim=0)  # [nu, D_out, n C]
+        out = (basis * self.node_weights(node_attrs.to(features.dtype))).sum(0)  # [D_out, n C]
+        out = out.view(self.dim_out, n, -1).transpose(0, 1).reshape(n, -1)
+        return out.index_select(1, self.out_perm)
 
     def project_powers(self, features: torch.Tensor) -> torch.Tensor:
-        """P_LM(f^nu), nu = 2..correlation: ``[D_in, C n] -> [correlation - 1, D_out, C n]``."""
+        """P_LM(f^nu), nu = 2..correlation: ``[D_in, n C] -> [correlation - 1, D_out, n C]``."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
-        features = x.permute(2, 1, 0).reshape(x.shape[2], -1)  # [D_in, C * n]
+        features = x.reshape(-1, x.shape[2]).t().contiguous()  # [D_in, n * C]
         return self.contract(features, node_attrs, self.project_powers(features))
 
     def extra_repr(self) -> str:
