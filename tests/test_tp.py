@@ -227,6 +227,40 @@ def test_grid_runs_inside_the_mace_product_block():
     assert block(x, None, attrs).shape == (9, irreps_out.dim)
 
 
+@pytest.mark.parametrize("name", ["gaunt", "grid"])
+def test_whole_mace_model_with_the_backend_scripts_for_export(name):
+    """mace's deployment path (MACECalculator, LAMMPS) runs the TorchScript-compiled model."""
+    from ase.build import molecule
+    from mace.data import AtomicData, config_from_atoms
+    from mace.modules import RealAgnosticResidualInteractionBlock, ScaleShiftMACE
+    from mace.tools import AtomicNumberTable
+    from mace.tools.torch_geometric.dataloader import DataLoader
+
+    torch.manual_seed(0)
+    with default_dtype(F64):
+        model = ScaleShiftMACE(
+            r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=2,
+            interaction_cls=RealAgnosticResidualInteractionBlock,
+            interaction_cls_first=RealAgnosticResidualInteractionBlock,
+            num_interactions=2, num_elements=2, hidden_irreps=o3.Irreps("4x0e+4x1o"),
+            MLP_irreps=o3.Irreps("4x0e"), atomic_energies=np.array([-1.0, -2.0]),
+            avg_num_neighbors=4.0, atomic_numbers=[1, 6], correlation=2, gate=torch.tanh,
+            atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+        )  # fmt: skip
+        for block in model.products:
+            old = block.symmetric_contractions
+            block.symmetric_contractions = build(name, old.irreps_in, old.irreps_out, 2, 2)
+        graph = AtomicData.from_config(
+            config_from_atoms(molecule("CH4")), AtomicNumberTable([1, 6]), cutoff=4.0
+        )
+    batch = next(iter(DataLoader([graph], batch_size=1))).to_dict()
+    scripted = jit_compile(model)
+    expected = model(batch, compute_force=True)
+    got = scripted(batch, compute_force=True)
+    for key in ("energy", "forces"):
+        assert relative_error(got[key], expected[key]) < 1e-12
+
+
 # --- derivatives ---------------------------------------------------------------------------
 
 

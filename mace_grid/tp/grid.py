@@ -199,7 +199,8 @@ class GridGauntProduct(GauntProductBasis):
     @torch.jit.unused
     def _project_fused(self, features: torch.Tensor) -> torch.Tensor:
         ops = _GridOps(self, features.dtype)
-        return _PowerProjection.apply(features, ops, self.correlation, self.block)
+        block = self.block if features.device.type == "cpu" else features.shape[1]  # GPU: 1 block
+        return _PowerProjection.apply(features, ops, self.correlation, block)
 
     def _project_autograd(self, features: torch.Tensor) -> torch.Tensor:
         """The same as `_PowerProjection` with plain differentiable ops (TorchScript path)."""
