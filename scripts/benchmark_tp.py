@@ -44,19 +44,23 @@ def natural(mul: int, lmax: int) -> o3.Irreps:
     return o3.Irreps("+".join(f"{mul}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)))
 
 
-def median_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median ms of each function; rounds alternate between them, so a change in machine load
+    hits every backend alike and the ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
 
 
-def time_op(module, x, attrs, repeats: int, warmup: int) -> tuple[float, float]:
-    """(step, forward) medians in ms; see the module docstring for what is timed."""
+def op_timers(module, x, attrs):
+    """(step, forward) closures; see the module docstring for what each one times."""
     coeff = torch.linspace(-1, 1, module(x[:1], attrs[:1]).shape[-1], dtype=x.dtype)
     x = x.clone().requires_grad_(True)
 
@@ -71,7 +75,7 @@ def time_op(module, x, attrs, repeats: int, warmup: int) -> tuple[float, float]:
         with torch.no_grad():
             module(x, attrs)
 
-    return median_ms(step, repeats, warmup), median_ms(forward, repeats, warmup)
+    return step, forward
 
 
 def scaling_exponent(ls: list[int], times: list[float]) -> float:
@@ -92,9 +96,9 @@ def run_op(args) -> list[dict]:
             x = torch.randn(args.nodes, args.channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
             species = torch.randint(0, args.elements, (args.nodes,), generator=gen)
             attrs = torch.nn.functional.one_hot(species, args.elements).to(dtype)
-            for label in args.backends:
-                if label == "cg" and l_in > args.max_cg_l:
-                    continue
+            labels = [b for b in args.backends if b != "cg" or l_in <= args.max_cg_l]
+            fns, build_s = {}, {}
+            for label in labels:
                 name, options = BACKEND_SPECS[label]
                 start = time.perf_counter()
                 module = tp.build(
@@ -105,8 +109,11 @@ def run_op(args) -> list[dict]:
                     args.elements,
                     **options,
                 ).to(dtype)
-                build_s = time.perf_counter() - start
-                step, forward = time_op(module, x, attrs, args.repeats, args.warmup)
+                build_s[label] = time.perf_counter() - start
+                fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
+            medians = interleaved_medians(fns, args.repeats, args.warmup)
+            for label in labels:
+                step, forward = medians[label, "step"], medians[label, "forward"]
                 rows.append(
                     dict(
                         backend=label,
@@ -119,12 +126,12 @@ def run_op(args) -> list[dict]:
                         threads=args.threads,
                         step_ms=round(step, 3),
                         forward_ms=round(forward, 3),
-                        build_s=round(build_s, 2),
+                        build_s=round(build_s[label], 2),
                     )
                 )
                 print(
                     f"  {dtype_name} L_in={l_in} {label:>12}: step {step:9.2f} ms, "
-                    f"forward {forward:8.2f} ms (build {build_s:.1f} s)",
+                    f"forward {forward:8.2f} ms (build {build_s[label]:.1f} s)",
                     flush=True,
                 )
     torch.set_default_dtype(torch.float32)
@@ -267,21 +274,20 @@ def run_model(args) -> list[dict]:
         f"{avg_neighbours:.1f} neighbours/atom, {args.threads} thread(s); median ms of one "
         "training step = forward with forces + energy/forces MSE + backward"
     )
+    data = batch.to_dict()
+    steps = {}
     for label in ("cg", "grid"):
         torch.manual_seed(0)
         model = build_model(model_cfg, {"name": label, "options": {}}, statistics_).to(dtype)
-        data = batch.to_dict()
 
-        def step(model=model, data=data):
+        def step(model=model):
             model.zero_grad(set_to_none=True)
             out = model(data, training=True, compute_force=True)
-            loss = (
-                out["energy"].square().mean()
-                + 100 * (out["forces"] - data["forces"]).square().mean()
-            )
-            loss.backward()
+            forces_error = (out["forces"] - data["forces"]).square().mean()
+            (out["energy"].square().mean() + 100 * forces_error).backward()
 
-        ms = median_ms(step, args.repeats, args.warmup)
+        steps[label] = step
+    for label, ms in interleaved_medians(steps, args.repeats, args.warmup).items():
         rows.append(dict(tp=label, dtype=args.dtype[0], threads=args.threads, step_ms=round(ms, 2)))
         print(f"  tp={label:>4}: {ms:9.1f} ms", flush=True)
     if len(rows) == 2:
