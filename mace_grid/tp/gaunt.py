@@ -195,8 +195,9 @@ class FourierGauntProduct(GauntProductBasis):
 
     SH -> 2D Fourier coefficients (exact, float64 `sphere.sh_to_fourier`), powers F^nu by FFT
     convolution (zero-padded inverse FFT, pointwise power, FFT) or, with
-    ``direct_convolution=True``, by direct 2D convolution of the coefficient arrays; then the
-    closed-form Fourier -> SH projection truncated to the output degrees.
+    ``direct_convolution=True``, by direct 2D convolution of the coefficient arrays (a per-row
+    grouped conv2d: exact but far slower, for cross-checks); then the closed-form
+    Fourier -> SH projection truncated to the output degrees.
     Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim].
     """
 
@@ -231,7 +232,7 @@ class FourierGauntProduct(GauntProductBasis):
         )
         # P_LM = sum_{u, 0 <= v <= L} c_v Re(G[u, v] z[u, v, LM]), c_0 = 1, c_v = 2 (G is Hermitian)
         zeta, phi_out = sphere.fourier_to_sh(l_max, umax)  # [LM, u], [M, v]
-        zeta, phi_out = zeta[self.out_lm], phi_out  # columns of irreps_out
+        zeta = zeta[self.out_lm]  # columns of irreps_out
         m_out = torch.tensor([m for l in self.l_out for m in range(-l, l + 1)])
         v = torch.arange(l_max + 1)
         z = 0.5 * zeta.T[rows + umax][:, None, :] * phi_out[l_max + m_out][:, l_max - v].T[None]

@@ -24,7 +24,7 @@ from mace_grid.tp.gaunt import GauntProductBasis
 #: bytes of one grid-sized temporary per block (fits the L2 cache of current CPUs)
 _BLOCK_BYTES = 1 << 19
 #: evaluate separably when that needs less than this fraction of the dense matmul's flops
-_SEPARABLE_BELOW = 0.4
+_SEPARABLE_BELOW = 0.45
 
 
 def _blocks(n: int, size: int) -> list[tuple[int, int]]:
