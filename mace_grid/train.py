@@ -79,7 +79,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test the best checkpoint, write and return the run summary."""
     validate_config(cfg)
     resume = load_resume_checkpoint(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     torch.set_default_dtype(DTYPES[cfg.dtype])
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
@@ -92,6 +91,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     statistics = resume["hyper_parameters"]["statistics"] if resume else datamodule.statistics
     log.info("Data statistics: %s", json.dumps(statistics))
+    # Seeded after the data are read (which may draw random numbers, e.g. loader seeds), so the
+    # initial weights and the shuffling don't depend on how the data were loaded (memory/HDF5).
+    L.seed_everything(cfg.seed, workers=True)
 
     module = MaceLitModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
