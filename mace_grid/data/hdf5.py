@@ -1,0 +1,459 @@
+"""Out-of-core data: ASE files → sharded HDF5 (`preprocess`) → lazily read `HDF5DataModule`.
+
+A preprocessed directory holds
+  shard-NNNNN.h5  frames in source order. Per frame: `energy` [n], `cell` [n, 3, 3] (as mace's
+                  neighbour list returns it), `pbc` [n, 3], `config_type_id` [n], `atom_ptr` and
+                  `edge_ptr` [n + 1]; per atom: `atomic_numbers`, `positions` [N, 3] Å, `forces`
+                  [N, 3] eV/Å, `free_mask`; per edge: `edge_index` [E, 2] (frame-local),
+                  `shifts` [E, 3] Å, `unit_shifts` [E, 3].
+  index.h5        frame numbers (int64) of each split: `train`, `valid`, `test/<name>`.
+  meta.json       statistics, test_names, config_types, sizes, elements, r_max, shards (written
+                  last: a directory without it is incomplete).
+  splits.json     the split as `AtomsDataModule` writes it (file → frame indices).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import lightning as L
+import numpy as np
+import torch
+from mace.data import AtomicData
+from mace.data.utils import Configuration
+from mace.tools import AtomicNumberTable
+
+from mace_grid.data.datamodule import (
+    AtomsDataModule,
+    Source,
+    _write_json,
+    check_elements,
+    make_loader,
+    to_atomic_data,
+)
+from mace_grid.data.io import expand_files, fingerprint, symbol
+from mace_grid.data.neighbours import Neighbours
+from mace_grid.errors import DataError
+
+log = logging.getLogger("mace_grid.data")
+_VERSION = 1
+_CHUNK_ROWS = 16384  # rows per HDF5 chunk of the per-atom and per-edge arrays
+_MAX_OPEN = 64  # shard files a process keeps open
+
+
+class _ShardWriter:
+    """Appends frames to shard-NNNNN.h5 files of at most `shard_frames` frames each."""
+
+    # name: (shape after the first axis, dtype)
+    PER_FRAME = {
+        "energy": ((), "f8"),
+        "cell": ((3, 3), "f8"),
+        "pbc": ((3,), "?"),
+        "config_type_id": ((), "i4"),
+    }
+    PER_ATOM = {
+        "atomic_numbers": ((), "u1"),
+        "positions": ((3,), "f8"),
+        "forces": ((3,), "f8"),
+        "free_mask": ((), "u1"),
+    }
+    PER_EDGE = {"edge_index": ((2,), "i4"), "shifts": ((3,), "f8"), "unit_shifts": ((3,), "i4")}
+
+    def __init__(self, out: Path, shard_frames: int):
+        self.out, self.shard_frames = out, shard_frames
+        self.counts: list[int] = []  # frames per shard
+        self.config_types: list[str] = []  # the ids written, in order of appearance
+        self._file: h5py.File | None = None
+
+    def append(self, configs: Sequence[Configuration], graphs: Sequence[Neighbours]) -> int:
+        """Write frames; return the pool index of the first."""
+        first = sum(self.counts)
+        i = 0
+        while i < len(configs):
+            if self._file is None or self.counts[-1] == self.shard_frames:
+                self._next_shard()
+            k = min(len(configs) - i, self.shard_frames - self.counts[-1])
+            self._write(configs[i : i + k], graphs[i : i + k])
+            self.counts[-1] += k
+            i += k
+        return first
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _next_shard(self) -> None:
+        self.close()
+        self._file = h5py.File(self.out / shard_name(len(self.counts)), "w")
+        self.counts.append(0)
+        for group, rows in (
+            (self.PER_FRAME, 1024),
+            (self.PER_ATOM, _CHUNK_ROWS),
+            (self.PER_EDGE, _CHUNK_ROWS),
+        ):
+            for name, (tail, dtype) in group.items():
+                self._create(name, tail, dtype, rows)
+        for name in ("atom_ptr", "edge_ptr"):
+            self._file.create_dataset(name, data=[0], maxshape=(None,), chunks=(1024,), dtype="i8")
+
+    def _create(self, name: str, tail: tuple, dtype: str, rows: int) -> None:
+        self._file.create_dataset(
+            name, shape=(0, *tail), maxshape=(None, *tail), chunks=(rows, *tail), dtype=dtype
+        )
+
+    def _extend(self, name: str, values) -> None:
+        ds = self._file[name]
+        n = ds.shape[0]
+        ds.resize(n + len(values), axis=0)
+        ds[n:] = values
+
+    def _write(self, configs: Sequence[Configuration], graphs: Sequence[Neighbours]) -> None:
+        for c in configs:
+            if c.config_type not in self.config_types:
+                self.config_types.append(c.config_type)
+        columns = {
+            "energy": [c.properties["energy"] for c in configs],
+            "cell": np.stack([g.cell for g in graphs]),
+            "pbc": np.array([c.pbc for c in configs], dtype=bool),
+            "config_type_id": [self.config_types.index(c.config_type) for c in configs],
+            "atomic_numbers": np.concatenate([c.atomic_numbers for c in configs]),
+            "positions": np.concatenate([c.positions for c in configs]),
+            "forces": np.concatenate([c.properties["forces"] for c in configs]),
+            "free_mask": np.concatenate([c.properties["free_mask"] for c in configs]),
+            "edge_index": np.concatenate([g.edge_index.T for g in graphs]),
+            "shifts": np.concatenate([g.shifts for g in graphs]).reshape(-1, 3),
+            "unit_shifts": np.concatenate([g.unit_shifts for g in graphs]).reshape(-1, 3),
+        }
+        for name, values in columns.items():
+            self._extend(name, values)
+        for name, sizes in (
+            ("atom_ptr", [len(c.atomic_numbers) for c in configs]),
+            ("edge_ptr", [g.edge_index.shape[1] for g in graphs]),
+        ):
+            self._extend(name, self._file[name][-1] + np.cumsum(sizes))
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.h5"
+
+
+class ShardedFrames(torch.utils.data.Dataset):
+    """Frames `indices` (pool numbering) of a preprocessed directory as mace `AtomicData` (fields
+    as `to_atomic_data`: energy, forces, free_mask, config_type_id), read from disk on access.
+    Each process (DataLoader worker) opens the shards itself; nothing else is held in memory."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        shard_counts: Sequence[int],
+        indices,
+        z_table: AtomicNumberTable,
+    ):
+        self.files = [str(Path(directory) / shard_name(i)) for i in range(len(shard_counts))]
+        self.starts = np.concatenate([[0], np.cumsum(shard_counts)]).astype(np.int64)
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.z_table = z_table
+        self._open: dict[int, h5py.File] = {}
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}, "_pid": None}  # workers open their own handles
+
+    def _shard(self, s: int) -> h5py.File:
+        if self._pid != os.getpid():  # fresh, or inherited through fork: never share handles
+            self._open, self._pid = {}, os.getpid()
+        if s not in self._open:
+            if len(self._open) >= _MAX_OPEN:
+                self._open.pop(next(iter(self._open))).close()
+            self._open[s] = h5py.File(self.files[s], "r")
+        return self._open[s]
+
+    def __getitem__(self, i: int) -> AtomicData:
+        g = int(self.indices[i])
+        s = int(np.searchsorted(self.starts, g, side="right")) - 1
+        f, j = self._shard(s), g - int(self.starts[s])
+        a0, a1 = f["atom_ptr"][j : j + 2]
+        e0, e1 = f["edge_ptr"][j : j + 2]
+        config = Configuration(
+            atomic_numbers=f["atomic_numbers"][a0:a1].astype(np.int64),
+            positions=f["positions"][a0:a1],
+            properties={
+                "energy": float(f["energy"][j]),
+                "forces": f["forces"][a0:a1],
+                "free_mask": f["free_mask"][a0:a1],
+            },
+            property_weights={"energy": 1.0, "forces": 1.0},
+            pbc=tuple(bool(p) for p in f["pbc"][j]),
+        )
+        graph = Neighbours(
+            edge_index=f["edge_index"][e0:e1].T,
+            shifts=f["shifts"][e0:e1],
+            unit_shifts=f["unit_shifts"][e0:e1],
+            cell=f["cell"][j],
+        )
+        return to_atomic_data(config, graph, self.z_table, int(f["config_type_id"][j]))
+
+
+def _light(config: Configuration) -> Configuration:
+    """What splits, element checks and E0s need of a frame: species, energy, config_type."""
+    return Configuration(
+        atomic_numbers=np.asarray(config.atomic_numbers, dtype=np.uint8),
+        positions=None,
+        properties={"energy": config.properties["energy"]},
+        property_weights={},
+        config_type=config.config_type,
+    )
+
+
+def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -> dict:
+    """Write the data of `dm` into sharded HDF5 under `out` and return its meta.json content.
+
+    Files, frame stride, split, overlap removal, E0s, neighbour lists and statistics come from
+    `dm`'s own code (the split and statistics methods are called on per-frame metadata), so
+    training from `out` sees the frames `dm.setup()` would give. Memory: one source file, plus
+    species/energy/fingerprint per frame and mace's force RMS over the training atoms.
+    """
+    out = Path(out)
+    if (out / "meta.json").exists():
+        raise DataError(f"{out} already holds a preprocessed dataset: remove it or set out=…")
+    if int(shard_frames) < 1:
+        raise DataError(f"shard_frames must be a positive integer, got {shard_frames}")
+    out.mkdir(parents=True, exist_ok=True)
+    dm.prepare_data()
+    writer = _ShardWriter(out, int(shard_frames))
+    pool: list[Source] = []  # light configs only
+    pool_index: dict[str, np.ndarray] = {}  # path -> pool index of each (kept) frame
+    seen: set[str] = set()
+    try:
+        for path in expand_files(dm.train_file, "data.train_file"):
+            src = dm._load(path, "data.train_file")
+            first = writer.append(src.configs, src.graphs)
+            pool_index[path] = first + np.arange(len(src.configs))
+            pool.append(Source(path, [_light(c) for c in src.configs], []))
+            if dm.drop_train_overlap:
+                seen.update(fingerprint(c) for c in src.configs)
+            log.info("%s: %d frames -> %s", path, len(src.configs), out)
+        light = {s.path: s.configs for s in pool}
+        split = dm._split_frames if dm.split_by == "frame" else dm._split_files
+        parts = split(pool, np.random.default_rng(dm.seed), n_valid_wanted=dm.valid_file is None)
+
+        extra = {}  # part -> (config key, path) of explicitly given valid/test files
+        if dm.valid_file is not None:
+            extra["valid"] = ("data.valid_file", str(dm.valid_file))
+        for name, path in dm.test_files.items():
+            extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
+        for part, (key, path) in extra.items():
+            src = dm._load(path, key)
+            keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
+            if not keep:
+                raise DataError(f"{path} ({key}): every configuration is also in data.train_file")
+            if len(keep) < len(src.configs):
+                log.info(
+                    "%s: dropped %d of %d configurations also in the training file(s)",
+                    key,
+                    len(src.configs) - len(keep),
+                    len(src.configs),
+                )
+            index = np.full(len(src.configs), -1, dtype=np.int64)
+            index[keep] = writer.append(
+                [src.configs[i] for i in keep], [src.graphs[i] for i in keep]
+            ) + np.arange(len(keep))
+            pool_index[path], light[path] = index, [_light(c) for c in src.configs]
+            parts[part] = {path: keep}
+    finally:
+        writer.close()
+
+    def frames(part: str) -> tuple[list[Configuration], np.ndarray]:
+        by_path = parts[part].items()
+        configs = [light[p][i] for p, idx in by_path for i in idx]
+        index = [pool_index[p][idx] for p, idx in by_path if len(idx)]
+        return configs, np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+
+    names = ["test"] if parts.get("test") and any(parts["test"].values()) else []
+    names += list(dm.test_files)
+    split_parts = {
+        "train": "train",
+        "valid": "valid",
+        **{f"test/{n}": ("test" if f"test:{n}" not in parts else f"test:{n}") for n in names},
+    }
+    split_frames = {key: frames(part) for key, part in split_parts.items()}
+    train_configs = split_frames["train"][0]
+    if dm.z_table is None:
+        zs = np.unique(np.concatenate([c.atomic_numbers for c in train_configs]))
+        dm.z_table = AtomicNumberTable([int(z) for z in zs])
+    else:
+        check_elements(train_configs, dm.z_table, "data.train_file")
+    for key, part in split_parts.items():
+        if key != "train":
+            where = "the validation split" if key == "valid" else "the held-out test split"
+            if part in extra:
+                where = f"{extra[part][1]} ({extra[part][0]})"
+            check_elements(split_frames[key][0], dm.z_table, where)
+
+    # config_type ids as AtomsDataModule assigns them: first appearance over train, valid, tests
+    config_types: list[str] = []
+    for configs, _ in split_frames.values():
+        for c in configs:
+            if c.config_type not in config_types:
+                config_types.append(c.config_type)
+    lut = np.array([config_types.index(t) for t in writer.config_types], dtype=np.int32)
+    for i in range(len(writer.counts)):
+        with h5py.File(out / shard_name(i), "r+") as f:
+            f["config_type_id"][...] = lut[f["config_type_id"][()]]
+    with h5py.File(out / "index.h5", "w") as f:
+        for key, (_, index) in split_frames.items():
+            f[key] = index
+
+    # Statistics by AtomsDataModule's own method, over the training shards (float64).
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        dm._train = ShardedFrames(out, writer.counts, split_frames["train"][1], dm.z_table)
+        statistics = dm._statistics(train_configs)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    dm.test_names, dm.statistics = names, statistics
+    dm.output_dir = str(out)
+    dm._save_splits(parts)
+
+    elements = set()
+    for configs, _ in split_frames.values():
+        for c in configs:
+            elements.update(np.unique(c.atomic_numbers).tolist())
+    meta = {
+        "version": _VERSION,
+        "r_max": dm.r_max,
+        "statistics": statistics,
+        "test_names": names,
+        "config_types": config_types,
+        "sizes": {k.split("/")[-1]: len(v[1]) for k, v in split_frames.items()},
+        "elements": sorted(int(z) for z in elements),
+        "shards": writer.counts,
+        "source": {
+            "name": dm.name,
+            "train_file": dm.train_file,
+            "split_by": dm.split_by,
+            "seed": dm.seed,
+            "frame_stride": dm.frame_stride,
+        },
+    }
+    _write_json(out / "meta.json", meta)
+    log.info(
+        "wrote %s: %d shards, sizes %s, elements %s",
+        out,
+        len(writer.counts),
+        meta["sizes"],
+        [symbol(z) for z in meta["elements"]],
+    )
+    return meta
+
+
+class HDF5DataModule(L.LightningDataModule):
+    """Train/valid/test graphs from a directory written by `preprocess` (scripts/preprocess.py),
+    read lazily by DataLoader workers: memory does not grow with the dataset.
+
+    The split, E0s and statistics are those of preprocessing; `r_max` must equal its r_max.
+    atomic_numbers: the model's z table (e.g. from a checkpoint) instead of the stored one; it
+    must contain the dataset's elements. After `setup()`: `statistics`, `test_names`, `sizes`,
+    `config_types` (as `AtomsDataModule`).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        name: str = "hdf5",
+        r_max: float = 5.0,
+        batch_size: int = 8,
+        valid_batch_size: int | None = None,
+        num_workers: int = 2,
+        output_dir: str | None = None,
+        atomic_numbers: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.path = Path(path)
+        self.name = name
+        self.r_max = float(r_max)
+        self.batch_size = int(batch_size)
+        self.valid_batch_size = int(valid_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.output_dir = output_dir
+        self.atomic_numbers = None if atomic_numbers is None else sorted(map(int, atomic_numbers))
+        self.statistics: dict | None = None
+        self.test_names: list[str] = []
+        self.sizes: dict[str, int] = {}
+        self.config_types: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read meta.json and the split indices (once); the frames stay on disk."""
+        if self.statistics is not None:
+            return
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise DataError(
+                f"data.path={self.path} is not a preprocessed dataset (no meta.json): "
+                "run python scripts/preprocess.py data=<source> out=<dir> first"
+            )
+        meta = json.loads(meta_file.read_text())
+        if float(meta["r_max"]) != self.r_max:
+            raise DataError(
+                f"data.path={self.path} was preprocessed with r_max={meta['r_max']}, the model has "
+                f"r_max={self.r_max}: preprocess again with model.r_max={self.r_max}"
+            )
+        zs = self.atomic_numbers or meta["statistics"]["atomic_numbers"]
+        missing = sorted(set(meta["elements"]) - set(zs))
+        if missing:
+            raise DataError(
+                f"elements {[symbol(z) for z in missing]} in data.path={self.path} are not among "
+                f"the model's elements {[symbol(z) for z in zs]}"
+            )
+        z_table = AtomicNumberTable(list(zs))
+        self.test_names = list(meta["test_names"])
+        with h5py.File(self.path / "index.h5", "r") as f:
+            index = {key: f[key][()] for key in ["train", "valid"]}
+            index.update({name: f[f"test/{name}"][()] for name in self.test_names})
+        self._train, self._valid, *self._tests = (
+            ShardedFrames(self.path, meta["shards"], index[key], z_table)
+            for key in ["train", "valid", *self.test_names]
+        )
+        self.sizes, self.config_types = meta["sizes"], meta["config_types"]
+        self.statistics = meta["statistics"]
+        if self.output_dir is not None:
+            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.path / "splits.json", Path(self.output_dir) / "splits.json")
+        log.info(
+            "data %s (%s): sizes %s, %d shards, read lazily",
+            self.name,
+            self.path,
+            self.sizes,
+            len(meta["shards"]),
+        )
+
+    def _ready(self) -> None:
+        if self.statistics is None:
+            raise RuntimeError("call setup() first")
+
+    def train_dataloader(self):
+        self._ready()
+        return make_loader(self._train, self.batch_size, True, self.num_workers)
+
+    def val_dataloader(self):
+        self._ready()
+        if not len(self._valid):
+            return []
+        return make_loader(self._valid, self.valid_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        self._ready()
+        return [
+            make_loader(d, self.valid_batch_size, num_workers=self.num_workers) for d in self._tests
+        ]
