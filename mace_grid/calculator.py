@@ -112,8 +112,8 @@ def run_md(
     """Maxwell-Boltzmann velocities at ``temperature_K``, optional Langevin thermalisation, then
     ``steps`` NVE (velocity Verlet) steps; constraints (FixAtoms) are respected.
 
-    Returns the NVE total energy per atom at every step and its drift: ``drift`` (slope of a
-    linear fit, meV/atom/ps) and ``max_deviation`` (max |E(t) - E(0)|, meV/atom).
+    Returns the NVE total energy per atom at t = 0 and every step, its drift (slope of a linear fit,
+    meV/atom/ps), max |E(t) - E(0)| and the potential energy's standard deviation (meV/atom).
     """
     atoms = atoms.copy()
     atoms.calc = calc
@@ -127,10 +127,11 @@ def run_md(
         )
         thermostat.run(langevin_steps)
     nve = VelocityVerlet(atoms, dt)
-    energies, temperatures = [], []
+    energies, potential, temperatures = [], [], []
 
     def record() -> None:
         energies.append(atoms.get_total_energy() / len(atoms))
+        potential.append(atoms.get_potential_energy() / len(atoms))
         temperatures.append(atoms.get_temperature())
 
     nve.attach(record, interval=1)
@@ -150,4 +151,6 @@ def run_md(
         "energy_per_atom_meV": e.tolist(),
         "drift_meV_per_atom_per_ps": slope,
         "max_deviation_meV_per_atom": float(np.max(np.abs(e - e[0]))),
+        # scale of the potential-energy exchange the drift should be small against
+        "potential_energy_std_meV_per_atom": float(np.std(potential) * 1000.0),
     }

@@ -54,7 +54,8 @@ def main() -> None:
         f"{result['n_atoms']} atoms, {result['steps']} NVE steps of {result['timestep_fs']} fs, "
         f"mean T {result['mean_temperature_K']:.0f} K\n"
         f"NVE drift {result['drift_meV_per_atom_per_ps']:+.4f} meV/atom/ps, "
-        f"max |E(t) - E(0)| {result['max_deviation_meV_per_atom']:.4f} meV/atom"
+        f"max |E(t) - E(0)| {result['max_deviation_meV_per_atom']:.4f} meV/atom "
+        f"(potential energy std {result['potential_energy_std_meV_per_atom']:.3f} meV/atom)"
     )
 
 

@@ -1,0 +1,24 @@
+"""Train every tp backend at an equal budget and compare time, memory and accuracy.
+
+``python scripts/compare_backends.py [backends=[cg,gaunt,grid]] [epochs=100] [out_dir=…]
+[train.py overrides, e.g. data=3bpa model=mace_3bpa threads=2]`` writes
+``results/<data>/{compare.md,compare.csv,f_mae_vs_time.png}`` and ``runs/<tp>/`` (see
+:mod:`mace_grid.compare`).
+"""
+
+import logging
+import sys
+
+from mace_grid.cli import exit_on_user_error, parse_cli
+from mace_grid.compare import CompareArgs, compare, split_args
+
+
+@exit_on_user_error
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    own, overrides = split_args(sys.argv[1:])
+    compare(parse_cli(CompareArgs, own), overrides)
+
+
+if __name__ == "__main__":
+    main()
