@@ -5,7 +5,7 @@
 
 Op section: one symmetric contraction, C channels, n nodes, correlation 3, irreps_in
 0e+1o+...+L_in, irreps_out 0e..min(L_in, 2) (mace's layout), E elements one-hot. Two numbers
-per backend, median over repeats after warm-up:
+per backend, median over repeats after warm-up (the CSV also has the minimum):
   step    = forward + d(sum of outputs * fixed weights)/dx with create_graph=True + backward of
             (energy + |dE/dx|^2) into x and the weights  -- what a force-training step does;
   forward = forward alone under torch.no_grad().
@@ -44,9 +44,9 @@ def natural(mul: int, lmax: int) -> o3.Irreps:
     return o3.Irreps("+".join(f"{mul}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)))
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median ms of each function; rounds alternate between them, so a change in machine load
-    hits every backend alike and the ratios stay fair."""
+def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
+    """(median, min) ms of each function; rounds alternate between them, so a change in machine
+    load hits every backend alike and the ratios stay fair."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -56,7 +56,7 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict[str, float
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return {key: 1e3 * statistics.median(ts) for key, ts in times.items()}
+    return {key: (1e3 * statistics.median(ts), 1e3 * min(ts)) for key, ts in times.items()}
 
 
 def op_timers(module, x, attrs):
@@ -113,7 +113,10 @@ def run_op(args) -> list[dict]:
                 fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
             medians = interleaved_medians(fns, args.repeats, args.warmup)
             for label in labels:
-                step, forward = medians[label, "step"], medians[label, "forward"]
+                (step, step_min), (forward, forward_min) = (
+                    medians[label, "step"],
+                    medians[label, "forward"],
+                )
                 rows.append(
                     dict(
                         backend=label,
@@ -126,6 +129,8 @@ def run_op(args) -> list[dict]:
                         threads=args.threads,
                         step_ms=round(step, 3),
                         forward_ms=round(forward, 3),
+                        step_min_ms=round(step_min, 3),
+                        forward_min_ms=round(forward_min, 3),
                         build_s=round(build_s[label], 2),
                     )
                 )
@@ -287,9 +292,17 @@ def run_model(args) -> list[dict]:
             (out["energy"].square().mean() + 100 * forces_error).backward()
 
         steps[label] = step
-    for label, ms in interleaved_medians(steps, args.repeats, args.warmup).items():
-        rows.append(dict(tp=label, dtype=args.dtype[0], threads=args.threads, step_ms=round(ms, 2)))
-        print(f"  tp={label:>4}: {ms:9.1f} ms", flush=True)
+    for label, (ms, ms_min) in interleaved_medians(steps, args.repeats, args.warmup).items():
+        rows.append(
+            dict(
+                tp=label,
+                dtype=args.dtype[0],
+                threads=args.threads,
+                step_ms=round(ms, 2),
+                step_min_ms=round(ms_min, 2),
+            )
+        )
+        print(f"  tp={label:>4}: {ms:9.1f} ms (min {ms_min:.1f})", flush=True)
     if len(rows) == 2:
         print(f"  cg / grid = {rows[0]['step_ms'] / rows[1]['step_ms']:.2f}x")
     torch.set_default_dtype(torch.float32)
