@@ -16,7 +16,7 @@ from e3nn.util.jit import compile as jit_compile
 from mace.modules.blocks import EquivariantProductBasisBlock
 
 from mace_grid.errors import ConfigError
-from mace_grid.tp import BACKENDS, build, expressivity
+from mace_grid.tp import BACKENDS, build, expressivity, sphere
 from mace_grid.tp.gaunt import INIT_MOMENT_LINEAR, INIT_MOMENT_POWER
 
 F64 = torch.float64
@@ -90,8 +90,6 @@ def test_a_sized_down_grid_breaks_equivariance():
     """The equivariance test can fail: a grid sized from the output degree aliases the powers."""
     module = make("grid", natural(2, range(4)), natural(2, range(3)), 3, 1)
     module.separable = False  # the dense matrices below replace the grid
-    from mace_grid.tp import sphere
-
     size = sphere.grid_resolution(module.l_in, 1, module.l_out_max)  # as if correlation were 1
     weight = sphere.gauss_legendre_grid(*size)[2].reshape(-1, 1)
     sh = sphere.sh_on_grid(3, *size).reshape(weight.numel(), -1)
