@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from mace_grid.data.datamodule import (
 from mace_grid.data.io import expand_files, fingerprint, symbol
 from mace_grid.data.neighbours import Neighbours
 from mace_grid.errors import DataError
+from mace_grid.utils import atomic_write_text
 
 log = logging.getLogger("mace_grid.data")
 _VERSION = 1
@@ -160,7 +160,7 @@ class ShardedFrames(torch.utils.data.Dataset):
         self.starts = np.concatenate([[0], np.cumsum(shard_counts)]).astype(np.int64)
         self.indices = np.asarray(indices, dtype=np.int64)
         self.z_table = z_table
-        self._open: dict[int, h5py.File] = {}
+        self._open: dict[int, tuple[h5py.File, dict[str, h5py.Dataset]]] = {}
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -169,14 +169,16 @@ class ShardedFrames(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}, "_pid": None}  # workers open their own handles
 
-    def _shard(self, s: int) -> h5py.File:
+    def _shard(self, s: int) -> dict[str, h5py.Dataset]:
+        """The datasets of shard `s`, opened once per process (looked up once: lookups cost)."""
         if self._pid != os.getpid():  # fresh, or inherited through fork: never share handles
             self._open, self._pid = {}, os.getpid()
         if s not in self._open:
             if len(self._open) >= _MAX_OPEN:
-                self._open.pop(next(iter(self._open))).close()
-            self._open[s] = h5py.File(self.files[s], "r")
-        return self._open[s]
+                self._open.pop(next(iter(self._open)))[0].close()  # the oldest
+            f = h5py.File(self.files[s], "r")
+            self._open[s] = f, {name: f[name] for name in f}
+        return self._open[s][1]
 
     def __getitem__(self, i: int) -> AtomicData:
         g = int(self.indices[i])
@@ -427,9 +429,9 @@ class HDF5DataModule(L.LightningDataModule):
         )
         self.sizes, self.config_types = meta["sizes"], meta["config_types"]
         self.statistics = meta["statistics"]
-        if self.output_dir is not None:
-            Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.path / "splits.json", Path(self.output_dir) / "splits.json")
+        if self.output_dir is not None:  # every DDP rank does this: write atomically
+            splits = (self.path / "splits.json").read_text()
+            atomic_write_text(Path(self.output_dir) / "splits.json", splits)
         log.info(
             "data %s (%s): sizes %s, %d shards, read lazily",
             self.name,
