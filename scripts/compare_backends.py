@@ -3,7 +3,8 @@
 ``python scripts/compare_backends.py [backends=[cg,gaunt,grid]] [epochs=100] [out_dir=…]
 [train.py overrides, e.g. data=3bpa model=mace_3bpa threads=2]`` writes
 ``results/<data>/{compare.md,compare.csv,f_mae_vs_time.png}`` and ``runs/<tp>/`` (see
-:mod:`mace_grid.compare`).
+:mod:`mace_grid.compare`). On a shared, busy CPU pass threads=1: two torch threads competing
+with other jobs made training steps 3-15x slower here.
 """
 
 import logging

@@ -7,12 +7,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_train_cli import TINY_MODEL
 
 from mace_grid import PROJECT_ROOT
 from mace_grid.tp import BACKENDS
 
 _SESSION: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Imported by test modules: one torch thread in-process, as tiny_args gives train.py."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def shared_root(tmp_path_factory) -> Path:

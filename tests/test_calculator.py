@@ -8,20 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from _helpers import best_checkpoint, shared_root, trained_runs
+from _helpers import best_checkpoint, one_thread, shared_root, trained_runs  # noqa: F401
 
 from mace_grid import PROJECT_ROOT
 from mace_grid.calculator import MaceGridCalculator, run_md
 from mace_grid.data.io import read_atoms
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
-from _helpers import best_checkpoint, run, shared_root, trained_runs
+from _helpers import best_checkpoint, one_thread, run, shared_root, trained_runs  # noqa: F401
 from hydra import compose, initialize_config_dir
 
 from mace_grid import PROJECT_ROOT

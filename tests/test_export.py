@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers import best_checkpoint, shared_root, trained_runs
+from _helpers import best_checkpoint, one_thread, shared_root, trained_runs  # noqa: F401
 from mace.calculators import MACECalculator
 from mace.tools.torch_tools import default_dtype
 
@@ -17,14 +17,6 @@ from mace_grid.calculator import MaceGridCalculator
 from mace_grid.data import build_loader
 from mace_grid.data.io import read_atoms
 from mace_grid.tp import BACKENDS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("tp", BACKENDS)
