@@ -176,7 +176,9 @@ class ShardedFrames(torch.utils.data.Dataset):
         if s not in self._open:
             if len(self._open) >= _MAX_OPEN:
                 self._open.pop(next(iter(self._open)))[0].close()  # the oldest
-            f = h5py.File(self.files[s], "r")
+            # No chunk cache: frames are read at random, and HDF5 then reads the selection of an
+            # uncompressed chunk directly (a cache would cost ~1 MB per dataset and open shard).
+            f = h5py.File(self.files[s], "r", rdcc_nbytes=0)
             self._open[s] = f, {name: f[name] for name in f}
         return self._open[s][1]
 
