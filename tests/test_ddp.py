@@ -6,8 +6,8 @@ see the same frames in every optimiser step. What can still differ (hence a tole
 equality): the force loss is normalised by each rank's free-atom count before DDP averages the
 gradients, and float32 all-reduce sums in another order. EMA weights are identical on all ranks,
 and torchmetrics syncs the metric states, so the metrics cover exactly the same frames (the 2 valid
-and 6 test frames split evenly: no DistributedSampler padding). Measured: ~1e-4 relative.
-(``trainer=cpu`` shuffles with a RandomSampler, a different order: ~3 % apart after 3 epochs.)
+and 6 test frames split evenly: no DistributedSampler padding). Measured here: <= 8e-5 relative.
+(``trainer=cpu`` shuffles with a RandomSampler, another order: a few % apart after 3 epochs.)
 """
 
 import json
