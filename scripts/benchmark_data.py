@@ -108,7 +108,7 @@ def main() -> None:
         **cfg.optim,
         **cfg.loss,
     )
-    profiler = SimpleProfiler(dirpath=out, filename="profile")  # full table: <out>/fit-profile.txt
+    profiler = SimpleProfiler(dirpath=out, filename="profile")
     trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[],
@@ -132,6 +132,7 @@ def main() -> None:
         f"waiting for data: {wait:.2f} s of {step:.1f} s = {100 * wait / step:.2f} % "
         f"({len(waits)} fetches, max {1e3 * max(waits):.0f} ms)   [{WAIT} / ({WAIT} + {COMPUTE})]"
     )
+    print(f"full profile: {out}/fit-profile.txt")
 
 
 if __name__ == "__main__":
