@@ -1,16 +1,18 @@
 """Build mace-torch's ``ScaleShiftMACE`` from a model config, a tp backend and data statistics.
 
-The model is mace's own; only each product block's ``symmetric_contractions`` is swapped for the
+The model is mace's own; only each product block's ``symmetric_contractions`` comes from the
 chosen backend (``cg`` keeps mace's module untouched, so the stock model is reproduced exactly).
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from e3nn import o3
 from mace.modules import ScaleShiftMACE, interaction_classes
+from mace.modules import blocks as mace_blocks
 from mace.modules.blocks import EquivariantProductBasisBlock
 
 from mace_grid import tp as tp_backends
@@ -85,58 +87,70 @@ def build_model(
     if missing:
         raise ConfigError(f"data statistics lack {missing}")
     atomic_numbers = [int(z) for z in statistics["atomic_numbers"]]
-    net = ScaleShiftMACE(
-        r_max=float(model["r_max"]),
-        num_bessel=model["num_bessel"],
-        num_polynomial_cutoff=model["num_polynomial_cutoff"],
-        max_ell=model["max_ell"],
-        interaction_cls=interaction_classes[model["interaction"]],
-        interaction_cls_first=interaction_classes[model["interaction_first"]],
-        num_interactions=model["num_interactions"],
-        num_elements=len(atomic_numbers),
-        hidden_irreps=o3.Irreps(model["hidden_irreps"]),
-        MLP_irreps=o3.Irreps(model["MLP_irreps"]),
-        atomic_energies=np.asarray(statistics["atomic_energies"], dtype=float),
-        avg_num_neighbors=float(statistics["avg_num_neighbors"]),
-        atomic_numbers=atomic_numbers,
-        correlation=model["correlation"],
-        gate=GATES[model["gate"]],
-        radial_MLP=list(model["radial_MLP"]),
-        atomic_inter_scale=float(statistics["std"]),
-        atomic_inter_shift=float(statistics["mean"]),
-    )
-    if tp["name"] != "cg":
-        replace_product_contractions(net, tp, model["correlation"], len(atomic_numbers))
-    return net
+    with product_backend(tp):
+        return ScaleShiftMACE(
+            r_max=float(model["r_max"]),
+            num_bessel=model["num_bessel"],
+            num_polynomial_cutoff=model["num_polynomial_cutoff"],
+            max_ell=model["max_ell"],
+            interaction_cls=interaction_classes[model["interaction"]],
+            interaction_cls_first=interaction_classes[model["interaction_first"]],
+            num_interactions=model["num_interactions"],
+            num_elements=len(atomic_numbers),
+            hidden_irreps=o3.Irreps(model["hidden_irreps"]),
+            MLP_irreps=o3.Irreps(model["MLP_irreps"]),
+            atomic_energies=np.asarray(statistics["atomic_energies"], dtype=float),
+            avg_num_neighbors=float(statistics["avg_num_neighbors"]),
+            atomic_numbers=atomic_numbers,
+            correlation=model["correlation"],
+            gate=GATES[model["gate"]],
+            radial_MLP=list(model["radial_MLP"]),
+            atomic_inter_scale=float(statistics["std"]),
+            atomic_inter_shift=float(statistics["mean"]),
+        )
 
 
-def replace_product_contractions(
-    net: torch.nn.Module, tp: Mapping[str, Any], correlation: int, num_elements: int
-) -> None:
-    """Put backend ``tp["name"]`` in place of every product block's symmetric contraction."""
-    for block in net.modules():
-        if isinstance(block, EquivariantProductBasisBlock):
-            old = block.symmetric_contractions
-            block.symmetric_contractions = tp_backends.build(
-                tp["name"],
-                old.irreps_in,
-                old.irreps_out,
-                correlation,
-                num_elements,
-                **dict(tp.get("options") or {}),
-            )
+@contextmanager
+def product_backend(tp: Mapping[str, Any]) -> Iterator[None]:
+    """While mace builds a model, make its product blocks take backend ``tp["name"]``.
+
+    mace-torch has no argument for the product class: ``EquivariantProductBasisBlock`` calls the
+    module-level ``SymmetricContractionWrapper``. Swapping that factory for the duration of the
+    build (``cg`` keeps mace's own) means the stock contraction is never constructed for the
+    Gaunt backends: it is slow to build and mace cannot build it at all beyond L=3, correlation 3.
+    """
+    if tp["name"] == "cg":
+        yield
+        return
+    options = dict(tp.get("options") or {})
+
+    def build(irreps_in, irreps_out, correlation, num_elements=None, **mace_only_kwargs):
+        return tp_backends.build(
+            tp["name"], irreps_in, irreps_out, correlation, num_elements, **options
+        )
+
+    stock = mace_blocks.SymmetricContractionWrapper
+    mace_blocks.SymmetricContractionWrapper = build
+    try:
+        yield
+    finally:
+        mace_blocks.SymmetricContractionWrapper = stock
 
 
 def count_parameters(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def describe_products(net: torch.nn.Module) -> str:
-    """One line on the product blocks: backend module and its trainable weights."""
+def describe_products(net: torch.nn.Module, tp_name: str, correlation: int) -> str:
+    """Per product block: backend module, trainable weights, and the backend's expressivity
+    (free weights / reachable couplings per element and channel, the "price of freedom")."""
     parts = []
-    for i, block in enumerate(
-        m for m in net.modules() if isinstance(m, EquivariantProductBasisBlock)
-    ):
+    blocks = [m for m in net.modules() if isinstance(m, EquivariantProductBasisBlock)]
+    for i, block in enumerate(blocks):
         sc = block.symmetric_contractions
-        parts.append(f"product {i}: {type(sc).__name__}, {count_parameters(sc)} weights")
+        expr = tp_backends.expressivity(tp_name, sc.irreps_in, sc.irreps_out, correlation)
+        parts.append(
+            f"product {i}: {tp_name} ({type(sc).__name__}), {count_parameters(sc)} weights, "
+            f"{expr.weights} free weights and {expr.couplings} couplings per element and channel"
+        )
     return "; ".join(parts)

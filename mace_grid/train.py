@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "Built ScaleShiftMACE with tp=%s: %d parameters (%s)",
         cfg.tp.name,
         count_parameters(module.model),
-        describe_products(module.model),
+        describe_products(module.model, cfg.tp.name, cfg.model.correlation),
     )
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
