@@ -8,6 +8,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from mace_grid.utils import atomic_path
+
 
 class _AppendingWriter(ExperimentWriter):
     """Keeps an existing ``metrics.csv`` and its header instead of deleting it."""
@@ -39,9 +41,7 @@ class ResumableCSVLogger(CSVLogger):
             reader = csv.DictReader(handle)
             fields = list(reader.fieldnames or [])
             rows = [r for r in reader if not r.get("epoch") or int(r["epoch"]) <= epoch]
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", newline="") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)

@@ -21,6 +21,7 @@ from mace.tools.torch_geometric.dataloader import DataLoader
 from mace_grid.data.io import expand_files, fingerprint, read_configs, resolve_e0s, symbol
 from mace_grid.data.neighbours import Neighbours, file_neighbours
 from mace_grid.errors import DataError
+from mace_grid.utils import atomic_write_text
 
 log = logging.getLogger("mace_grid.data")
 
@@ -134,13 +135,35 @@ def _count(fraction: float, n: int) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-class AtomsDataModule(L.LightningDataModule):
+class SplitLoaders:
+    """Loaders over the `_train`, `_valid` and `_tests` datasets a data module's `setup()` built
+    (shared by the in-memory and the HDF5 data modules)."""
+
+    def _ready(self) -> None:
+        if self.statistics is None:
+            raise RuntimeError("call setup() first")
+
+    def train_dataloader(self):
+        self._ready()
+        return make_loader(self._train, self.batch_size, True, self.num_workers)
+
+    def val_dataloader(self):
+        self._ready()
+        if not len(self._valid):
+            return []
+        return make_loader(self._valid, self.valid_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        self._ready()
+        return [
+            make_loader(d, self.valid_batch_size, num_workers=self.num_workers) for d in self._tests
+        ]
+
+
+class AtomsDataModule(SplitLoaders, L.LightningDataModule):
     """Train/valid/test graphs from ASE-readable files (extxyz, .traj, .db).
 
     train_file: path, glob or list of them. Validation comes from `valid_file` or a seeded
@@ -392,25 +415,6 @@ class AtomsDataModule(L.LightningDataModule):
         log.info("saved data splits to %s", path)
 
     # -- loaders ------------------------------------------------------------------------------
-    def _ready(self):
-        if self.statistics is None:
-            raise RuntimeError("call setup() first")
-
-    def train_dataloader(self):
-        self._ready()
-        return make_loader(self._train, self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self):
-        self._ready()
-        if not self._valid:
-            return []
-        return make_loader(self._valid, self.valid_batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self):
-        self._ready()
-        return [
-            make_loader(d, self.valid_batch_size, num_workers=self.num_workers) for d in self._tests
-        ]
 
     def loader_for(self, path: str, batch_size: int | None = None) -> DataLoader:
         """Unshuffled loader over all frames of `path` with this module's z table and r_max."""

@@ -27,6 +27,7 @@ from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE
 
 from mace_grid.data.datamodule import AtomsDataModule
+from mace_grid.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger("mace_grid.data")
 
@@ -101,13 +102,9 @@ def _frames(n_frames: int, per_system: int, rng: np.random.Generator, start: int
 
 
 def _write_db(path: Path, frames: list) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    db = ase.db.connect(str(tmp), type="db", append=False)
-    with db:
+    with atomic_path(path) as tmp, ase.db.connect(str(tmp), type="db", append=False) as db:
         for atoms in frames:
             db.write(atoms, config_type=atoms.info["config_type"])
-    os.replace(tmp, path)
 
 
 def _write_iso_atoms(path: Path) -> None:
@@ -117,9 +114,8 @@ def _write_iso_atoms(path: Path) -> None:
         atom.calc = EMT()
         frame = _snapshot(atom, "IsolatedAtom")
         frames.append(frame)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ase.io.write(tmp, frames, format="extxyz")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ase.io.write(tmp, frames, format="extxyz")
 
 
 def generate_demo(
@@ -142,9 +138,7 @@ def generate_demo(
         frames_per_system=frames_per_system,
         seed=seed,
     )
-    tmp = out / f".meta.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / "meta.json")
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
     return out
 
 

@@ -31,6 +31,7 @@ from mace.tools import AtomicNumberTable
 from mace_grid.data.datamodule import (
     AtomsDataModule,
     Source,
+    SplitLoaders,
     _write_json,
     check_elements,
     make_loader,
@@ -362,7 +363,7 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
     return meta
 
 
-class HDF5DataModule(L.LightningDataModule):
+class HDF5DataModule(SplitLoaders, L.LightningDataModule):
     """Train/valid/test graphs from a directory written by `preprocess` (scripts/preprocess.py),
     read lazily by DataLoader workers: memory does not grow with the dataset.
 
@@ -442,22 +443,3 @@ class HDF5DataModule(L.LightningDataModule):
             len(meta["shards"]),
         )
 
-    def _ready(self) -> None:
-        if self.statistics is None:
-            raise RuntimeError("call setup() first")
-
-    def train_dataloader(self):
-        self._ready()
-        return make_loader(self._train, self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self):
-        self._ready()
-        if not len(self._valid):
-            return []
-        return make_loader(self._valid, self.valid_batch_size, num_workers=self.num_workers)
-
-    def test_dataloader(self):
-        self._ready()
-        return [
-            make_loader(d, self.valid_batch_size, num_workers=self.num_workers) for d in self._tests
-        ]

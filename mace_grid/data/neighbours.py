@@ -16,6 +16,7 @@ from mace.data.neighborhood import get_neighborhood
 from mace.data.utils import Configuration
 
 from mace_grid.data.io import _one_line, file_sha256
+from mace_grid.utils import atomic_path
 
 log = logging.getLogger("mace_grid.data")
 _VERSION = 1
@@ -77,10 +78,7 @@ def _save(
     configs: Sequence[Configuration],
     graphs: Sequence[Neighbours],
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update(version=_VERSION, sha256=sha256, r_max=float(r_max), complete=False)
             counts = [g.edge_index.shape[1] for g in graphs]
@@ -91,10 +89,6 @@ def _save(
             f["unit_shifts"] = np.concatenate([g.unit_shifts for g in graphs]).reshape(-1, 3)
             f["cell"] = np.stack([g.cell for g in graphs])
             f.attrs["complete"] = True
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def file_neighbours(
