@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from mace_grid import PROJECT_ROOT
 from mace_grid.calculator import load_model
+from mace_grid.config import compose_config
 from mace_grid.errors import ConfigError, MaceGridError
 from mace_grid.evaluate import evaluate
 from mace_grid.model import count_parameters
@@ -117,9 +117,7 @@ def evaluate_run(run_dir: Path, threads: int | None) -> dict[str, Any]:
     ]
     if threads is not None:
         overrides.append(f"threads={threads}")
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=overrides)
-    return evaluate(cfg)
+    return evaluate(compose_config("evaluate", overrides))
 
 
 def backend_row(tp: str, run_dir: Path, record: dict, report: dict) -> dict[str, Any]:

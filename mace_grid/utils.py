@@ -1,5 +1,6 @@
-"""Small shared helpers: atomic file writes and metric tables."""
+"""Small shared helpers: atomic file writes, file hashes and metric tables."""
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,6 +28,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def format_metrics_table(

@@ -27,12 +27,10 @@ import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under to
 # isort: split
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.profilers import SimpleProfiler
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from mace_grid import PROJECT_ROOT
+from mace_grid.config import compose_config
 from mace_grid.lit_module import MaceLitModule
 from mace_grid.train import DTYPES, validate_config
 
@@ -56,15 +54,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps to time (0: none)")
     args, overrides = parser.parse_known_args()
     out = tempfile.mkdtemp(prefix="benchmark_data-")
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*overrides, f"hydra.runtime.output_dir={out}"],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = compose_config("train", overrides, output_dir=out)
     validate_config(cfg)
     torch.set_default_dtype(DTYPES[cfg.dtype])
     if cfg.threads is not None:

@@ -11,13 +11,14 @@ checks the archive itself. Failures print one line and exit non-zero.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import shutil
 import sys
 import tarfile
 import tempfile
 import urllib.request
 from pathlib import Path
+
+from mace_grid.utils import file_sha256
 
 URL = "https://github.com/davkovacs/BOTNet-datasets/raw/refs/heads/main/dataset_3BPA.tar.gz"
 SHA256 = {
@@ -32,11 +33,7 @@ class Failure(Exception):
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(str(path))
 
 
 def download(url: str, dest: Path, timeout: float) -> None:

@@ -4,34 +4,22 @@ from pathlib import Path
 
 import hydra
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from mace_grid import PROJECT_ROOT
+from mace_grid.config import CONF_DIR, compose_config
 from mace_grid.model import validate_model_config
 from mace_grid.train import validate_config
 
-CONF = PROJECT_ROOT / "conf"
 GROUPS = ("data", "model", "tp", "trainer", "callbacks", "logger", "experiment", "hparams_search")
 
 
 def compose_train(overrides: list[str], tmp_path: Path):
-    """The config ``train.py`` would run with (hydra node removed, as ``hydra.main`` does)."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*overrides, f"hydra.runtime.output_dir={tmp_path}"],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    """The config ``train.py`` would run with."""
+    return compose_config("train", overrides, output_dir=str(tmp_path))
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def targets(node) -> list[str]:

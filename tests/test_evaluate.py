@@ -8,10 +8,10 @@ import ase.io
 import numpy as np
 import pytest
 from _helpers import best_checkpoint, one_thread, run, shared_root, trained_runs  # noqa: F401
-from hydra import compose, initialize_config_dir
 
 from mace_grid import PROJECT_ROOT
 from mace_grid.cli import exit_on_user_error
+from mace_grid.config import compose_config
 from mace_grid.evaluate import evaluate
 
 
@@ -58,8 +58,7 @@ def test_evaluate_cli_on_another_file(runs, tmp_path_factory, tmp_path: Path) ->
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return compose("evaluate", overrides=list(overrides))
+    return compose_config("evaluate", overrides)
 
 
 def test_data_group_and_default_sets_agree(runs, tmp_path_factory, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from mace.tools import AtomicNumberTable
 from mace_grid.errors import DataError
 
 
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -130,12 +131,6 @@ def read_configs(path: str, key: str, energy_key: str, forces_key: str) -> list[
     return to_configs(read_atoms(path, key), path, key, energy_key, forces_key)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(config: Configuration) -> str:

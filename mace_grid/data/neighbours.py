@@ -15,8 +15,8 @@ import numpy as np
 from mace.data.neighborhood import get_neighborhood
 from mace.data.utils import Configuration
 
-from mace_grid.data.io import _one_line, file_sha256
-from mace_grid.utils import atomic_path
+from mace_grid.data.io import _one_line
+from mace_grid.utils import atomic_path, file_sha256
 
 log = logging.getLogger("mace_grid.data")
 _VERSION = 1
