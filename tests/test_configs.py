@@ -64,3 +64,12 @@ def test_callbacks_and_loggers_instantiate(tmp_path: Path) -> None:
     assert {"ModelCheckpoint", "EarlyStopping", "EMAWeightAveraging"} <= names
     (logger,) = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     assert Path(logger.save_dir) == tmp_path
+
+
+def test_test_files_can_be_given_on_the_command_line(tmp_path: Path) -> None:
+    """The README's `'data.test_files={hot: hot.xyz}'` replaces the (null) default."""
+    for data in ("xyz", "oc20"):
+        cfg = compose_train(
+            [f"data={data}", "data.train_file=a.xyz", "data.test_files={hot: hot.xyz}"], tmp_path
+        )
+        assert dict(cfg.data.test_files) == {"hot": "hot.xyz"}
