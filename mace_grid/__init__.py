@@ -1,5 +1,6 @@
 """mace-grid: MACE training with swappable product-basis tensor products."""
 
+import warnings
 from pathlib import Path
 
 import torch.serialization
@@ -7,6 +8,10 @@ from omegaconf import OmegaConf
 
 # e3nn 0.4.4 loads its constants with torch.load; torch >= 2.6 needs `slice` allow-listed first.
 torch.serialization.add_safe_globals([slice])
+
+# e3nn/mace script their modules while a model is built; torch then warns about every module.
+warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support")
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
 
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
