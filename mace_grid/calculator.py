@@ -21,9 +21,7 @@ from mace.modules import ScaleShiftMACE
 from mace.tools.torch_tools import default_dtype
 
 from mace_grid.errors import ConfigError
-from mace_grid.model import build_model
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
+from mace_grid.model import DTYPES, build_model
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from mace.modules.blocks import EquivariantProductBasisBlock
 from mace_grid import tp as tp_backends
 from mace_grid.errors import ConfigError
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GATES = {"silu": torch.nn.functional.silu, "tanh": torch.tanh, "none": None}
 
 MODEL_KEYS = {

@@ -17,16 +17,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mace_grid import tp as tp_backends
+from mace_grid.calculator import read_checkpoint
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.errors import ConfigError
 from mace_grid.lit_module import METRIC_NAMES, MaceLitModule
 from mace_grid.loggers import ResumableCSVLogger
-from mace_grid.model import count_parameters, describe_products, validate_model_config
+from mace_grid.model import DTYPES, count_parameters, describe_products, validate_model_config
 from mace_grid.utils import atomic_write_text, format_metrics_table
 
 log = logging.getLogger("mace_grid.train")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Groups that define the run: a resumed run takes them from its checkpoint.
 RUN_DEFINING = ("data", "model", "tp", "seed", "dtype", "optim", "loss")
 
@@ -55,9 +55,7 @@ def load_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
     """
     if cfg.ckpt_path is None:
         return None
-    ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
-    if "run_config" not in ckpt:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a checkpoint written by train.py")
+    ckpt = read_checkpoint(cfg.ckpt_path)
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     clashing = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in RUN_DEFINING]
     if clashing:

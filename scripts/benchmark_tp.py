@@ -30,8 +30,8 @@ import torch
 from e3nn import o3
 
 from mace_grid import tp
+from mace_grid.model import DTYPES
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 BACKEND_SPECS = {
     "cg": ("cg", {}),
     "gaunt": ("gaunt", {}),
