@@ -11,7 +11,11 @@ per backend, median over repeats after warm-up (the CSV also has the minimum):
   forward = forward alone under torch.no_grad().
 Model section (--model): one whole ScaleShiftMACE training step (forward with forces, energy +
 forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, tp=cg vs tp=grid.
-Writes <out>/op.csv, <out>/op.png (log-log time vs L_in) and <out>/model.csv.
+Step-size section (--step-size): learning speed per optimiser step. For L_in in --step-size-l,
+C=32, 4 elements, N(0,1) features, 128 nodes, outputs 0e+1o and 0e: the relative change
+|y1 - y0| / |y0| of the block's output after one Adam step (lr 0.01) on a random linear loss
+(`mace_grid.tp.step_size.adam_step_change`), per backend, and its ratio to cg's.
+Writes <out>/op.csv, <out>/op.png (log-log time vs L_in), <out>/model.csv, <out>/step_size.csv.
 """
 
 import argparse
@@ -31,6 +35,7 @@ from e3nn import o3
 
 from mace_grid import tp
 from mace_grid.model import DTYPES
+from mace_grid.tp.step_size import adam_step_change
 
 BACKEND_SPECS = {
     "cg": ("cg", {}),
@@ -309,6 +314,61 @@ def run_model(args) -> list[dict]:
     return rows
 
 
+def run_step_size(args) -> list[dict]:
+    """One Adam step's relative output change per backend (see the module docstring)."""
+    dtype = DTYPES[args.dtype[0]]
+    channels, elements, nodes, lr = 32, 4, 128, 0.01
+    labels = ["cg", *(b for b in args.backends if b != "cg")]
+    print(
+        f"\none Adam step (lr {lr}) on a random linear loss: relative change of the block's "
+        f"output, C={channels}, {elements} elements, {nodes} nodes, N(0,1) features, "
+        f"correlation {args.correlation}, {dtype}; (xN) = backend / cg"
+    )
+    rows = []
+    for l_in in args.step_size_l:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(nodes, channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
+        attrs = torch.nn.functional.one_hot(torch.arange(nodes) % elements, elements).to(dtype)
+        for l_out in ("0e+1o", "0e"):
+            irreps_out = o3.Irreps("+".join(f"{channels}x{ir}" for ir in l_out.split("+")))
+            change = {}
+            for label in labels:
+                name, options = BACKEND_SPECS[label]
+                torch.manual_seed(0)
+                module = tp.build(
+                    name,
+                    natural(channels, l_in),
+                    irreps_out,
+                    args.correlation,
+                    elements,
+                    **options,
+                ).to(dtype)
+                change[label] = adam_step_change(module, x, attrs, lr=lr)
+                rows.append(
+                    dict(
+                        backend=label,
+                        dtype=args.dtype[0],
+                        l_in=l_in,
+                        irreps_out=l_out,
+                        correlation=args.correlation,
+                        channels=channels,
+                        lr=lr,
+                        relative_change=round(change[label], 5),
+                        ratio_to_cg=round(change[label] / change["cg"], 3),
+                    )
+                )
+            print(
+                f"  L_in={l_in} -> {l_out:>5}: "
+                + ", ".join(
+                    f"{b} {change[b]:.4f}"
+                    + (f" (x{change[b] / change['cg']:.2f})" if b != "cg" else "")
+                    for b in labels
+                ),
+                flush=True,
+            )
+    return rows
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -344,6 +404,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", action="store_true", help="also time whole-model steps, cg vs grid")
     p.add_argument("--model-hidden-irreps", default="64x0e+64x1o")
     p.add_argument("--model-molecules", type=int, default=10)
+    p.add_argument(
+        "--step-size", action="store_true", help="also measure one Adam step's output change"
+    )
+    p.add_argument("--step-size-l", nargs="+", type=int, default=[2, 3], help="L_in values")
     p.add_argument("--out", type=Path, default=Path("results/benchmark_tp"))
     return p.parse_args(argv)
 
@@ -364,6 +428,10 @@ def main(argv=None) -> None:
         rows = run_model(args)
         write_csv(rows, args.out / "model.csv")
         print(f"wrote {args.out / 'model.csv'}")
+    if args.step_size:
+        rows = run_step_size(args)
+        write_csv(rows, args.out / "step_size.csv")
+        print(f"wrote {args.out / 'step_size.csv'}")
 
 
 if __name__ == "__main__":

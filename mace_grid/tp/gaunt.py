@@ -19,6 +19,13 @@ from mace_grid.tp import sphere
 #: power nu >= 2 of an output component. cg's outputs there: ~1 at correlation 1, 0.9-2.7 at 2,
 #: 0.9-4.7 at 3 (scalars highest, L_in 1-4); these give 1, 1.5, 2.
 INIT_MOMENT_LINEAR, INIT_MOMENT_POWER = 1.0, 0.5
+#: weights start N(0, INIT_WEIGHT_STD^2) and the forward multiplies them by
+#: basis_scale / INIT_WEIGHT_STD: the output at init is the same as with N(0, 1) weights, but
+#: Adam's first step (about lr per weight, whatever its size) changes every weight by
+#: lr / INIT_WEIGHT_STD relative, for every (nu, L) and L_in alike. 0.1 puts one Adam step's
+#: output change within 2x of cg's (whose weights start at randn / num_params) at L_in 2-3
+#: (`scripts/benchmark_tp.py --step-size`); with N(0, 1) weights it was 7-20x smaller.
+INIT_WEIGHT_STD = 0.1
 MAX_CORRELATION = 4
 
 
@@ -86,8 +93,9 @@ def basis_scale(l_in: int, correlation: int, l_out: list[int]) -> torch.Tensor:
 class GauntProductBasis(torch.nn.Module):
     """Shared weights and contraction of the MACE-Gaunt product basis (see module docstring).
 
-    Parameters: ``weight [correlation, num_elements, len(irreps_out), channels]``, N(0, 1) at
-    init; the fixed ``basis_scale`` buffer keeps outputs O(1). Subclasses implement
+    Parameters: ``weight [correlation, num_elements, len(irreps_out), channels]``,
+    N(0, INIT_WEIGHT_STD^2) at init; the forward multiplies them by the fixed
+    ``basis_scale / INIT_WEIGHT_STD``, which keeps outputs O(1). Subclasses implement
     ``project_powers`` (P_LM(f^nu) for nu = 2..correlation, rows ordered as the components of
     irreps_out). Constant buffers are not persistent, so the state_dict holds only ``weight``.
     """
@@ -111,8 +119,9 @@ class GauntProductBasis(torch.nn.Module):
         self.out_lm: list[int] = [sphere.lm_index(l, m) for l in l_out for m in range(-l, l + 1)]
         self.dim_out = len(self.out_lm)  # per channel
 
+        self.init_weight_std = INIT_WEIGHT_STD
         self.weight = torch.nn.Parameter(
-            torch.randn(correlation, num_elements, len(l_out), channels)
+            torch.randn(correlation, num_elements, len(l_out), channels) * self.init_weight_std
         )
         self.register_buffer("basis_scale", basis_scale(l_in, correlation, l_out), persistent=False)
         col_irrep = [i for i, l in enumerate(l_out) for _ in range(2 * l + 1)]
@@ -134,7 +143,8 @@ class GauntProductBasis(torch.nn.Module):
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Per-node weight of every basis row, ``[correlation, D_out, n * C]``."""
         dtype = node_attrs.dtype
-        w = self.weight.to(dtype) * self.basis_scale.to(dtype)[:, None, :, None]
+        scale = self.basis_scale.to(dtype) / self.init_weight_std
+        w = self.weight.to(dtype) * scale[:, None, :, None]
         w = w.index_select(2, self.col_irrep).transpose(1, 2)  # [nu, D_out, E, C]
         w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [nu D_out, n, C]
         return w.view(self.correlation, self.dim_out, -1)
