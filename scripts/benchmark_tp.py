@@ -40,7 +40,8 @@ from mace_grid.tp.step_size import adam_step_change
 BACKEND_SPECS = {
     "cg": ("cg", {}),
     "gaunt": ("gaunt", {}),
-    "gaunt-direct": ("gaunt", {"direct_convolution": True}),
+    "gaunt-fft": ("gaunt", {"method": "fft"}),
+    "gaunt-direct": ("gaunt", {"method": "direct"}),
     "grid": ("grid", {}),
 }
 
@@ -83,6 +84,12 @@ def op_timers(module, x, attrs):
     return step, forward
 
 
+def point_count(module) -> int | None:
+    """Points the backend evaluates each channel's function on (None: no point set, cg)."""
+    points = getattr(module, "points", None)
+    return points.n_points if points is not None else None
+
+
 def scaling_exponent(ls: list[int], times: list[float]) -> float:
     """Slope of log(time) against log(L_in), least squares."""
     if len(ls) < 2:
@@ -102,7 +109,7 @@ def run_op(args) -> list[dict]:
             species = torch.randint(0, args.elements, (args.nodes,), generator=gen)
             attrs = torch.nn.functional.one_hot(species, args.elements).to(dtype)
             labels = [b for b in args.backends if b != "cg" or l_in <= args.max_cg_l]
-            fns, build_s = {}, {}
+            fns, build_s, points = {}, {}, {}
             for label in labels:
                 name, options = BACKEND_SPECS[label]
                 start = time.perf_counter()
@@ -115,6 +122,7 @@ def run_op(args) -> list[dict]:
                     **options,
                 ).to(dtype)
                 build_s[label] = time.perf_counter() - start
+                points[label] = point_count(module)
                 fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
             medians = interleaved_medians(fns, args.repeats, args.warmup)
             for label in labels:
@@ -137,11 +145,13 @@ def run_op(args) -> list[dict]:
                         step_min_ms=round(step_min, 3),
                         forward_min_ms=round(forward_min, 3),
                         build_s=round(build_s[label], 2),
+                        points=points[label],
                     )
                 )
                 print(
                     f"  {dtype_name} L_in={l_in} {label:>12}: step {step:9.2f} ms, "
-                    f"forward {forward:8.2f} ms (build {build_s[label]:.1f} s)",
+                    f"forward {forward:8.2f} ms, {points[label] or '-'} points "
+                    f"(build {build_s[label]:.1f} s)",
                     flush=True,
                 )
     torch.set_default_dtype(torch.float32)
@@ -149,7 +159,9 @@ def run_op(args) -> list[dict]:
 
 
 def print_op_table(rows: list[dict], backends: list[str]) -> None:
-    """Per dtype: each backend's step / forward time, and cg/backend and gaunt/grid ratios."""
+    """Per dtype: each backend's step / forward time and point count, cg/backend ratios, and
+    the gaunt/grid time ratio beside their point ratio."""
+    both = "gaunt" in backends and "grid" in backends
     for dtype in sorted({r["dtype"] for r in rows}):
         sub = [r for r in rows if r["dtype"] == dtype]
         table = {(r["backend"], r["l_in"]): r for r in sub}
@@ -158,12 +170,12 @@ def print_op_table(rows: list[dict], backends: list[str]) -> None:
             f"\n{dtype}, C={sub[0]['channels']}, n={sub[0]['nodes']}, correlation "
             f"{sub[0]['correlation']}, L_out=min(L_in,2), {sub[0]['threads']} thread(s); "
             "median ms; step = forward + forces (create_graph) + backward; "
-            "xN = cg time / backend time (speed-up over cg in this run)"
+            "xN = cg time / backend time (speed-up over cg in this run); [P] = points"
         )
         for key in ("step_ms", "forward_ms"):
-            header = f"{key[:-3]:>8} L_in" + "".join(f"{b:>22}" for b in backends)
-            if "gaunt" in backends and "grid" in backends:
-                header += f"{'gaunt/grid':>12}"
+            header = f"{key[:-3]:>8} L_in" + "".join(f"{b:>29}" for b in backends)
+            if both:
+                header += f"{'gaunt/grid time (points)':>27}"
             print(header)
             for l_in in ls:
                 line = f"{'':>8} {l_in:>4}"
@@ -171,13 +183,17 @@ def print_op_table(rows: list[dict], backends: list[str]) -> None:
                 for b in backends:
                     r = table.get((b, l_in))
                     if r is None:
-                        line += f"{'-':>22}"
+                        line += f"{'-':>29}"
                         continue
                     ratio = f" (x{cg[key] / r[key]:.1f})" if cg and b != "cg" else ""
-                    line += f"{r[key]:>13.2f}{ratio:>9}"
-                if "gaunt" in backends and "grid" in backends:
+                    pts = f" [{r['points']}]" if r["points"] else ""
+                    line += f"{r[key]:>13.2f}{ratio:>9}{pts:>7}"
+                if both:
                     g, s = table.get(("gaunt", l_in)), table.get(("grid", l_in))
-                    line += f"{g[key] / s[key]:>12.1f}" if g and s else f"{'-':>12}"
+                    if g and s:
+                        line += f"{g[key] / s[key]:>19.1f} ({g['points'] / s['points']:.1f})"
+                    else:
+                        line += f"{'-':>27}"
                 print(line)
             slopes = []
             for b in backends:
