@@ -11,7 +11,11 @@ per backend, median over repeats after warm-up (the CSV also has the minimum):
   forward = forward alone under torch.no_grad().
 Model section (--model): one whole ScaleShiftMACE training step (forward with forces, energy +
 forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, tp=cg vs tp=grid.
-Writes <out>/op.csv, <out>/op.png (log-log time vs L_in) and <out>/model.csv.
+Step-size section (--step-size): learning speed per optimiser step. For L_in in --step-size-l,
+C=32, 4 elements, N(0,1) features, 128 nodes, outputs 0e+1o and 0e: the relative change
+|y1 - y0| / |y0| of the block's output after one Adam step (lr 0.01) on a random linear loss
+(`mace_grid.tp.step_size.adam_step_change`), per backend, and its ratio to cg's.
+Writes <out>/op.csv, <out>/op.png (log-log time vs L_in), <out>/model.csv, <out>/step_size.csv.
 """
 
 import argparse
@@ -31,11 +35,13 @@ from e3nn import o3
 
 from mace_grid import tp
 from mace_grid.model import DTYPES
+from mace_grid.tp.step_size import adam_step_change
 
 BACKEND_SPECS = {
     "cg": ("cg", {}),
     "gaunt": ("gaunt", {}),
-    "gaunt-direct": ("gaunt", {"direct_convolution": True}),
+    "gaunt-fft": ("gaunt", {"method": "fft"}),
+    "gaunt-direct": ("gaunt", {"method": "direct"}),
     "grid": ("grid", {}),
 }
 
@@ -78,6 +84,12 @@ def op_timers(module, x, attrs):
     return step, forward
 
 
+def point_count(module) -> int | None:
+    """Points the backend evaluates each channel's function on (None: no point set, cg)."""
+    points = getattr(module, "points", None)
+    return points.n_points if points is not None else None
+
+
 def scaling_exponent(ls: list[int], times: list[float]) -> float:
     """Slope of log(time) against log(L_in), least squares."""
     if len(ls) < 2:
@@ -97,7 +109,7 @@ def run_op(args) -> list[dict]:
             species = torch.randint(0, args.elements, (args.nodes,), generator=gen)
             attrs = torch.nn.functional.one_hot(species, args.elements).to(dtype)
             labels = [b for b in args.backends if b != "cg" or l_in <= args.max_cg_l]
-            fns, build_s = {}, {}
+            fns, build_s, points = {}, {}, {}
             for label in labels:
                 name, options = BACKEND_SPECS[label]
                 start = time.perf_counter()
@@ -110,6 +122,7 @@ def run_op(args) -> list[dict]:
                     **options,
                 ).to(dtype)
                 build_s[label] = time.perf_counter() - start
+                points[label] = point_count(module)
                 fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
             medians = interleaved_medians(fns, args.repeats, args.warmup)
             for label in labels:
@@ -132,11 +145,13 @@ def run_op(args) -> list[dict]:
                         step_min_ms=round(step_min, 3),
                         forward_min_ms=round(forward_min, 3),
                         build_s=round(build_s[label], 2),
+                        points=points[label],
                     )
                 )
                 print(
                     f"  {dtype_name} L_in={l_in} {label:>12}: step {step:9.2f} ms, "
-                    f"forward {forward:8.2f} ms (build {build_s[label]:.1f} s)",
+                    f"forward {forward:8.2f} ms, {points[label] or '-'} points "
+                    f"(build {build_s[label]:.1f} s)",
                     flush=True,
                 )
     torch.set_default_dtype(torch.float32)
@@ -144,7 +159,9 @@ def run_op(args) -> list[dict]:
 
 
 def print_op_table(rows: list[dict], backends: list[str]) -> None:
-    """Per dtype: each backend's step / forward time, and cg/backend and gaunt/grid ratios."""
+    """Per dtype: each backend's step / forward time and point count, cg/backend ratios, and
+    the gaunt/grid time ratio beside their point ratio."""
+    both = "gaunt" in backends and "grid" in backends
     for dtype in sorted({r["dtype"] for r in rows}):
         sub = [r for r in rows if r["dtype"] == dtype]
         table = {(r["backend"], r["l_in"]): r for r in sub}
@@ -153,12 +170,12 @@ def print_op_table(rows: list[dict], backends: list[str]) -> None:
             f"\n{dtype}, C={sub[0]['channels']}, n={sub[0]['nodes']}, correlation "
             f"{sub[0]['correlation']}, L_out=min(L_in,2), {sub[0]['threads']} thread(s); "
             "median ms; step = forward + forces (create_graph) + backward; "
-            "xN = cg time / backend time (speed-up over cg in this run)"
+            "xN = cg time / backend time (speed-up over cg in this run); [P] = points"
         )
         for key in ("step_ms", "forward_ms"):
-            header = f"{key[:-3]:>8} L_in" + "".join(f"{b:>22}" for b in backends)
-            if "gaunt" in backends and "grid" in backends:
-                header += f"{'gaunt/grid':>12}"
+            header = f"{key[:-3]:>8} L_in" + "".join(f"{b:>29}" for b in backends)
+            if both:
+                header += f"{'gaunt/grid time (points)':>27}"
             print(header)
             for l_in in ls:
                 line = f"{'':>8} {l_in:>4}"
@@ -166,13 +183,17 @@ def print_op_table(rows: list[dict], backends: list[str]) -> None:
                 for b in backends:
                     r = table.get((b, l_in))
                     if r is None:
-                        line += f"{'-':>22}"
+                        line += f"{'-':>29}"
                         continue
                     ratio = f" (x{cg[key] / r[key]:.1f})" if cg and b != "cg" else ""
-                    line += f"{r[key]:>13.2f}{ratio:>9}"
-                if "gaunt" in backends and "grid" in backends:
+                    pts = f" [{r['points']}]" if r["points"] else ""
+                    line += f"{r[key]:>13.2f}{ratio:>9}{pts:>7}"
+                if both:
                     g, s = table.get(("gaunt", l_in)), table.get(("grid", l_in))
-                    line += f"{g[key] / s[key]:>12.1f}" if g and s else f"{'-':>12}"
+                    if g and s:
+                        line += f"{g[key] / s[key]:>19.1f} ({g['points'] / s['points']:.1f})"
+                    else:
+                        line += f"{'-':>27}"
                 print(line)
             slopes = []
             for b in backends:
@@ -309,6 +330,61 @@ def run_model(args) -> list[dict]:
     return rows
 
 
+def run_step_size(args) -> list[dict]:
+    """One Adam step's relative output change per backend (see the module docstring)."""
+    dtype = DTYPES[args.dtype[0]]
+    channels, elements, nodes, lr = 32, 4, 128, 0.01
+    labels = ["cg", *(b for b in args.backends if b != "cg")]
+    print(
+        f"\none Adam step (lr {lr}) on a random linear loss: relative change of the block's "
+        f"output, C={channels}, {elements} elements, {nodes} nodes, N(0,1) features, "
+        f"correlation {args.correlation}, {dtype}; (xN) = backend / cg"
+    )
+    rows = []
+    for l_in in args.step_size_l:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(nodes, channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
+        attrs = torch.nn.functional.one_hot(torch.arange(nodes) % elements, elements).to(dtype)
+        for l_out in ("0e+1o", "0e"):
+            irreps_out = o3.Irreps("+".join(f"{channels}x{ir}" for ir in l_out.split("+")))
+            change = {}
+            for label in labels:
+                name, options = BACKEND_SPECS[label]
+                torch.manual_seed(0)
+                module = tp.build(
+                    name,
+                    natural(channels, l_in),
+                    irreps_out,
+                    args.correlation,
+                    elements,
+                    **options,
+                ).to(dtype)
+                change[label] = adam_step_change(module, x, attrs, lr=lr)
+                rows.append(
+                    dict(
+                        backend=label,
+                        dtype=args.dtype[0],
+                        l_in=l_in,
+                        irreps_out=l_out,
+                        correlation=args.correlation,
+                        channels=channels,
+                        lr=lr,
+                        relative_change=round(change[label], 5),
+                        ratio_to_cg=round(change[label] / change["cg"], 3),
+                    )
+                )
+            print(
+                f"  L_in={l_in} -> {l_out:>5}: "
+                + ", ".join(
+                    f"{b} {change[b]:.4f}"
+                    + (f" (x{change[b] / change['cg']:.2f})" if b != "cg" else "")
+                    for b in labels
+                ),
+                flush=True,
+            )
+    return rows
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -344,6 +420,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", action="store_true", help="also time whole-model steps, cg vs grid")
     p.add_argument("--model-hidden-irreps", default="64x0e+64x1o")
     p.add_argument("--model-molecules", type=int, default=10)
+    p.add_argument(
+        "--step-size", action="store_true", help="also measure one Adam step's output change"
+    )
+    p.add_argument("--step-size-l", nargs="+", type=int, default=[2, 3], help="L_in values")
     p.add_argument("--out", type=Path, default=Path("results/benchmark_tp"))
     return p.parse_args(argv)
 
@@ -364,6 +444,10 @@ def main(argv=None) -> None:
         rows = run_model(args)
         write_csv(rows, args.out / "model.csv")
         print(f"wrote {args.out / 'model.csv'}")
+    if args.step_size:
+        rows = run_step_size(args)
+        write_csv(rows, args.out / "step_size.csv")
+        print(f"wrote {args.out / 'step_size.csv'}")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,16 @@ from e3nn.util.jit import compile as jit_compile
 from mace.modules.blocks import EquivariantProductBasisBlock
 
 from mace_grid.errors import ConfigError
-from mace_grid.tp import BACKENDS, build, expressivity, sphere
-from mace_grid.tp.gaunt import INIT_MOMENT_LINEAR, INIT_MOMENT_POWER
+from mace_grid.tp import BACKENDS, build, expressivity
+from mace_grid.tp.engine import PointSet
+from mace_grid.tp.gaunt import INIT_MOMENT_LINEAR, INIT_MOMENT_POWER, METHODS
+from mace_grid.tp.grid import gauss_legendre_points
+from mace_grid.tp.step_size import adam_step_change
 
 F64 = torch.float64
-GAUNT_VARIANTS = [("gaunt", {}), ("gaunt", {"direct_convolution": True}), ("grid", {})]
+GAUNT_VARIANTS = [*(("gaunt", {"method": m}) for m in METHODS), ("grid", {})]
+FUSED = [("gaunt", {}), ("grid", {})]  # the backends on the point-set engine (default method)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def natural(mul: int, ls) -> o3.Irreps:
@@ -89,13 +94,8 @@ def test_equivariant_under_rotations_and_inversion(name, correlation, l_in):
 def test_a_sized_down_grid_breaks_equivariance():
     """The equivariance test can fail: a grid sized from the output degree aliases the powers."""
     module = make("grid", natural(2, range(4)), natural(2, range(3)), 3, 1)
-    module.separable = False  # the dense matrices below replace the grid
-    size = sphere.grid_resolution(module.l_in, 1, module.l_out_max)  # as if correlation were 1
-    weight = sphere.gauss_legendre_grid(*size)[2].reshape(-1, 1)
-    sh = sphere.sh_on_grid(3, *size).reshape(weight.numel(), -1)
-    module.to_grid, module.to_grid_t = sh.clone(), sh.T.clone()
-    module.projector_t = weight * sh[:, module.out_lm]
-    module.projector = module.projector_t.T.clone()
+    points = gauss_legendre_points(module.l_in, 1, module.l_out)  # as if correlation were 1
+    module.points = PointSet(module.l_in, 3, *points)
     x, attrs = inputs(5, 2, 3, 1)
     rotation = o3.rand_matrix(dtype=F64)
     rotated = module(x @ natural(1, range(4)).D_from_matrix(rotation).T, attrs)
@@ -103,6 +103,28 @@ def test_a_sized_down_grid_breaks_equivariance():
         relative_error(rotated, module(x, attrs) @ module.irreps_out.D_from_matrix(rotation).T)
         > 1e-3
     )
+
+
+@CUDA
+@pytest.mark.parametrize("name,options", GAUNT_VARIANTS)
+def test_equivariant_and_gaunt_equals_grid_on_cuda(name, options):
+    irreps_in, irreps_out = natural(4, range(4)), natural(4, [0, 1, 2])
+    grid = make("grid", irreps_in, irreps_out, 3, 2)
+    module = make(name, irreps_in, irreps_out, 3, 2, **options)
+    module.load_state_dict(grid.state_dict())
+    x, attrs = inputs(7, 4, 3, 2)
+    expected = grid(x, attrs)
+    module, x, attrs = module.cuda(), x.cuda(), attrs.cuda()
+    y = module(x, attrs)
+    assert y.is_cuda and relative_error(y.cpu(), expected) < 1e-10
+    matrix = -o3.rand_matrix(dtype=F64)
+    d_in = natural(1, range(4)).D_from_matrix(matrix).cuda()
+    d_out = irreps_out.D_from_matrix(matrix).cuda()
+    assert relative_error(module(x @ d_in.T, attrs), y @ d_out.T) < 1e-10
+    y2, forces, x_grad, _ = training_step(module, x, attrs)
+    y3, forces3, x_grad3, _ = training_step(grid, x.cpu(), attrs.cpu())
+    assert relative_error(forces.cpu(), forces3) < 1e-10
+    assert relative_error(x_grad.cpu(), x_grad3) < 1e-10
 
 
 # --- the two Gaunt algorithms agree, and agree with independent references --------------
@@ -117,12 +139,15 @@ def test_gaunt_and_grid_agree_on_the_same_state_dict(correlation, l_in):
     assert set(state) == {"weight"}
     x, attrs = inputs(6, 4, l_in, 3)
     expected = grid(x, attrs)
-    for direct in (False, True):
-        gaunt = make(
-            "gaunt", irreps_in, irreps_out, correlation, 3, seed=2, direct_convolution=direct
-        )
+    for method in METHODS:
+        gaunt = make("gaunt", irreps_in, irreps_out, correlation, 3, seed=2, method=method)
         gaunt.load_state_dict(state)
-        assert relative_error(gaunt(x, attrs), expected) < 1e-10
+        assert relative_error(gaunt(x, attrs), expected) < 1e-10, method
+
+
+def test_unknown_gaunt_method_is_refused():
+    with pytest.raises(ConfigError, match="tp.options.method must be one of fused, fft, direct"):
+        build("gaunt", natural(2, range(2)), natural(2, [0]), 2, 1, method="conv")
 
 
 def z_axis_reference(module, x, attrs):
@@ -144,7 +169,8 @@ def z_axis_reference(module, x, attrs):
     l_max = max(module.l_in, module.l_out_max)
     sh = o3.spherical_harmonics(list(range(l_max + 1)), xyz, True, normalization="component")
     f = x @ sh[:, : x.shape[-1]].T  # [n, C, points]
-    w = module.weight.detach() * module.basis_scale[:, None, :, None]  # [nu, E, irrep, C]
+    scale = module.basis_scale / module.init_weight_std
+    w = module.weight.detach() * scale[:, None, :, None]  # [nu, E, irrep, C]
     w = torch.einsum("ne,veic->nvic", attrs, w)
     out = []
     for i, (_, ir) in enumerate(module.irreps_out):
@@ -156,12 +182,15 @@ def z_axis_reference(module, x, attrs):
     return torch.cat(out, dim=-1)
 
 
+@pytest.mark.parametrize("name,options", GAUNT_VARIANTS)
 @pytest.mark.parametrize(
     "l_in,correlation,irreps_out",
     [(1, 4, [2, 0, 1]), (2, 3, [0, 2]), (3, 3, [1, 0, 3]), (4, 2, [2])],
 )
-def test_grid_matches_brute_force_quadrature(l_in, correlation, irreps_out):
-    module = make("grid", natural(3, range(l_in + 1)), natural(3, irreps_out), correlation, 2)
+def test_product_block_matches_brute_force_quadrature(name, options, l_in, correlation, irreps_out):
+    """Every backend's output by value against an independent dense quadrature."""
+    irreps_in = natural(3, range(l_in + 1))
+    module = make(name, irreps_in, natural(3, irreps_out), correlation, 2, **options)
     x, attrs = inputs(5, 3, l_in, 2)
     assert relative_error(module(x, attrs), z_axis_reference(module, x, attrs)) < 1e-10
 
@@ -180,10 +209,12 @@ def three_j_000(l1, l2, l3):
     )
 
 
-def test_quadratic_term_is_the_gaunt_tensor_of_wigner_3j():
+@pytest.mark.parametrize("name,options", GAUNT_VARIANTS)
+def test_quadratic_term_is_the_gaunt_tensor_of_wigner_3j(name, options):
     """P_LM(Y_i Y_j) = +-sqrt((2l1+1)(2l2+1)(2L+1)) (l1 l2 L; 0 0 0) wigner_3j(l1, l2, L)."""
     l_in = 2
-    module = make("grid", natural(1, range(l_in + 1)), natural(1, range(2 * l_in + 1)), 2, 1)
+    irreps_in, irreps_out = natural(1, range(l_in + 1)), natural(1, range(2 * l_in + 1))
+    module = make(name, irreps_in, irreps_out, 2, 1, **options)
     dim = (l_in + 1) ** 2
     eye = torch.eye(dim, dtype=F64)
     pairs = (eye[:, None, :] + eye[None, :, :]).reshape(-1, dim)
@@ -273,46 +304,57 @@ def training_step(module, x, attrs):
     return y, forces, x.grad, [p.grad.clone() for p in module.parameters() if p.grad is not None]
 
 
-@pytest.mark.parametrize("name,options", [("cg", {}), *GAUNT_VARIANTS])
-def test_second_derivatives(name, options):
-    irreps_in, irreps_out = natural(3, range(3)), natural(3, range(3))
-    if name == "cg":  # the equivariance test's module, built once
-        module = cached_cg(str(irreps_in), str(irreps_out), 3, 2)
-    else:
-        module = make(name, irreps_in, irreps_out, 3, 2, **options)
-    y, forces, x_grad, weight_grads = training_step(module, *inputs(4, 3, 2, 2))
-    assert x_grad is not None and weight_grads and all(g.abs().sum() > 0 for g in weight_grads)
-    assert torch.isfinite(x_grad).all()
-
-
-def test_fused_grid_derivatives_match_autograd_and_gaunt():
-    """The hand-written first and second derivatives of the grid kernel against autograd
-    through the same math (TorchScript path) and through the FFT backend."""
+@pytest.mark.parametrize("correlation", [2, 3, 4])
+@pytest.mark.parametrize("name", ["grid", "gaunt"])
+def test_fused_derivatives_match_plain_autograd(name, correlation):
+    """The hand-written first and second derivatives of the fused kernel, by value, against
+    plain autograd through the same maps and through the literal FFT route (gaunt, fft)."""
     irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
-    grid = make("grid", irreps_in, irreps_out, 4, 3)
-    grid.block = 8  # several blocks, the last one partial
-    plain = make("grid", irreps_in, irreps_out, 4, 3)
-    plain.load_state_dict(grid.state_dict())
-    plain.project_powers = plain._project_autograd
-    gaunt = make("gaunt", irreps_in, irreps_out, 4, 3)
-    gaunt.load_state_dict(grid.state_dict())
+    fused = make(name, irreps_in, irreps_out, correlation, 3)
+    fused.points.block = 8  # several blocks, the last one partial
+    plain = make(name, irreps_in, irreps_out, correlation, 3)
+    plain.load_state_dict(fused.state_dict())
+    plain.points.forward = plain.points.project_autograd
+    fft = make("gaunt", irreps_in, irreps_out, correlation, 3, method="fft")
+    fft.load_state_dict(fused.state_dict())
     x, attrs = inputs(7, 5, 3, 3)
-    y, forces, x_grad, weight_grads = training_step(grid, x, attrs)
-    for other in (plain, gaunt):
-        y2, forces2, x_grad2, weight_grads2 = training_step(other, x, attrs)
-        for a, b in zip(
-            [y, forces, x_grad, *weight_grads], [y2, forces2, x_grad2, *weight_grads2], strict=True
-        ):
+    got = training_step(fused, x, attrs)
+    for other in (plain, fft):
+        expected = training_step(other, x, attrs)
+        assert len(got[3]) == len(expected[3]) == 1  # the weights' gradient
+        for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
             assert relative_error(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("name,options", [("cg", {}), ("gaunt", {"method": "direct"})])
+def test_second_derivatives_of_the_plain_autograd_backends(name, options):
+    """cg and direct convolution run plain autograd: cg's second derivatives against finite
+    differences, direct convolution's training-step derivatives against grid's by value."""
+    irreps_in, irreps_out = natural(3, range(3)), natural(3, range(3))
+    x, attrs = inputs(4, 3, 2, 2)
+    if name == "cg":  # the equivariance test's module, built once
+        module = cached_cg(str(irreps_in), str(irreps_out), 3, 2)
+        x = x.clone().requires_grad_(True)
+        func = lambda x: module(x, attrs)  # noqa: E731
+        assert torch.autograd.gradgradcheck(func, (x,), fast_mode=True)
+        return
+    module = make(name, irreps_in, irreps_out, 3, 2, **options)
+    grid = make("grid", irreps_in, irreps_out, 3, 2)
+    module.load_state_dict(grid.state_dict())
+    got, expected = training_step(module, x, attrs), training_step(grid, x, attrs)
+    for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
+        assert relative_error(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["grid", "gaunt"])
 @pytest.mark.parametrize("l_in", [1, 3, 6])
-def test_separable_and_dense_grid_transforms_agree(l_in):
+def test_separable_and_dense_evaluation_agree(name, l_in):
     irreps_in, irreps_out = natural(2, range(l_in + 1)), natural(2, [0, 2, 1])
-    separable = make("grid", irreps_in, irreps_out, 3, 2)
-    dense = make("grid", irreps_in, irreps_out, 3, 2)
+    separable = make(name, irreps_in, irreps_out, 3, 2)
+    dense = make(name, irreps_in, irreps_out, 3, 2)
     dense.load_state_dict(separable.state_dict())
-    separable.separable, dense.separable, separable.block = True, False, 3
+    separable.points.separable, dense.points.separable = True, False
+    separable.points.block = 3
     x, attrs = inputs(5, 2, l_in, 2)
     for a, b in zip(
         training_step(separable, x, attrs)[:3], training_step(dense, x, attrs)[:3], strict=True
@@ -320,9 +362,10 @@ def test_separable_and_dense_grid_transforms_agree(l_in):
         assert relative_error(a, b) < 1e-12
 
 
-def test_fused_grid_gradgradcheck():
-    module = make("grid", natural(1, range(3)), natural(1, [0, 1]), 3, 2)
-    module.block = 2
+@pytest.mark.parametrize("name", ["grid", "gaunt"])
+def test_fused_gradgradcheck(name):
+    module = make(name, natural(1, range(3)), natural(1, [0, 1]), 3, 2)
+    module.points.block = 2
     x, attrs = inputs(3, 1, 2, 2)
     x.requires_grad_(True)
     func = lambda x, w: torch.func.functional_call(module, {"weight": w}, (x, attrs))  # noqa: E731
@@ -354,7 +397,7 @@ def test_output_second_moment_at_init_is_close_to_cg(l_in, correlation):
         cg, cg_all = second_moments(
             cached_cg(str(irreps_in), str(irreps_out), correlation, 2), x, attrs
         )
-        for name, options in GAUNT_VARIANTS[::2]:
+        for name, options in FUSED:
             module = make(name, irreps_in, irreps_out, correlation, 2, **options)
             ours, ours_all = second_moments(module, x, attrs)
             assert 1 / 2 < ours_all / cg_all < 2, (name, ours_all, cg_all)
@@ -362,6 +405,18 @@ def test_output_second_moment_at_init_is_close_to_cg(l_in, correlation):
                 assert 1 / 4 < a / b < 4, (name, ours, cg)
             expected = INIT_MOMENT_LINEAR + (correlation - 1) * INIT_MOMENT_POWER
             assert np.allclose(ours, expected, rtol=0.3), (name, ours, expected)
+
+
+@pytest.mark.parametrize("l_in", [2, 3])
+@pytest.mark.parametrize("l_out", [[0, 1], [0]])
+def test_one_adam_step_moves_the_output_about_as_far_as_cg(l_in, l_out):
+    """Equal learning speed: with N(0, 1) weights times a fixed scale it was 7-20x less."""
+    irreps_in, irreps_out = natural(32, range(l_in + 1)), natural(32, l_out)
+    x, attrs = inputs(128, 32, l_in, 4)
+    cg = adam_step_change(cached_cg(str(irreps_in), str(irreps_out), 3, 4), x, attrs)
+    for name, options in FUSED:
+        module = make(name, irreps_in, irreps_out, 3, 4, **options)
+        assert 1 / 3 < adam_step_change(module, x, attrs) / cg < 3, name
 
 
 def test_dtype_follows_the_input():

@@ -8,17 +8,27 @@ backend has the same parameters and state_dict.
 Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
 """
 
+import math
+
 import torch
 from e3nn import o3
 from e3nn.util.jit import compile_mode
 
 from mace_grid.errors import ConfigError
 from mace_grid.tp import sphere
+from mace_grid.tp.engine import PointSet
 
 #: second moment at init, for i.i.d. standard-normal inputs, of the nu = 1 term and of each
 #: power nu >= 2 of an output component. cg's outputs there: ~1 at correlation 1, 0.9-2.7 at 2,
 #: 0.9-4.7 at 3 (scalars highest, L_in 1-4); these give 1, 1.5, 2.
 INIT_MOMENT_LINEAR, INIT_MOMENT_POWER = 1.0, 0.5
+#: weights start N(0, INIT_WEIGHT_STD^2) and the forward multiplies them by
+#: basis_scale / INIT_WEIGHT_STD: the output at init is the same as with N(0, 1) weights, but
+#: Adam's first step (about lr per weight, whatever its size) changes every weight by
+#: lr / INIT_WEIGHT_STD relative, for every (nu, L) and L_in alike. 0.1 puts one Adam step's
+#: output change within 2x of cg's (whose weights start at randn / num_params) at L_in 2-3
+#: (`scripts/benchmark_tp.py --step-size`); with N(0, 1) weights it was 7-20x smaller.
+INIT_WEIGHT_STD = 0.1
 MAX_CORRELATION = 4
 
 
@@ -86,8 +96,9 @@ def basis_scale(l_in: int, correlation: int, l_out: list[int]) -> torch.Tensor:
 class GauntProductBasis(torch.nn.Module):
     """Shared weights and contraction of the MACE-Gaunt product basis (see module docstring).
 
-    Parameters: ``weight [correlation, num_elements, len(irreps_out), channels]``, N(0, 1) at
-    init; the fixed ``basis_scale`` buffer keeps outputs O(1). Subclasses implement
+    Parameters: ``weight [correlation, num_elements, len(irreps_out), channels]``,
+    N(0, INIT_WEIGHT_STD^2) at init; the forward multiplies them by the fixed
+    ``basis_scale / INIT_WEIGHT_STD``, which keeps outputs O(1). Subclasses implement
     ``project_powers`` (P_LM(f^nu) for nu = 2..correlation, rows ordered as the components of
     irreps_out). Constant buffers are not persistent, so the state_dict holds only ``weight``.
     """
@@ -111,8 +122,9 @@ class GauntProductBasis(torch.nn.Module):
         self.out_lm: list[int] = [sphere.lm_index(l, m) for l in l_out for m in range(-l, l + 1)]
         self.dim_out = len(self.out_lm)  # per channel
 
+        self.init_weight_std = INIT_WEIGHT_STD
         self.weight = torch.nn.Parameter(
-            torch.randn(correlation, num_elements, len(l_out), channels)
+            torch.randn(correlation, num_elements, len(l_out), channels) * self.init_weight_std
         )
         self.register_buffer("basis_scale", basis_scale(l_in, correlation, l_out), persistent=False)
         col_irrep = [i for i, l in enumerate(l_out) for _ in range(2 * l + 1)]
@@ -134,7 +146,8 @@ class GauntProductBasis(torch.nn.Module):
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Per-node weight of every basis row, ``[correlation, D_out, n * C]``."""
         dtype = node_attrs.dtype
-        w = self.weight.to(dtype) * self.basis_scale.to(dtype)[:, None, :, None]
+        scale = self.basis_scale.to(dtype) / self.init_weight_std
+        w = self.weight.to(dtype) * scale[:, None, :, None]
         w = w.index_select(2, self.col_irrep).transpose(1, 2)  # [nu, D_out, E, C]
         w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [nu D_out, n, C]
         return w.view(self.correlation, self.dim_out, -1)
@@ -189,15 +202,51 @@ def _fourier_sizes(l_in: int, correlation: int, l_out: int) -> tuple[int, int]:
     return _smooth(2 * correlation * l_in + 1), _smooth(n_phi)
 
 
+#: how `FourierGauntProduct` computes the powers; the first is the default (fastest here)
+METHODS = ("fused", "fft", "direct")
+
+
+def torus_points(
+    l_in: int, correlation: int, l_out: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 2D-Fourier method as a point set: ``theta [n_theta]``, ``phi [n_phi]`` (equispaced
+    on the torus [0, 2pi)^2, sizes `_fourier_sizes`) and ``projector [D_out, n_phi n_theta]``
+    (phi-major points; rows = the components of the output degrees ``l_out``), float64.
+
+    Evaluating the torus-extended Y_lm at the points is SH -> 2D Fourier -> inverse DFT in one
+    map (exact: Y_lm is a trigonometric polynomial of degree <= l). The projector is the forward
+    DFT composed with the exact Fourier -> SH projection (`sphere.fourier_to_sh`), taken real
+    (the maps act on real g): P_LM(g) = sum_p projector[LM, p] g_p, exact for g = f^nu.
+    """
+    l_max = max(l_out)
+    out_lm = [sphere.lm_index(l, m) for l in l_out for m in range(-l, l + 1)]
+    m_out = torch.tensor([m for l in l_out for m in range(-l, l + 1)])
+    n_theta, n_phi = _fourier_sizes(l_in, correlation, l_max)
+    theta = torch.arange(n_theta, dtype=torch.float64) * (2 * math.pi / n_theta)
+    phi = torch.arange(n_phi, dtype=torch.float64) * (2 * math.pi / n_phi)
+    umax = n_theta // 2
+    u = torch.arange(n_theta)
+    u = torch.where(u > umax, u - n_theta, u)  # the DFT's frequencies
+    v = torch.arange(-l_max, l_max + 1)
+    zeta, phi_coeff = sphere.fourier_to_sh(l_max, umax)  # [LM, u + umax], [M + l_max, v + l_max]
+    dft_theta = torch.exp(-1j * u[:, None] * theta[None, :]) / n_theta  # [u, j]
+    dft_phi = torch.exp(-1j * v[:, None] * phi[None, :]) / n_phi  # [v, k]
+    along_theta = zeta[out_lm][:, u + umax] @ dft_theta  # [D_out, j]
+    along_phi = phi_coeff[l_max + m_out][:, l_max - v] @ dft_phi  # [D_out, k]: phi[M, -v]
+    projector = 0.5 * along_phi[:, :, None] * along_theta[:, None, :]  # [D_out, k, j]
+    return theta, phi, projector.real.reshape(len(out_lm), -1).contiguous()
+
+
 @compile_mode("script")
 class FourierGauntProduct(GauntProductBasis):
     """Gaunt product by 2D Fourier series on the torus (Luo et al., ICLR 2024).
 
-    SH -> 2D Fourier coefficients (exact, float64 `sphere.sh_to_fourier`), powers F^nu by FFT
-    convolution (zero-padded inverse FFT, pointwise power, FFT) or, with
-    ``direct_convolution=True``, by direct 2D convolution of the coefficient arrays (a per-row
-    grouped conv2d: exact but far slower, for cross-checks); then the closed-form
-    Fourier -> SH projection truncated to the output degrees.
+    ``method``: "fused" (default) runs the method as a point set on the shared engine
+    (`torus_points`: evaluate on the equispaced torus, pointwise powers, DFT + exact
+    Fourier -> SH projection as one real map); "fft" is the literal route (SH -> 2D Fourier
+    coefficients, zero-padded inverse FFT, pointwise powers, FFT, closed-form projection,
+    plain autograd); "direct" convolves the coefficient arrays directly (per-row grouped
+    conv2d: exact but far slower, a cross-check). All three compute the same function.
     Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim].
     """
 
@@ -207,16 +256,22 @@ class FourierGauntProduct(GauntProductBasis):
         irreps_out: o3.Irreps,
         correlation: int,
         num_elements: int,
-        direct_convolution: bool = False,
+        method: str = METHODS[0],
     ) -> None:
+        if method not in METHODS:
+            raise ConfigError(
+                f"tp.options.method must be one of {', '.join(METHODS)} for tp=gaunt, "
+                f"got {method!r}"
+            )
         super().__init__(irreps_in, irreps_out, correlation, num_elements)
-        self.direct_convolution = direct_convolution
+        self.method = method
         l_in, l_max = self.l_in, self.l_out_max
         self.n_theta, self.n_phi = _fourier_sizes(l_in, correlation, l_max)
+        self.points = PointSet(l_in, correlation, *torus_points(l_in, correlation, self.l_out))
         theta, phi = sphere.sh_to_fourier(l_in)  # [lm, u], [m, v]
         m_in = torch.tensor([m for l in range(l_in + 1) for m in range(-l, l + 1)])
         coeff = theta[:, :, None] * phi[l_in + m_in][:, None, :]  # [lm, u, v], u, v in -L..L
-        if direct_convolution:
+        if method == "direct":
             to_fourier = coeff  # full spectrum, index u + L_in, v + L_in
             umax = correlation * l_in
             rows = torch.arange(-umax, umax + 1)
@@ -255,14 +310,14 @@ class FourierGauntProduct(GauntProductBasis):
         return out.squeeze(0)
 
     def project_powers(self, features: torch.Tensor) -> torch.Tensor:
+        if self.method == "fused" or self.correlation == 1:
+            return self.points(features)
         rows = features.shape[1]
         k = self.correlation - 1
-        if k == 0:
-            return features.new_zeros(0, self.dim_out, rows)
         l_in, v_out = self.l_in, self.l_out_max + 1
         coeff = features.t() @ self.to_fourier.to(features.dtype)  # [rows, Fourier coefficients]
         from_fourier = self.from_fourier.to(features.dtype)
-        if self.direct_convolution:
+        if self.method == "direct":
             first = torch.view_as_complex(coeff.view(rows, 2 * l_in + 1, 2 * l_in + 1, 2))
             umax = self.correlation * l_in
             power = first
@@ -294,7 +349,7 @@ def build_gaunt(
     irreps_out: o3.Irreps,
     correlation: int,
     num_elements: int,
-    direct_convolution: bool = False,
+    method: str = METHODS[0],
 ) -> FourierGauntProduct:
-    """The ``gaunt`` backend; ``direct_convolution`` swaps the FFT for direct convolution."""
-    return FourierGauntProduct(irreps_in, irreps_out, correlation, num_elements, direct_convolution)
+    """The ``gaunt`` backend; ``method`` is one of `METHODS` (same function, other algorithm)."""
+    return FourierGauntProduct(irreps_in, irreps_out, correlation, num_elements, method)
