@@ -75,8 +75,13 @@ def cli(capsys, monkeypatch):
 
 
 def _energy_only(path: Path, n: int = 3) -> Path:
+    """A lattice-expansion scan of EMT Cu with energies only (no forces), like a dihedral scan."""
+    from ase.calculators.emt import EMT
+
     frames = ase.io.read(_write_xyz(path, "Cu", n=n), index=":")
-    for atoms in frames:
+    for i, atoms in enumerate(frames):
+        atoms.set_cell(atoms.cell * (1.0 + 0.02 * (i + 1)), scale_atoms=True)
+        atoms.calc = EMT()
         atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy())
     ase.io.write(path, frames)
     return path
@@ -124,9 +129,7 @@ def test_evaluate_refuses_a_nan_force(cli, trained_run: Path, tmp_path: Path) ->
 
 def test_non_finite_loss_stops_without_a_best_model(cli, tmp_path: Path) -> None:
     good = _write_xyz(tmp_path / "cu.xyz", "Cu", n=8)
-    proc = cli(
-        "train.py", *_xyz_args(tmp_path, good), "optim.lr=1e30", "trainer.max_epochs=2", check=False
-    )
+    proc = cli("train.py", *_xyz_args(tmp_path, good), "optim.lr=1e30")
     assert proc.returncode == 2
     _expect_one_line_error(proc, "non-finite training loss")
     [run] = _runs(tmp_path)
@@ -229,7 +232,6 @@ def test_energy_only_test_set_gets_energy_metrics(concurrent) -> None:
     assert scan["e_mae"] > 0 and scan["e_rmse"] >= scan["e_mae"]
     assert scan["f_mae"] is None and scan["f_rmse"] is None
     assert "test scan" in results[0].stdout
-    assert "loss=" in results[0].stderr  # the running loss in the progress bar
 
 
 def test_progress_per_epoch_and_learning_curve(concurrent) -> None:

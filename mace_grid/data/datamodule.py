@@ -430,7 +430,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         for name, path in self.test_files.items():
             extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
         for part, (key, path) in extra.items():
-            src = self._load(path, key, require_forces=part != "valid")
+            src = self._load(path, key, require_forces=part == "valid")
             sources[path] = src
             keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
             if len(keep) < len(src.configs):
