@@ -1,6 +1,9 @@
 """mace-grid: MACE training with swappable product-basis tensor products."""
 
+import functools
+import os
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 import torch.serialization
@@ -26,6 +29,25 @@ def _resume_dir(ckpt_path: str | None, default: str) -> str:
     return default
 
 
-for _name, _fn in (("project_root", lambda: str(PROJECT_ROOT)), ("resume_dir", _resume_dir)):
+@functools.cache
+def _run_stamp() -> str:
+    """``<date>_<time>_<pid>``, fixed per process: runs started in the same second differ."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{os.getpid()}"
+
+
+def _run_record(ckpt_path: str | None) -> str:
+    """Where Hydra records the config (``hydra.output_subdir``): ``.hydra``; a resume of an
+    existing run ``.hydra/resume-<stamp>``, so that the run's own record is never rewritten."""
+    if ckpt_path and _resume_dir(ckpt_path, "") != "":
+        return f".hydra/resume-{_run_stamp()}"
+    return ".hydra"
+
+
+for _name, _fn in (
+    ("project_root", lambda: str(PROJECT_ROOT)),
+    ("resume_dir", _resume_dir),
+    ("run_stamp", _run_stamp),
+    ("run_record", _run_record),
+):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from ase import Atoms, units
+from ase.data import chemical_symbols
 from ase.io import Trajectory
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
@@ -20,15 +21,23 @@ from mace.calculators import MACECalculator
 from mace.modules import ScaleShiftMACE
 from mace.tools.torch_tools import default_dtype
 
-from mace_grid.errors import ConfigError
+from mace_grid.errors import ConfigError, DataError
 from mace_grid.model import DTYPES, build_model
+from mace_grid.utils import atomic_path
 
 
 def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """The checkpoint dict; ``ConfigError`` if missing or not written by train.py."""
     if not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, garbage or another format: torch raises many types
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is not a readable checkpoint (truncated or not written by "
+            f"train.py: {reason})"
+        ) from exc
     if not isinstance(ckpt, dict) or "run_config" not in ckpt or "hyper_parameters" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path} is not a checkpoint written by train.py")
     return ckpt
@@ -39,7 +48,7 @@ def model_from_checkpoint(
 ) -> ScaleShiftMACE:
     """The checkpoint's ``ScaleShiftMACE`` with its EMA weights, in eval mode.
 
-    Built directly in ``dtype`` (default: the training dtype), so the float64 constants of the
+    Built directly in ``dtype`` (None: the training dtype), so the float64 constants of the
     product backends are not rounded through float32.
     """
     dtype = dtype or ckpt["run_config"]["dtype"]
@@ -64,24 +73,40 @@ def load_model(
 class MaceGridCalculator(MACECalculator):
     """ASE calculator of a train.py checkpoint (any tp backend): energy, free_energy, node
     energies, forces and stress (periodic cells; zero for non-periodic ones), via mace's
-    ``MACECalculator``. ``dtype``: float32/float64, default the training dtype."""
+    ``MACECalculator``. ``dtype``: float64 (default, as mace's calculator: a float32 total
+    energy of a large molecule is good to only ~1e-3 eV), float32, or None (training dtype)."""
 
     def __init__(
-        self, ckpt_path: str | Path, device: str = "cpu", dtype: str | None = None, **kwargs
+        self, ckpt_path: str | Path, device: str = "cpu", dtype: str | None = "float64", **kwargs
     ) -> None:
         model = load_model(ckpt_path, device, dtype)
         dtype_name = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
         super().__init__(models=[model], device=device, default_dtype=dtype_name, **kwargs)
 
+    def calculate(self, atoms=None, properties=None, system_changes=None) -> None:
+        """mace's calculation, after a one-line error for an element the model lacks."""
+        if atoms is not None:
+            missing = sorted(set(atoms.numbers.tolist()) - set(self.z_table.zs))
+            if missing:
+                known = ", ".join(chemical_symbols[z] for z in self.z_table.zs)
+                raise DataError(
+                    f"element(s) {', '.join(chemical_symbols[z] for z in missing)} not among "
+                    f"the model's elements [{known}]"
+                )
+        super().calculate(atoms, properties, system_changes)
 
-def export_model(ckpt_path: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """``torch.save`` the checkpoint's ``ScaleShiftMACE`` to ``out``: the file mace's
+
+def export_model(ckpt_path: str | Path, out: str | Path, dtype: str | None = "float64") -> Path:
+    """``torch.save`` the checkpoint's ``ScaleShiftMACE`` (float64 by default, the dtype mace's
+    tools expect; None: the training dtype) to ``out`` atomically: the file mace's
     ``MACECalculator(model_paths=out)`` and mace's tools load (gaunt/grid models need
     ``mace_grid`` importable, as their product modules are ours)."""
-    model = load_model(ckpt_path, "cpu", dtype)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model, out)
+    if out.is_dir():
+        raise ConfigError(f"out={out} is a directory: give a file name, e.g. {out}/model.model")
+    model = load_model(ckpt_path, "cpu", dtype)
+    with atomic_path(out) as tmp:
+        torch.save(model, tmp)
     return out
 
 

@@ -11,3 +11,7 @@ class ConfigError(MaceGridError):
 
 class DataError(MaceGridError):
     """A data file is missing, empty, or lacks what training needs."""
+
+
+class DivergedError(MaceGridError):
+    """Training produced a non-finite loss: the run stops before such a model can be saved."""

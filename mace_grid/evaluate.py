@@ -27,6 +27,7 @@ from mace.tools.torch_tools import default_dtype
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mace_grid.calculator import model_from_checkpoint, read_checkpoint
+from mace_grid.data.checks import MIN_DISTANCE
 from mace_grid.data.datamodule import check_elements, load_source, make_loader, to_atomic_data
 from mace_grid.data.io import free_mask, symbol
 from mace_grid.errors import ConfigError
@@ -53,10 +54,14 @@ def file_set(
     energy_key: str = "energy",
     forces_key: str = "forces",
     cache_dir: str | None = None,
+    min_distance: float = MIN_DISTANCE,
 ) -> EvalSet:
-    """All frames of an ASE-readable file (named by its stem), with their config types."""
+    """All frames of an ASE-readable file (named by its stem), with their config types; a file
+    without forces is an energy-only set."""
     z_table = AtomicNumberTable(sorted(int(z) for z in atomic_numbers))
-    source = load_source(path, "file", r_max, energy_key, forces_key, cache_dir)
+    source = load_source(
+        path, "file", r_max, energy_key, forces_key, cache_dir, min_distance, require_forces=False
+    )
     check_elements(source.configs, z_table, f"{path} (file)")
     types = list(dict.fromkeys(c.config_type for c in source.configs))
     dataset = [
@@ -110,6 +115,7 @@ def _batch_atoms(batch, zs, energy, forces, config_types) -> list[Atoms]:
     cells = batch.cell.detach().cpu().numpy().reshape(-1, 3, 3)
     pbc = batch.pbc.cpu().numpy().reshape(-1, 3)
     free = batch.free_mask.cpu().numpy().astype(bool)
+    labelled = batch.forces_weight.cpu().numpy() > 0  # False: frame of an energy-only set
     frames = []
     for g in range(len(ptr) - 1):
         s = slice(ptr[g], ptr[g + 1])
@@ -119,7 +125,8 @@ def _batch_atoms(batch, zs, energy, forces, config_types) -> list[Atoms]:
         atoms.info["config_type"] = config_types[int(batch.config_type_id[g])]
         atoms.info["REF_energy"] = float(batch.energy[g])
         atoms.info["MACE_energy"] = float(energy[g])
-        atoms.arrays["REF_forces"] = ref_forces[s]
+        if labelled[g]:
+            atoms.arrays["REF_forces"] = ref_forces[s]
         atoms.arrays["MACE_forces"] = forces[s]
         frames.append(atoms)
     return frames
@@ -127,22 +134,31 @@ def _batch_atoms(batch, zs, energy, forces, config_types) -> list[Atoms]:
 
 def _errors(frames: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Energy errors per atom [meV/atom], force component errors [meV/Å] and the atomic
-    numbers of free atoms."""
+    numbers of free atoms (of the frames with reference forces)."""
     de = np.array([(a.info["MACE_energy"] - a.info["REF_energy"]) / len(a) for a in frames])
-    free = [free_mask(a).astype(bool) for a in frames]
+    forces = _with_forces(frames)
+    free = [free_mask(a).astype(bool) for a in forces]
     df = np.concatenate(
-        [
+        [np.zeros((0, 3))]
+        + [
             (a.arrays["MACE_forces"] - a.arrays["REF_forces"])[m]
-            for a, m in zip(frames, free, strict=True)
+            for a, m in zip(forces, free, strict=True)
         ]
     )
-    z = np.concatenate([a.numbers[m] for a, m in zip(frames, free, strict=True)])
+    z = np.concatenate(
+        [np.zeros(0, int)] + [a.numbers[m] for a, m in zip(forces, free, strict=True)]
+    )
     return de * 1000.0, df * 1000.0, z
 
 
+def _with_forces(frames: Sequence[Atoms]) -> list[Atoms]:
+    return [a for a in frames if "REF_forces" in a.arrays]
+
+
 def error_metrics(frames: Sequence[Atoms]) -> dict[str, Any]:
-    """e_mae, e_rmse (meV/atom), f_mae, f_rmse (meV/Å, free atoms), per-element force MAE and,
-    when the frames carry config types, the same four per config type."""
+    """e_mae, e_rmse (meV/atom), f_mae, f_rmse (meV/Å, free atoms; None for an energy-only
+    set), per-element force MAE and, when the frames carry config types, the same four per
+    config type."""
     de, df, z = _errors(frames)
     metrics: dict[str, Any] = {
         "n_structures": len(frames),
@@ -161,13 +177,12 @@ def error_metrics(frames: Sequence[Atoms]) -> dict[str, Any]:
     return metrics
 
 
-def _four(de: np.ndarray, df: np.ndarray) -> dict[str, float]:
-    nan = float("nan")
+def _four(de: np.ndarray, df: np.ndarray) -> dict[str, float | None]:
     return {
         "e_mae": float(np.abs(de).mean()),
         "e_rmse": float(np.sqrt((de**2).mean())),
-        "f_mae": float(np.abs(df).mean()) if df.size else nan,
-        "f_rmse": float(np.sqrt((df**2).mean())) if df.size else nan,
+        "f_mae": float(np.abs(df).mean()) if df.size else None,
+        "f_rmse": float(np.sqrt((df**2).mean())) if df.size else None,
     }
 
 
@@ -178,22 +193,26 @@ def parity_plot(frames: Sequence[Atoms], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_e, ax_f) = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
+    labelled = _with_forces(frames)
+    n_panels = 2 if labelled else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4.5), constrained_layout=True)
+    ax_e, ax_f = (axes, None) if n_panels == 1 else axes
     e_ref = np.array([a.info["REF_energy"] / len(a) for a in frames])
     e_pred = np.array([a.info["MACE_energy"] / len(a) for a in frames])
     types = np.array([a.info["config_type"] for a in frames])
     for t in dict.fromkeys(types):
         ax_e.scatter(e_ref[types == t], e_pred[types == t], s=10, label=t)
-    free = [free_mask(a).astype(bool) for a in frames]
-    z = np.concatenate([a.numbers[m] for a, m in zip(frames, free, strict=True)])
-    f_ref = np.concatenate([a.arrays["REF_forces"][m] for a, m in zip(frames, free, strict=True)])
-    f_pred = np.concatenate([a.arrays["MACE_forces"][m] for a, m in zip(frames, free, strict=True)])
-    for e in np.unique(z):
-        ax_f.scatter(f_ref[z == e].ravel(), f_pred[z == e].ravel(), s=4, label=symbol(e))
-    for ax, unit, values in (
-        (ax_e, "energy (eV/atom)", (e_ref, e_pred)),
-        (ax_f, "force component (eV/Å)", (f_ref, f_pred)),
-    ):
+    panels = [(ax_e, "energy (eV/atom)", (e_ref, e_pred))]
+    if labelled:
+        free = [free_mask(a).astype(bool) for a in labelled]
+        pairs = list(zip(labelled, free, strict=True))
+        z = np.concatenate([a.numbers[m] for a, m in pairs])
+        f_ref = np.concatenate([a.arrays["REF_forces"][m] for a, m in pairs])
+        f_pred = np.concatenate([a.arrays["MACE_forces"][m] for a, m in pairs])
+        for e in np.unique(z):
+            ax_f.scatter(f_ref[z == e].ravel(), f_pred[z == e].ravel(), s=4, label=symbol(e))
+        panels.append((ax_f, "force component (eV/Å)", (f_ref, f_pred)))
+    for ax, unit, values in panels:
         lo, hi = min(v.min() for v in values), max(v.max() for v in values)
         pad = 0.05 * (hi - lo) or 0.01
         lims = [lo - pad, hi + pad]
@@ -202,7 +221,8 @@ def parity_plot(frames: Sequence[Atoms], path: Path, title: str) -> None:
         ax.legend(fontsize=8, markerscale=2)
     m = error_metrics(frames)
     ax_e.set_title(f"{title}: energy MAE {m['e_mae']:.2f} meV/atom")
-    ax_f.set_title(f"force MAE {m['f_mae']:.1f} meV/Å (free atoms)")
+    if ax_f is not None:
+        ax_f.set_title(f"force MAE {m['f_mae']:.1f} meV/Å (free atoms)")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -225,6 +245,7 @@ def eval_sets(cfg: DictConfig, ckpt: dict[str, Any], out_dir: Path) -> list[Eval
                 cfg.energy_key,
                 cfg.forces_key,
                 cfg.paths.cache_dir,
+                cfg.min_distance,
             )
         ]
     if cfg.get("data") is not None:
@@ -245,6 +266,8 @@ def eval_sets(cfg: DictConfig, ckpt: dict[str, Any], out_dir: Path) -> list[Eval
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` (see ``conf/evaluate.yaml``); write and return the metrics."""
+    if cfg.ckpt_path is None:
+        raise ConfigError("missing ckpt_path=<run>/checkpoints/best-epochNNN.ckpt")
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     ckpt = read_checkpoint(cfg.ckpt_path)

@@ -15,6 +15,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.loggers import WandbLogger
 
+from mace_grid.errors import DivergedError
 from mace_grid.model import build_model
 
 METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
@@ -36,7 +37,8 @@ class ErrorMetrics(torch.nn.Module):
     def update(self, pred: Mapping[str, torch.Tensor], batch: Any) -> None:
         n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(pred["energy"].dtype)
         e_pred, e_ref = pred["energy"] / n_atoms, batch.energy / n_atoms
-        free = batch.free_mask.bool()
+        # Free atoms of frames with reference forces (not those of an energy-only test set).
+        free = batch.free_mask.bool() & (batch.forces_weight[batch.batch] > 0)
         f_pred, f_ref = pred["forces"][free], batch.forces[free]
         for metric, (p, r) in (
             (self.e_mae, (e_pred, e_ref)),
@@ -108,9 +110,21 @@ class MaceLitModule(L.LightningModule):
                 add_dataloader_idx=False,
             )
 
+    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
+        """Stop the run on a non-finite loss, before a checkpoint of this state is written."""
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, step "
+                f"{self.global_step}: training diverged (try a lower optim.lr or "
+                "trainer.gradient_clip_val); no checkpoint of this state was saved"
+            )
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         pred = self(batch)
         loss = self.loss(pred, batch)
+        self._check_finite(loss, "training")
+        # The running loss in the progress bar only (loggers get the epoch mean below).
+        self.log("loss", loss.detach(), on_step=True, prog_bar=True, logger=False)
         self.train_metrics.update(pred, batch)
         self.log(
             "train/loss",
@@ -127,11 +141,11 @@ class MaceLitModule(L.LightningModule):
         with torch.enable_grad():
             pred = self(batch)
         self.val_metrics.update(pred, batch)
+        loss = self.loss(pred, batch).detach()
+        self._check_finite(loss, "validation")
         # sync_dist: under DDP every rank's LR scheduler, checkpoint and early stopping must see
         # the same val/loss (the mean over ranks), or their learning rates drift apart.
-        self.log(
-            "val/loss", self.loss(pred, batch).detach(), batch_size=batch.num_graphs, sync_dist=True
-        )
+        self.log("val/loss", loss, batch_size=batch.num_graphs, sync_dist=True)
         self._log_metrics("val", self.val_metrics, batch.num_graphs)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -160,11 +174,15 @@ class MaceLitModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
 
+    def fit_time_s(self) -> float:
+        """Wall-clock seconds of fit() so far, over every process of a resumed run."""
+        return self.fit_time_offset + time.perf_counter() - self._fit_start
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["initial_val"] = self.initial_val
         checkpoint["run_dir"] = self.run_dir
         checkpoint["run_config"] = self.run_config
-        checkpoint["fit_time_s"] = self.fit_time_offset + time.perf_counter() - self._fit_start
+        checkpoint["fit_time_s"] = self.fit_time_s()
         # train.py resumes this W&B run (logger id) when the run is resumed from this checkpoint.
         checkpoint["wandb_run_id"] = next(
             (lg.version for lg in self.loggers if isinstance(lg, WandbLogger)), None

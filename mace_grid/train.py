@@ -6,6 +6,7 @@ to ``<run dir>/summary.json``.
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,12 @@ RUN_DEFINING = ("data", "model", "tp", "seed", "dtype", "optim", "loss")
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast, before anything is built, with a message that says what to change."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required value(s): {', '.join(f'{k}=…' for k in missing)} "
+            "(e.g. data=xyz data.train_file=<file or glob>)"
+        )
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype={cfg.dtype!r}; choose one of {sorted(DTYPES)}")
     if cfg.tp.name not in tp_backends.BACKENDS:
@@ -148,7 +155,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     for logger in trainer.loggers:
         logger.log_metrics(
-            {f"test/{name}/{k}": v for name, m in test.items() for k, v in m.items()},
+            {
+                f"test/{name}/{k}": v
+                for name, m in test.items()
+                for k, v in m.items()
+                if v is not None
+            },
             step=trainer.global_step,
         )
         logger.save()
@@ -185,6 +197,10 @@ def _best_checkpoint(trainer: L.Trainer) -> str:
     return ckpt.best_model_path or ckpt.last_model_path
 
 
-def _metrics(results: list[dict[str, float]], prefix: str, index: int = 0) -> dict[str, float]:
-    """``{e_mae, e_rmse, f_mae, f_rmse}`` from Lightning's validate/test result list."""
-    return {name: float(results[index][f"{prefix}/{name}"]) for name in METRIC_NAMES}
+def _metrics(
+    results: list[dict[str, float]], prefix: str, index: int = 0
+) -> dict[str, float | None]:
+    """``{e_mae, e_rmse, f_mae, f_rmse}`` from Lightning's validate/test result list; None for
+    a metric without data (the force metrics of an energy-only test set)."""
+    values = {name: float(results[index][f"{prefix}/{name}"]) for name in METRIC_NAMES}
+    return {name: v if math.isfinite(v) else None for name, v in values.items()}

@@ -1,8 +1,10 @@
 """Small shared helpers: atomic file writes, file hashes and metric tables."""
 
+import glob
 import hashlib
 import os
-import tempfile
+import secrets
+import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,16 +14,40 @@ from pathlib import Path
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for any writer (text, ASE db, HDF5), moved onto ``path``
     with ``os.replace`` only if the block succeeds: readers never see a partial file and a crash
-    never corrupts an existing one."""
+    never corrupts an existing one. The file gets the umask's permissions (as ``open`` gives),
+    and leftovers of killed writers of ``path`` on this host are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    _remove_orphans(path)
+    tmp = path.parent / f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # mode & ~umask
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete ``atomic_path`` temporaries of ``path`` whose writer (a process on this host) is
+    gone: SIGKILL or a power cut skip the cleanup, and nothing else would ever remove them."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}-*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{_HOST}-") :].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -40,13 +66,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def format_metrics_table(
-    rows: Mapping[str, Mapping[str, float] | None], columns: Iterable[str]
+    rows: Mapping[str, Mapping[str, float | None] | None], columns: Iterable[str]
 ) -> str:
-    """Plain-text table, one row per metrics dict (energies meV/atom, forces meV/Å)."""
+    """Plain-text table, one row per metrics dict (energies meV/atom, forces meV/Å); a missing
+    row or value (e.g. force metrics of an energy-only set) prints as '-'."""
     columns = list(columns)
     width = max(len(name) for name in rows) + 2
     lines = [f"{'':<{width}}" + "".join(f"{c:>12}" for c in columns)]
     for name, metrics in rows.items():
-        cells = "".join(f"{metrics[c]:>12.3f}" if metrics else f"{'-':>12}" for c in columns)
+        values = [None if not metrics else metrics.get(c) for c in columns]
+        cells = "".join(f"{'-':>12}" if v is None else f"{v:>12.3f}" for v in values)
         lines.append(f"{name:<{width}}" + cells)
     return "\n".join(lines)

@@ -17,8 +17,10 @@ from mace_grid.compare import CompareArgs, compare, split_args
 @exit_on_user_error
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        parse_cli(CompareArgs, ["--help"], doc=__doc__ + "\nOther key=value pairs go to train.py.")
     own, overrides = split_args(sys.argv[1:])
-    compare(parse_cli(CompareArgs, own), overrides)
+    compare(parse_cli(CompareArgs, own, doc=__doc__), overrides)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Export a checkpoint as a plain mace-torch model file (and optionally TorchScript).
 
-``python scripts/export.py ckpt_path=… out=model.model [dtype=float64] [torchscript=model.pt]``
+``python scripts/export.py ckpt_path=… out=model.model [dtype=float32] [torchscript=model.pt]``
+(dtype: float64 by default, as mace's tools expect).
 ``out`` loads in ``mace.calculators.MACECalculator(model_paths=out)``; ``torchscript`` is the
 ``e3nn.util.jit.compile``-d model (``torch.jit.load``, as LAMMPS-style tooling expects).
 """
@@ -18,13 +19,13 @@ from mace_grid.cli import exit_on_user_error, parse_cli
 class ExportArgs:
     ckpt_path: str = MISSING
     out: str = MISSING
-    dtype: str | None = None  # float32 | float64; default: the training dtype
+    dtype: str = "float64"  # float64 (mace's tools' default) | float32
     torchscript: str | None = None
 
 
 @exit_on_user_error
 def main() -> None:
-    args = parse_cli(ExportArgs)
+    args = parse_cli(ExportArgs, doc=__doc__)
     out = export_model(args.ckpt_path, args.out, args.dtype)
     print(f"mace model: {out}")
     if args.torchscript:

@@ -12,6 +12,7 @@ from omegaconf import MISSING
 from mace_grid.calculator import MaceGridCalculator, run_md
 from mace_grid.cli import exit_on_user_error, parse_cli
 from mace_grid.data.io import read_atoms
+from mace_grid.errors import ConfigError
 
 
 @dataclass
@@ -33,8 +34,14 @@ class MDArgs:
 
 @exit_on_user_error
 def main() -> None:
-    args = parse_cli(MDArgs)
-    atoms = read_atoms(args.file, "file")[args.index]
+    args = parse_cli(MDArgs, doc=__doc__)
+    frames = read_atoms(args.file, "file")
+    if not -len(frames) <= args.index < len(frames):
+        raise ConfigError(
+            f"index={args.index}: {args.file} has {len(frames)} frame(s), "
+            f"index 0..{len(frames) - 1}"
+        )
+    atoms = frames[args.index]
     calc = MaceGridCalculator(args.ckpt_path, device=args.device, dtype=args.dtype)
     result = run_md(
         atoms,

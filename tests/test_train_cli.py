@@ -125,9 +125,14 @@ def test_kill_during_epoch_3_and_resume_logs_every_epoch_once(tmp_path: Path) ->
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert val_epochs(run) == [0, 1, 2]
+    record = {p.name: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")}
 
     train_cli(f"ckpt_path={run}/checkpoints/last.ckpt", "trainer.max_epochs=5")
     assert val_epochs(run) == [0, 1, 2, 3, 4]
+    # The run's record is kept; the resume's command line is recorded beside it.
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")} == record
+    [resume] = (run / ".hydra").glob("resume-*/overrides.yaml")
+    assert "trainer.max_epochs=5" in resume.read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 5
     assert len(summary["epoch_train_time_s"]) == 5

@@ -18,6 +18,7 @@ from mace.modules.utils import compute_avg_num_neighbors, compute_mean_rms_energ
 from mace.tools import AtomicNumberTable, atomic_numbers_to_indices, to_one_hot
 from mace.tools.torch_geometric.dataloader import DataLoader
 
+from mace_grid.data.checks import MIN_DISTANCE, check_distances, check_finite
 from mace_grid.data.io import expand_files, fingerprint, read_configs, resolve_e0s, symbol
 from mace_grid.data.neighbours import Neighbours, file_neighbours
 from mace_grid.errors import DataError
@@ -36,11 +37,22 @@ class Source:
 
 
 def load_source(
-    path: str, key: str, r_max: float, energy_key: str, forces_key: str, cache_dir
+    path: str,
+    key: str,
+    r_max: float,
+    energy_key: str,
+    forces_key: str,
+    cache_dir,
+    min_distance: float = MIN_DISTANCE,
+    require_forces: bool = True,
 ) -> Source:
-    """Read and validate `path` (`key` = config entry to blame) and get its neighbour lists."""
-    configs = read_configs(path, key, energy_key, forces_key)
-    return Source(path, configs, file_neighbours(path, configs, r_max, cache_dir))
+    """Read and check every frame of `path` (`key` = config entry to blame; see
+    `mace_grid.data.checks`) and get its neighbour lists. Every reader's frames pass here."""
+    configs = read_configs(path, key, energy_key, forces_key, require_forces)
+    check_finite(configs, path, key)
+    graphs = file_neighbours(path, configs, r_max, cache_dir)
+    check_distances(configs, graphs, path, key, min_distance)
+    return Source(path, configs, graphs)
 
 
 def to_atomic_data(
@@ -62,7 +74,7 @@ def to_atomic_data(
         weight=one,
         head=torch.tensor(0, dtype=torch.long),
         energy_weight=one.clone(),
-        forces_weight=one.clone(),
+        forces_weight=torch.tensor(float(config.property_weights.get("forces", 1.0)), dtype=dtype),
         stress_weight=zero,
         virials_weight=zero.clone(),
         dipole_weight=None,
@@ -115,11 +127,12 @@ def build_loader(
     cache_dir: str | None = None,
     num_workers: int = 0,
     key: str = "path",
+    min_distance: float = MIN_DISTANCE,
 ) -> DataLoader:
     """Unshuffled loader over all frames of an ASE-readable file for a model with elements
     `atomic_numbers` (e.g. from checkpoint statistics); `key` names the option in errors."""
     z_table = AtomicNumberTable(sorted(int(z) for z in atomic_numbers))
-    source = load_source(str(path), key, r_max, energy_key, forces_key, cache_dir)
+    source = load_source(str(path), key, r_max, energy_key, forces_key, cache_dir, min_distance)
     check_elements(source.configs, z_table, f"{path} ({key})")
     dataset = [to_atomic_data(c, g, z_table) for c, g in zip(*_pairs(source), strict=True)]
     return make_loader(dataset, batch_size, num_workers=num_workers)
@@ -176,6 +189,11 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
     atomic_numbers: fixed z table (e.g. from a checkpoint) instead of the training elements.
     frame_stride: keep every k-th frame of each file (relaxation trajectories are highly
     correlated frame to frame); indices in `splits.json` count the kept frames.
+    drop_duplicates: drop configurations that repeat an earlier one of the training pool (before
+    splitting, so no validation frame is also a training frame); the log gives the count.
+    min_distance: refuse frames with two atoms closer than this (Å); every frame is also checked
+    for finite energy, forces, positions and cell (`mace_grid.data.checks`).
+    Test files without any forces (default forces_key) are energy-only sets: energy metrics.
     After `setup()`: `statistics` (plain dict), `test_names`, `sizes`, `config_types`.
     """
 
@@ -201,8 +219,21 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         output_dir: str | None = None,
         atomic_numbers: Sequence[int] | None = None,
         frame_stride: int = 1,
+        drop_duplicates: bool = True,
+        min_distance: float = MIN_DISTANCE,
     ):
         super().__init__()
+        for key, value, least in (
+            ("batch_size", batch_size, 1),
+            ("valid_batch_size", valid_batch_size or batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ):
+            if int(value) != value or value < least:
+                raise DataError(f"data.{key} must be an integer >= {least}, got {value}")
+        if not float(min_distance) >= 0:
+            raise DataError(f"data.min_distance must be >= 0 Å, got {min_distance}")
+        self.drop_duplicates = bool(drop_duplicates)
+        self.min_distance = float(min_distance)
         if int(frame_stride) < 1:
             raise DataError(f"data.frame_stride must be a positive integer, got {frame_stride}")
         self.frame_stride = int(frame_stride)
@@ -243,10 +274,62 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         self._tests: list[list] = []
 
     # -- setup -------------------------------------------------------------------------------
-    def _load(self, path: str, key: str) -> Source:
-        src = load_source(path, key, self.r_max, self.energy_key, self.forces_key, self.cache_dir)
+    def _load(self, path: str, key: str, require_forces: bool = True) -> Source:
+        src = load_source(
+            path,
+            key,
+            self.r_max,
+            self.energy_key,
+            self.forces_key,
+            self.cache_dir,
+            self.min_distance,
+            require_forces,
+        )
         k = self.frame_stride
         return src if k == 1 else Source(src.path, src.configs[::k], src.graphs[::k])
+
+    def _unique(self, src: Source, seen: set[str]) -> Source:
+        """`src` without the frames whose fingerprint is in `seen` (earlier training-pool
+        frames, or earlier in the same file); adds the kept ones to `seen`."""
+        if not self.drop_duplicates:
+            return src
+        keep = []
+        for i, c in enumerate(src.configs):
+            fp = fingerprint(c)
+            if fp not in seen:
+                seen.add(fp)
+                keep.append(i)
+        if len(keep) < len(src.configs):
+            log.warning(
+                "data.train_file: dropped %d of %d configurations of %s that repeat earlier "
+                "training-pool frames (same species, positions, energy), so that they cannot "
+                "be in both training and validation; data.drop_duplicates=false keeps them",
+                len(src.configs) - len(keep),
+                len(src.configs),
+                src.path,
+            )
+        return Source(src.path, *_pairs(src, keep))
+
+    def _warn_split_trajectories(self, pool: list[Source], parts: dict) -> None:
+        """Warn when split_by=frame puts frames of one trajectory (a file whose frames are all
+        one system) in both training and validation: neighbouring frames are near-copies."""
+        if self.split_by != "frame":
+            return
+        for s in pool:
+            one_system = all(
+                np.array_equal(c.atomic_numbers, s.configs[0].atomic_numbers) for c in s.configs
+            )
+            n_train, n_valid = (len(parts[p].get(s.path, [])) for p in ("train", "valid"))
+            if len(s.configs) > 1 and one_system and n_train and n_valid:
+                log.warning(
+                    "data.split_by=frame puts frames of the trajectory %s in training (%d) and "
+                    "validation (%d): correlated neighbouring frames make validation "
+                    "optimistic; to hold out whole files give one file per trajectory and "
+                    "data.split_by=file (or a separate data.valid_file)",
+                    s.path,
+                    n_train,
+                    n_valid,
+                )
 
     def _split_frames(self, sources: list[Source], rng, n_valid_wanted: bool):
         offsets = np.cumsum([0] + [len(s.configs) for s in sources])
@@ -324,11 +407,14 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             return
         self.prepare_data()
         train_paths = expand_files(self.train_file, "data.train_file")
-        pool = [self._load(p, "data.train_file") for p in train_paths]
+        unique: set[str] = set()
+        pool = [self._unique(self._load(p, "data.train_file"), unique) for p in train_paths]
+        pool = [s for s in pool if s.configs]
         sources = {s.path: s for s in pool}
         rng = np.random.default_rng(self.seed)
         split = self._split_frames if self.split_by == "frame" else self._split_files
         parts = split(pool, rng, n_valid_wanted=self.valid_file is None)
+        self._warn_split_trajectories(pool, parts)
 
         train_configs, train_graphs = self._graphs(parts["train"], sources, "data.train_file")
         if self.z_table is None:
@@ -344,7 +430,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         for name, path in self.test_files.items():
             extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
         for part, (key, path) in extra.items():
-            src = self._load(path, key)
+            src = self._load(path, key, require_forces=part == "valid")
             sources[path] = src
             keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
             if len(keep) < len(src.configs):
@@ -429,4 +515,5 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             self.forces_key,
             self.cache_dir,
             key="path",
+            min_distance=self.min_distance,
         )

@@ -239,9 +239,12 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
     pool: list[Source] = []  # light configs only
     pool_index: dict[str, np.ndarray] = {}  # path -> pool index of each (kept) frame
     seen: set[str] = set()
+    unique: set[str] = set()
     try:
         for path in expand_files(dm.train_file, "data.train_file"):
-            src = dm._load(path, "data.train_file")
+            src = dm._unique(dm._load(path, "data.train_file"), unique)
+            if not src.configs:
+                continue
             first = writer.append(src.configs, src.graphs)
             pool_index[path] = first + np.arange(len(src.configs))
             pool.append(Source(path, [_light(c) for c in src.configs], []))
@@ -251,6 +254,7 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
         light = {s.path: s.configs for s in pool}
         split = dm._split_frames if dm.split_by == "frame" else dm._split_files
         parts = split(pool, np.random.default_rng(dm.seed), n_valid_wanted=dm.valid_file is None)
+        dm._warn_split_trajectories(pool, parts)
 
         extra = {}  # part -> (config key, path) of explicitly given valid/test files
         if dm.valid_file is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -13,11 +14,18 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.constraints import FixAtoms
+from ase.io.formats import UnknownFileTypeError
 from mace.data.utils import Configuration, compute_average_E0s
 from mace.tools import AtomicNumberTable
 
 from mace_grid.errors import DataError
 
+log = logging.getLogger("mace_grid.data")
+
+# What `read_atoms` reads (by extension; anything else ASE reads by content may work too).
+FORMATS = "extxyz (.xyz, .extxyz), ASE trajectory (.traj), ASE database (.db)"
+# The default label keys: ASE's own names, found in atoms.info/arrays or on the calculator.
+ENERGY, FORCES = "energy", "forces"
 
 
 def _one_line(exc: Exception) -> str:
@@ -37,17 +45,22 @@ def expand_files(spec: str | Sequence[str], key: str) -> list[str]:
             if not matches:
                 raise DataError(f"no file matches {s} (set {key} to an existing path or glob)")
             files.extend(matches)
-        elif not os.path.isfile(s):
-            raise DataError(f"data file not found: {s} (set {key} to an existing file)")
         else:
-            files.append(s)
+            files.append(_existing_file(s, key))
     return files
+
+
+def _existing_file(path: str, key: str) -> str:
+    if os.path.isdir(path):
+        raise DataError(f"{path} ({key}) is a directory: give a file or a glob like {path}/*.xyz")
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path} (set {key} to an existing file)")
+    return path
 
 
 def read_atoms(path: str, key: str) -> list[Atoms]:
     """All frames of an ASE-readable file; DataError if missing, unreadable or empty."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path} (set {key} to an existing file)")
+    _existing_file(path, key)
     if os.path.getsize(path) == 0:
         raise DataError(f"data file is empty: {path} ({key})")
     try:
@@ -58,6 +71,11 @@ def read_atoms(path: str, key: str) -> list[Atoms]:
                 atoms.info.update(atoms.info.pop("key_value_pairs", {}))
         else:
             frames = ase.io.read(path, index=":")
+    except UnknownFileTypeError as exc:
+        raise DataError(
+            f"cannot read {path} ({key}): unsupported format ({_one_line(exc)}); formats that "
+            f"work: {FORMATS}"
+        ) from exc
     except Exception as exc:  # ase raises many types; report them as one line
         raise DataError(f"cannot read {path} ({key}): {_one_line(exc)}") from exc
     if isinstance(frames, Atoms):
@@ -68,21 +86,35 @@ def read_atoms(path: str, key: str) -> list[Atoms]:
 
 
 def _energy(atoms: Atoms, key: str) -> float | None:
+    """``info[key]``; for the default key also the calculator's energy (where ASE >= 3.23 puts
+    extxyz ``energy=``). A key given explicitly never falls back to other labels."""
     if key in atoms.info:
         return float(atoms.info[key])
-    try:  # ASE >= 3.23 moves extxyz `energy` onto a SinglePointCalculator
-        return float(atoms.get_potential_energy())
-    except Exception:
-        return None
+    if key == ENERGY and atoms.calc is not None and "energy" in atoms.calc.results:
+        return float(atoms.calc.results["energy"])
+    return None
 
 
 def _forces(atoms: Atoms, key: str) -> np.ndarray | None:
+    """``arrays[key]``; for the default key also the calculator's raw forces (FixAtoms would
+    zero the fixed atoms' forces otherwise)."""
     if key in atoms.arrays:
         return np.array(atoms.arrays[key], dtype=float)
-    try:  # raw forces: FixAtoms would zero the fixed atoms' forces otherwise
-        return np.array(atoms.get_forces(apply_constraint=False), dtype=float)
-    except Exception:
-        return None
+    if key == FORCES and atoms.calc is not None and "forces" in atoms.calc.results:
+        return np.array(atoms.calc.results["forces"], dtype=float)
+    return None
+
+
+def _labels(atoms: Atoms) -> str:
+    """The labels a frame has, for errors about a missing key."""
+    info = [k for k in atoms.info if k != "config_type"]
+    arrays = [k for k in atoms.arrays if k not in ("numbers", "positions")]
+    calc = sorted(atoms.calc.results) if atoms.calc is not None else []
+    return f"info keys {info}, arrays keys {arrays}, calculator results {calc}"
+
+
+def _source(atoms: Atoms, key: str, where: str) -> str:
+    return f"{where}['{key}']" if key in getattr(atoms, where) else "the calculator results"
 
 
 def free_mask(atoms: Atoms) -> np.ndarray:
@@ -95,42 +127,73 @@ def free_mask(atoms: Atoms) -> np.ndarray:
 
 
 def to_configs(
-    frames: Sequence[Atoms], path: str, key: str, energy_key: str, forces_key: str
+    frames: Sequence[Atoms],
+    path: str,
+    key: str,
+    energy_key: str = ENERGY,
+    forces_key: str = FORCES,
+    require_forces: bool = True,
 ) -> list[Configuration]:
     """mace Configurations with properties energy, forces and free_mask; DataError if a frame
-    lacks energy or forces."""
+    lacks energy or forces. Without ``require_forces`` a file with no forces at all (default
+    key) is an energy-only set: zero forces with property weight 0."""
+    energy_only = (
+        not require_forces
+        and forces_key == FORCES
+        and all(_forces(atoms, forces_key) is None for atoms in frames)
+    )
     configs = []
     for i, atoms in enumerate(frames):
         energy, forces = _energy(atoms, energy_key), _forces(atoms, forces_key)
         if energy is None:
             raise DataError(
-                f"{path} ({key}): frame {i} has no energy (no info['{energy_key}'], no "
-                "calculator energy); set data.energy_key"
+                f"{path} ({key}): frame {i} has no energy '{energy_key}' ({_labels(atoms)}); "
+                "set data.energy_key"
             )
-        if forces is None:
+        if forces is None and not energy_only:
             raise DataError(
-                f"{path} ({key}): frame {i} has no forces (no arrays['{forces_key}'], no "
-                "calculator forces); set data.forces_key"
+                f"{path} ({key}): frame {i} has no forces '{forces_key}' ({_labels(atoms)}); "
+                "set data.forces_key"
             )
+        if energy_only:
+            forces = np.zeros((len(atoms), 3))
         configs.append(
             Configuration(
                 atomic_numbers=np.asarray(atoms.numbers, dtype=int),
                 positions=np.array(atoms.positions, dtype=float),
                 properties={"energy": energy, "forces": forces, "free_mask": free_mask(atoms)},
-                property_weights={"energy": 1.0, "forces": 1.0},
+                property_weights={"energy": 1.0, "forces": 0.0 if energy_only else 1.0},
                 cell=np.array(atoms.cell[:], dtype=float),
                 pbc=tuple(bool(p) for p in atoms.pbc),
                 config_type=str(atoms.info.get("config_type", "Default")),
             )
         )
+    first = frames[0]
+    forces_from = "none (energy-only set)" if energy_only else _source(first, forces_key, "arrays")
+    log.info(
+        "%s (%s): energy from %s, forces from %s",
+        path,
+        key,
+        _source(first, energy_key, "info"),
+        forces_from,
+    )
     return configs
 
 
-def read_configs(path: str, key: str, energy_key: str, forces_key: str) -> list[Configuration]:
+def read_configs(
+    path: str,
+    key: str,
+    energy_key: str = ENERGY,
+    forces_key: str = FORCES,
+    require_forces: bool = True,
+) -> list[Configuration]:
     """Read and validate one file (see `read_atoms`, `to_configs`)."""
-    return to_configs(read_atoms(path, key), path, key, energy_key, forces_key)
+    return to_configs(read_atoms(path, key), path, key, energy_key, forces_key, require_forces)
 
 
+def has_forces(config: Configuration) -> bool:
+    """False for frames of an energy-only set (see `to_configs`)."""
+    return config.property_weights.get("forces", 1.0) > 0
 
 
 def fingerprint(config: Configuration) -> str:
