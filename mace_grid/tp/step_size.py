@@ -10,7 +10,11 @@ import torch
 
 
 def adam_step_change(
-    module: torch.nn.Module, x: torch.Tensor, node_attrs: torch.Tensor, lr: float = 0.01, seed=0
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    node_attrs: torch.Tensor,
+    lr: float = 0.01,
+    seed: int = 0,
 ) -> float:
     """``|y1 - y0| / |y0|`` (Frobenius) after one Adam step (lr) on the random linear loss
     ``sum(y * R)``, R i.i.d. standard normal; ``module``'s parameters are restored afterwards.
