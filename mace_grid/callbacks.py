@@ -123,7 +123,7 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
             ax = axes[row][col]
             ax.plot(x, values, "o-", ms=3)
             ax.set(xlabel=xlabel, ylabel=label)
-            if min(values) > 0:
+            if min(values) > 0 and max(values) > 5 * min(values):
                 ax.set_yscale("log")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

@@ -224,6 +224,7 @@ def test_duplicates_dropped_and_trajectory_split_reported(concurrent) -> None:
     splits = json.loads((runs[0] / "splits.json").read_text())
     n_pool = sum(len(idx) for part in ("train", "valid") for idx in splits[part].values())
     assert n_pool == 12  # 18 frames read, 6 of them repeats
+    assert list(splits["duplicates"].values()) == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_energy_only_test_set_gets_energy_metrics(concurrent) -> None:

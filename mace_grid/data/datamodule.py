@@ -188,7 +188,8 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
     e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`).
     atomic_numbers: fixed z table (e.g. from a checkpoint) instead of the training elements.
     frame_stride: keep every k-th frame of each file (relaxation trajectories are highly
-    correlated frame to frame); indices in `splits.json` count the kept frames.
+    correlated frame to frame); indices in `splits.json` count the kept frames (after the stride
+    and duplicate removal; its `duplicates` lists the removed ones, counted after the stride).
     drop_duplicates: drop configurations that repeat an earlier one of the training pool (before
     splitting, so no validation frame is also a training frame); the log gives the count.
     min_distance: refuse frames with two atoms closer than this (Å); every frame is also checked
@@ -233,6 +234,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         if not float(min_distance) >= 0:
             raise DataError(f"data.min_distance must be >= 0 Å, got {min_distance}")
         self.drop_duplicates = bool(drop_duplicates)
+        self.duplicates: dict[str, list[int]] = {}  # path -> frames dropped as repeats
         self.min_distance = float(min_distance)
         if int(frame_stride) < 1:
             raise DataError(f"data.frame_stride must be a positive integer, got {frame_stride}")
@@ -300,6 +302,8 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
                 seen.add(fp)
                 keep.append(i)
         if len(keep) < len(src.configs):
+            kept = set(keep)
+            self.duplicates[src.path] = [i for i in range(len(src.configs)) if i not in kept]
             log.warning(
                 "data.train_file: dropped %d of %d configurations of %s that repeat earlier "
                 "training-pool frames (same species, positions, energy), so that they cannot "
@@ -496,7 +500,13 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         path = Path(self.output_dir) / "splits.json"
         _write_json(
             path,
-            {"seed": self.seed, "split_by": self.split_by, "test_names": self.test_names, **parts},
+            {
+                "seed": self.seed,
+                "split_by": self.split_by,
+                "test_names": self.test_names,
+                **parts,
+                "duplicates": self.duplicates,
+            },
         )
         log.info("saved data splits to %s", path)
 
