@@ -59,18 +59,28 @@ def equivariant_maps(irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: i
 
 
 def weight_jacobian(
-    name: str, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, **options
+    name: str,
+    irreps_in: o3.Irreps,
+    irreps_out: o3.Irreps,
+    correlation: int,
+    samples: int | None = None,
+    **options,
 ) -> torch.Tensor:
     """d(output)/d(weights) of backend ``name`` for one channel and one element, float64,
     ``[samples * irreps_out.dim, weights]``.
 
-    Weights are redrawn N(0, 1) (a generic point, whatever the backend's init) and the inputs
-    are the same for every backend (fixed seed), so Jacobians of two backends can be stacked.
+    Weights are redrawn N(0, 1) (a generic point, whatever the backend's init). The inputs
+    depend only on the irreps and ``samples`` (default: rows about twice `equivariant_maps`,
+    which bounds the rank), so Jacobians of two backends can be stacked.
     """
     from mace_grid.tp import build  # the registry imports this module
 
     irreps_in, irreps_out = one_channel(irreps_in), one_channel(irreps_out)
+    if samples is None:
+        samples = 2 * equivariant_maps(irreps_in, irreps_out, correlation) // irreps_out.dim + 8
     gen = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 1, irreps_in.dim, generator=gen, dtype=torch.float64)
+    attrs = torch.ones(samples, 1, dtype=torch.float64)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # mace's U matrices in float64 too
     try:
@@ -82,15 +92,13 @@ def weight_jacobian(
         for key, p in module.named_parameters()
         if p.requires_grad
     }
-    count = sum(p.numel() for p in params.values())
-    samples = 2 * count // irreps_out.dim + 4  # rows: about twice the weights
-    x = torch.randn(samples, 1, irreps_in.dim, generator=gen, dtype=torch.float64)
-    attrs = torch.ones(samples, 1, dtype=torch.float64)
 
     weights = list(params.values())
     for weight in weights:
         weight.requires_grad_(True)
     out = torch.func.functional_call(module, params, (x, attrs)).reshape(-1)
+    if not weights:  # e.g. cg with every U matrix zero
+        return out.new_zeros(out.numel(), 0)
     rows = []  # one backward pass per output row (the fused kernels do not support vmap)
     for i in range(out.numel()):
         grads = torch.autograd.grad(out[i], weights, retain_graph=True, allow_unused=True)
