@@ -514,12 +514,18 @@ def test_another_backend_of_the_same_basis_loads_but_another_basis_does_not():
         other_basis.load_state_dict(grid.state_dict())
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("name", ["gaunt", "grid"])
-def test_autocast_is_refused_in_one_line(name):
-    module = build(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2)
-    x, attrs = inputs(4, 2, 2, 2, dtype=torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ConfigError, match="autocast"):
+def test_autocast_is_refused_in_one_line(name, device):
+    module = build(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2).to(device)
+    x, attrs = (t.to(device) for t in inputs(4, 2, 2, 2, dtype=torch.float32))
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=low), pytest.raises(ConfigError, match="autocast") as err:
         module(x, attrs)
+    assert "\n" not in str(err.value)
     assert module(x, attrs).dtype == torch.float32  # outside autocast it runs
 
 
@@ -625,3 +631,23 @@ def test_independent_is_the_local_rank_for_a_block_non_linear_in_its_weights(mon
     jacobian = weight_jacobian("toy", natural(1, range(2)), "0e", 1)
     assert jacobian.shape[1] == 2 and rank(jacobian) == 1
     assert rank(weight_jacobian("grid", natural(1, range(2)), "0e", 1)) == 1
+
+
+def test_expressivity_script_prints_the_readme_table(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    from mace_grid import PROJECT_ROOT
+
+    monkeypatch.setattr(sys, "argv", ["expressivity.py", "--max-l", "1", "--correlation", "5"])
+    num_threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(PROJECT_ROOT / "scripts" / "expressivity.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(num_threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("correlation 5")
+    # cg stops at correlation 4. Sym^nu(0e+1o) holds 0e nu // 2 + 1 times and 1o (nu + 1) // 2
+    # times: 11 + 9 maps for nu = 1..5; gaunt/grid have 5 + 5 weights, all independent
+    assert lines[2].split() == ["1", "0e+1o", "-", *["10", "/", "10", "/", "20"] * 2]
+    assert lines[3].split() == ["1", "0e", "-", *["5", "/", "5", "/", "11"] * 2]
