@@ -506,12 +506,18 @@ def test_saved_state_round_trips_and_tampered_constants_are_refused(name, tmp_pa
 
 
 def test_another_backend_of_the_same_basis_loads_but_another_basis_does_not():
+    """grid's state loads into gaunt (same basis, other points), whatever its grid sizes, and
+    in whatever dtype it was saved; a state with other basis scales does not."""
     grid = make("grid", natural(2, range(3)), natural(2, [0, 1]), 3, 2)
-    make("gaunt", natural(2, range(3)), natural(2, [0, 1]), 3, 2).load_state_dict(grid.state_dict())
-    other_basis = make("gaunt", natural(2, range(3)), natural(2, [0, 1]), 3, 2)
-    other_basis.basis_scale = other_basis.basis_scale * 2
+    gaunt = make("gaunt", natural(2, range(3)), natural(2, [0, 1]), 3, 2)
+    state = grid.float().state_dict()
+    constants = state["_extra_state"]["constants"]
+    gaunt.load_state_dict(state | {"_extra_state": state["_extra_state"] | {
+        "constants": constants | {"n_beta": 99}}})  # fmt: skip
+    scaled = [[2 * v for v in row] for row in constants["basis_scale"]]
     with pytest.raises(ConfigError, match="basis_scale"):
-        other_basis.load_state_dict(grid.state_dict())
+        gaunt.load_state_dict(state | {"_extra_state": state["_extra_state"] | {
+            "constants": constants | {"basis_scale": scaled}}})  # fmt: skip
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

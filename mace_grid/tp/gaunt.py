@@ -153,14 +153,15 @@ class GauntProductBasis(torch.nn.Module):
 
     @torch.jit.unused
     def function_constants(self) -> dict:
-        """Everything besides the weights that fixes the function this module computes (plain
-        Python values). Subclasses add their own (grid sizes, point set, method)."""
+        """Everything besides the weights that fixes the function this module computes, as
+        this code computes it (plain Python values; the scales in float64 from their formula,
+        whatever dtype the module was cast to). Subclasses add their own (point set, sizes)."""
         return {
             "irreps_in": str(self.irreps_in),
             "irreps_out": str(self.irreps_out),
             "correlation": self.correlation,
-            "basis_scale": self.basis_scale.tolist(),
-            "init_weight_std": self.init_weight_std,
+            "basis_scale": basis_scale(self.l_in, self.correlation, self.l_out).tolist(),
+            "init_weight_std": INIT_WEIGHT_STD,
         }
 
     @torch.jit.unused
