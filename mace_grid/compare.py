@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from mace_grid import PROJECT_ROOT
-from mace_grid.calculator import load_model
+from mace_grid.calculator import model_from_checkpoint, read_checkpoint
 from mace_grid.config import compose_config
 from mace_grid.errors import ConfigError, MaceGridError
 from mace_grid.evaluate import evaluate
-from mace_grid.model import count_parameters
+from mace_grid.model import count_parameters, product_expressivity
 from mace_grid.tp import BACKENDS
 from mace_grid.utils import atomic_write_text
 
@@ -40,6 +40,8 @@ COLUMNS = {
     "tp": "tp",
     "parameters": "parameters",
     "product_weights": "product-basis weights",
+    "product_independent": "independent",
+    "product_complete": "complete",
     "epochs": "epochs",
     "epoch_time_s": "s/epoch (median)",
     "speedup_vs_cg": "epoch speed-up vs cg",
@@ -123,13 +125,18 @@ def evaluate_run(run_dir: Path, threads: int | None) -> dict[str, Any]:
 def backend_row(tp: str, run_dir: Path, record: dict, report: dict) -> dict[str, Any]:
     """One table row: cost and test errors (first test set) of a finished run."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    model = load_model(summary["best_checkpoint"])
-    products = [m.symmetric_contractions for m in model.products]
+    ckpt = read_checkpoint(summary["best_checkpoint"])
+    model, hp = model_from_checkpoint(ckpt), ckpt["hyper_parameters"]
+    products = product_expressivity(model, hp["tp"], hp["model"]["correlation"])
+    elements = len(hp["statistics"]["atomic_numbers"])
+    copies = [(elements * sc.irreps_out[0].mul, e) for sc, e in products]  # (element, channel)
     test_name, test = next(iter(report["sets"].items()))
     return {
         "tp": tp,
         "parameters": count_parameters(model),
-        "product_weights": sum(count_parameters(m) for m in products),
+        "product_weights": sum(count_parameters(sc) for sc, _ in products),
+        "product_independent": sum(n * e.independent for n, e in copies),
+        "product_complete": sum(n * e.complete for n, e in copies),
         "epochs": summary["epochs"],
         "epoch_time_s": statistics.median(summary["epoch_train_time_s"]),
         "speedup_vs_cg": None,
@@ -232,6 +239,9 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         f"Command: `python scripts/compare_backends.py {command}`  \n"
         f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads for inference.  \n"
+        "Product basis, summed over blocks, elements and channels: trainable weights, "
+        "independent couplings they reach (rank of d(output)/d(weights)) and all equivariant "
+        "polynomial maps of degree <= correlation (`mace_grid.tp.expressivity`).  \n"
         f"Errors: best checkpoint (EMA) on test set `{rows[0]['test_set']}`; "
         "time per epoch counts training steps only; inference = forward + forces.\n\n"
         "![validation force MAE vs training time](f_mae_vs_time.png)"

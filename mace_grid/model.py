@@ -17,6 +17,7 @@ from mace.modules.blocks import EquivariantProductBasisBlock
 
 from mace_grid import tp as tp_backends
 from mace_grid.errors import ConfigError
+from mace_grid.tp.cg import use_reduced_cg
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 GATES = {"silu": torch.nn.functional.silu, "tanh": torch.tanh, "none": None}
@@ -38,8 +39,9 @@ MODEL_KEYS = {
 STATISTICS_KEYS = ("atomic_numbers", "atomic_energies", "avg_num_neighbors", "mean", "std")
 
 
-def validate_model_config(model: Mapping[str, Any]) -> None:
-    """Check keys, types and choices of a model config; raise ``ConfigError`` saying what to fix."""
+def validate_model_config(model: Mapping[str, Any], tp: Mapping[str, Any] | None = None) -> None:
+    """Check keys, types and choices of a model config (and, given the ``tp`` config, that its
+    backend builds this correlation); raise ``ConfigError`` saying what to fix."""
     unknown = sorted(set(model) - set(MODEL_KEYS))
     if unknown:
         raise ConfigError(f"model: unknown key(s) {unknown}; valid keys are {sorted(MODEL_KEYS)}")
@@ -53,8 +55,13 @@ def validate_model_config(model: Mapping[str, Any]) -> None:
             raise ConfigError(f"model.{key}={value!r} must be of type {kind.__name__}")
     if model["r_max"] <= 0:
         raise ConfigError(f"model.r_max={model['r_max']} must be positive")
-    if model["num_interactions"] < 1 or not 1 <= model["correlation"] <= 4:
-        raise ConfigError("model.num_interactions must be >= 1 and model.correlation in 1..4")
+    if model["num_interactions"] < 1:
+        raise ConfigError(f"model.num_interactions={model['num_interactions']} must be >= 1")
+    if tp is not None:
+        try:
+            tp_backends.validate_correlation(tp["name"], model["correlation"])
+        except ConfigError as err:
+            raise ConfigError(f"model.{err}") from None
     if model["gate"] not in GATES:
         raise ConfigError(f"model.gate={model['gate']!r}; choose one of {sorted(GATES)}")
     for key in ("interaction", "interaction_first"):
@@ -83,11 +90,20 @@ def build_model(
     its ``options``, ``statistics`` what the training set determines (atomic numbers, E0s,
     average neighbour count, scale and shift).
     """
-    validate_model_config(model)
+    validate_model_config(model, tp)
     missing = [key for key in STATISTICS_KEYS if key not in statistics]
     if missing:
         raise ConfigError(f"data statistics lack {missing}")
     atomic_numbers = [int(z) for z in statistics["atomic_numbers"]]
+    # passed explicitly: mace's default (True) silently switches cg to cuequivariance's reduced
+    # basis wherever cuequivariance is installed
+    reduced_cg = False
+    if tp["name"] == "cg":
+        options = dict(tp.get("options") or {})
+        unknown = sorted(set(options) - {"reduced_cg"})
+        if unknown:
+            raise ConfigError(f"tp.options: unknown key(s) {unknown} for tp=cg; valid: reduced_cg")
+        reduced_cg = use_reduced_cg(options.get("reduced_cg", False))
     with product_backend(tp):
         return ScaleShiftMACE(
             r_max=float(model["r_max"]),
@@ -108,6 +124,7 @@ def build_model(
             radial_MLP=list(model["radial_MLP"]),
             atomic_inter_scale=float(statistics["std"]),
             atomic_inter_shift=float(statistics["mean"]),
+            use_reduced_cg=reduced_cg,
         )
 
 
@@ -142,16 +159,33 @@ def count_parameters(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def describe_products(net: torch.nn.Module, tp_name: str, correlation: int) -> str:
-    """Per product block: backend module, trainable weights, and the backend's expressivity
-    (free weights / reachable couplings per element and channel, the "price of freedom")."""
-    parts = []
-    blocks = [m for m in net.modules() if isinstance(m, EquivariantProductBasisBlock)]
-    for i, block in enumerate(blocks):
-        sc = block.symmetric_contractions
-        expr = tp_backends.expressivity(tp_name, sc.irreps_in, sc.irreps_out, correlation)
-        parts.append(
-            f"product {i}: {tp_name} ({type(sc).__name__}), {count_parameters(sc)} weights, "
-            f"{expr.weights} free weights and {expr.couplings} couplings per element and channel"
+def product_expressivity(
+    net: torch.nn.Module, tp: Mapping[str, Any], correlation: int
+) -> list[tuple[torch.nn.Module, tp_backends.Expressivity]]:
+    """Each product block's contraction and its backend's expressivity per (element, channel)."""
+    options = dict(tp.get("options") or {})
+    blocks = [
+        m.symmetric_contractions
+        for m in net.modules()
+        if isinstance(m, EquivariantProductBasisBlock)
+    ]
+    return [
+        (
+            sc,
+            tp_backends.expressivity(
+                tp["name"], sc.irreps_in, sc.irreps_out, correlation, **options
+            ),
         )
-    return "; ".join(parts)
+        for sc in blocks
+    ]
+
+
+def describe_products(net: torch.nn.Module, tp: Mapping[str, Any], correlation: int) -> str:
+    """Per product block: backend module, trainable weights, and per element and channel the
+    "price of freedom": free weights, independent couplings they reach, and all that exist."""
+    return "; ".join(
+        f"product {i}: {tp['name']} ({type(sc).__name__}), {count_parameters(sc)} weights; per "
+        f"element and channel {expr.weights} weights, {expr.independent} independent couplings "
+        f"of {expr.complete} equivariant maps"
+        for i, (sc, expr) in enumerate(product_expressivity(net, tp, correlation))
+    )

@@ -46,7 +46,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"tp.name={cfg.tp.name!r}; choose one of {', '.join(tp_backends.BACKENDS)} (tp=<name>)"
         )
-    validate_model_config(OmegaConf.to_container(cfg.model, resolve=True))
+    tp = OmegaConf.to_container(cfg.tp, resolve=True)
+    validate_model_config(OmegaConf.to_container(cfg.model, resolve=True), tp)
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if tp["name"] != "cg" and ("16" in precision or "mixed" in precision):
+        raise ConfigError(
+            f"trainer.precision={precision}: the Gaunt product backends (tp={tp['name']}) do "
+            "not support autocast / mixed precision; use trainer.precision=32-true"
+        )
     if cfg.trainer.get("max_epochs") is not None and cfg.trainer.max_epochs < 1:
         raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
     if cfg.threads is not None and int(cfg.threads) < 1:
@@ -114,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "Built ScaleShiftMACE with tp=%s: %d parameters (%s)",
         cfg.tp.name,
         count_parameters(module.model),
-        describe_products(module.model, cfg.tp.name, cfg.model.correlation),
+        describe_products(module.model, module.hparams.tp, cfg.model.correlation),
     )
 
     callbacks = _instantiate_all(cfg.get("callbacks"))

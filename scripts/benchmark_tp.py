@@ -1,11 +1,13 @@
 """Time the product-basis backends (cg, gaunt, grid) as training uses them.
 
     python scripts/benchmark_tp.py [--threads 1] [--dtype float32 float64] [--max-l 6]
-        [--max-cg-l 3] [--backends cg gaunt grid] [--model] [--out results/benchmark_tp]
+        [--max-cg-l 3] [--backends cg gaunt grid] [--correlation 3] [--model]
+        [--out results/benchmark_tp]
 
-Op section: one symmetric contraction, C channels, n nodes, correlation 3, irreps_in
-0e+1o+...+L_in, irreps_out 0e..min(L_in, 2) (mace's layout), E elements one-hot. Two numbers
-per backend, median over repeats after warm-up (the CSV also has the minimum):
+Op section: one symmetric contraction, C channels, n nodes, correlation 3 (or --correlation,
+up to 6; cg only up to 4), irreps_in 0e+1o+...+L_in, irreps_out 0e..min(L_in, 2) (mace's
+layout), E elements one-hot. Two numbers per backend, median over repeats after warm-up
+(the CSV also has the minimum):
   step    = forward + d(sum of outputs * fixed weights)/dx with create_graph=True + backward of
             (energy + |dE/dx|^2) into x and the weights  -- what a force-training step does;
   forward = forward alone under torch.no_grad().
@@ -108,7 +110,8 @@ def run_op(args) -> list[dict]:
             x = torch.randn(args.nodes, args.channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
             species = torch.randint(0, args.elements, (args.nodes,), generator=gen)
             attrs = torch.nn.functional.one_hot(species, args.elements).to(dtype)
-            labels = [b for b in args.backends if b != "cg" or l_in <= args.max_cg_l]
+            cg_ok = l_in <= args.max_cg_l and args.correlation <= tp.max_correlation("cg")
+            labels = [b for b in args.backends if b != "cg" or cg_ok]
             fns, build_s, points = {}, {}, {}
             for label in labels:
                 name, options = BACKEND_SPECS[label]
@@ -413,7 +416,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--nodes", type=int, default=270)
     p.add_argument("--elements", type=int, default=4)
-    p.add_argument("--correlation", type=int, default=3)
+    p.add_argument(
+        "--correlation",
+        type=int,
+        default=3,
+        help="default 3; cg is skipped above its limit of 4, gaunt and grid go to 6",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--op", action=argparse.BooleanOptionalAction, default=True, help="op section")

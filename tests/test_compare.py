@@ -28,6 +28,7 @@ def test_compare_all_backends(tmp_path_factory, tmp_path: Path) -> None:
     for row in rows:
         assert row["epochs"] == 2
         assert row["product_weights"] < row["parameters"]
+        assert row["product_independent"] <= min(row["product_weights"], row["product_complete"])
         for key in ("epoch_time_s", "train_time_s", "wall_time_s", "peak_rss_mb", "inference_ms"):
             assert row[key] > 0, (row["tp"], key)
         assert row["wall_time_s"] > row["train_time_s"]
@@ -36,6 +37,12 @@ def test_compare_all_backends(tmp_path_factory, tmp_path: Path) -> None:
         assert summary["tp"] == row["tp"]
         assert row["f_mae"] == pytest.approx(summary["test"]["test"]["f_mae"], rel=1e-4)
     assert rows[0]["speedup_vs_cg"] == 1.0
+    cg, gaunt, grid = rows
+    # cg's U columns are redundant but reach every map; the Gaunt weights are all independent
+    assert cg["product_independent"] == cg["product_complete"] < cg["product_weights"]
+    for row in (gaunt, grid):
+        assert row["product_independent"] == row["product_weights"] < row["product_complete"]
+        assert row["product_complete"] == cg["product_complete"]
 
     with open(out / "compare.csv") as handle:
         assert [r["tp"] for r in csv.DictReader(handle)] == list(BACKENDS)

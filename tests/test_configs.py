@@ -73,3 +73,20 @@ def test_test_files_can_be_given_on_the_command_line(tmp_path: Path) -> None:
             [f"data={data}", "data.train_file=a.xyz", "data.test_files={hot: hot.xyz}"], tmp_path
         )
         assert dict(cfg.data.test_files) == {"hot": "hot.xyz"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["tp=grid", "trainer.precision=bf16-mixed"], "do not support autocast"),
+        (["tp=gaunt", "trainer.precision=16-mixed"], "do not support autocast"),
+        (["tp=cg", "model.correlation=5"], "tp=cg supports correlation 1..4"),
+        (["tp=grid", "model.correlation=7"], "tp=grid supports correlation 1..6"),
+    ],
+)
+def test_backend_limits_are_checked_up_front(overrides, needle, tmp_path: Path) -> None:
+    from mace_grid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        validate_config(compose_train(overrides, tmp_path))
+    validate_config(compose_train(["tp=grid", "model.correlation=6"], tmp_path))

@@ -1,6 +1,7 @@
 """scripts/evaluate.py: metrics, predictions and plots of a checkpoint trained in the session."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,3 +106,55 @@ def test_unknown_element_is_one_line_error(runs, tmp_path: Path, capsys) -> None
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "element Au" in errors[0] and "au.xyz" in errors[0]
+
+
+def _tampered(ckpt_path: str, out: Path, change) -> Path:
+    """A copy of the checkpoint with ``change(extra_state)`` applied to every product block's
+    stored function constants (``None`` deletes them, as in checkpoints from before them)."""
+    import torch
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    for key in [k for k in ckpt["state_dict"] if k.endswith("symmetric_contractions._extra_state")]:
+        new = change(ckpt["state_dict"][key])
+        if new is None:
+            del ckpt["state_dict"][key]
+        else:
+            ckpt["state_dict"][key] = new
+    torch.save(ckpt, out)
+    return out
+
+
+def _n_beta_plus_one(state: dict) -> dict:
+    return state | {"constants": state["constants"] | {"n_beta": state["constants"]["n_beta"] + 1}}
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [(_n_beta_plus_one, "saved state's n_beta=4 differs from this code's n_beta=3"),
+     (lambda state: None, "no function constants")],
+)  # fmt: skip
+def test_checkpoint_with_other_backend_constants_is_refused(
+    runs, tmp_path: Path, capsys, change, needle
+) -> None:
+    ckpt = _tampered(best_checkpoint(runs["grid"]), tmp_path / "tampered.ckpt", change)
+    cfg = _compose(f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}/out")
+    with pytest.raises(SystemExit) as exit_info:
+        exit_on_user_error(evaluate)(cfg)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], errors
+
+
+@pytest.mark.slow  # a whole train.py start-up (~40 s on a busy 2-core machine)
+def test_resume_from_tampered_checkpoint_is_one_line_error(runs, tmp_path: Path) -> None:
+    last = runs["grid"] / "checkpoints" / "last.ckpt"
+    ckpt = _tampered(str(last), tmp_path / "last.ckpt", _n_beta_plus_one)
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), f"ckpt_path={ckpt}"],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(errors) == 1 and "n_beta=4" in errors[0], errors

@@ -7,6 +7,7 @@ from e3nn import o3
 from mace.modules import ScaleShiftMACE, interaction_classes
 from mace.modules import blocks as mace_blocks
 from mace.modules.symmetric_contraction import SymmetricContraction
+from mace.modules.wrapper_ops import CUET_AVAILABLE
 
 from mace_grid.errors import ConfigError
 from mace_grid.model import build_model, describe_products, product_backend
@@ -57,7 +58,9 @@ def test_cg_is_the_stock_mace_model_bit_for_bit() -> None:
         radial_MLP=[8, 8],
         atomic_inter_scale=1.5,
         atomic_inter_shift=0.1,
+        use_reduced_cg=False,  # mace's original basis (its default is cuequivariance's)
     )
+    assert ours.use_reduced_cg is False
     ours_state, stock_state = ours.state_dict(), stock.state_dict()
     assert ours_state.keys() == stock_state.keys()
     for key, value in stock_state.items():
@@ -73,8 +76,18 @@ def test_gaunt_backends_replace_every_product_contraction(name: str) -> None:
     products = [m for m in net.modules() if isinstance(m, mace_blocks.EquivariantProductBasisBlock)]
     assert len(products) == 2
     assert all(p.symmetric_contractions.irreps_in.lmax == 2 for p in products)
-    summary = describe_products(net, name, MODEL["correlation"])
-    assert summary.count(f"{name} (") == 2 and "couplings" in summary
+    summary = describe_products(net, {"name": name, "options": {}}, MODEL["correlation"])
+    assert summary.count(f"{name} (") == 2
+    # L_in=2 -> 0e+1o and -> 0e at correlation 2: one weight per (nu, L), all independent, of
+    # 2 + 5 and 1 + 3 equivariant maps (nu = 1 + 2, counted by hand from Sym^2(0e+1o+2e))
+    assert "4 weights, 4 independent couplings of 7 equivariant maps" in summary
+    assert "2 weights, 2 independent couplings of 4 equivariant maps" in summary
+
+
+def test_cg_summary_counts_independent_couplings_not_u_columns() -> None:
+    net = build_model(MODEL, {"name": "cg", "options": {}}, STATS)
+    summary = describe_products(net, {"name": "cg", "options": {}}, MODEL["correlation"])
+    assert "of 7 equivariant maps" in summary and "7 independent couplings" in summary
 
 
 def test_grid_builds_beyond_what_mace_cg_can(tmp_path) -> None:
@@ -82,6 +95,8 @@ def test_grid_builds_beyond_what_mace_cg_can(tmp_path) -> None:
     model = MODEL | {"max_ell": 4, "correlation": 3, "hidden_irreps": "4x0e+4x1o"}
     net = build_model(model, {"name": "grid", "options": {}}, STATS)
     assert [m.symmetric_contractions.irreps_in.lmax for m in net.products] == [4, 4]
+    net = build_model(MODEL | {"correlation": 6}, {"name": "grid", "options": {}}, STATS)
+    assert [m.symmetric_contractions.correlation for m in net.products] == [6, 6]
 
 
 def test_factory_restored_when_the_build_fails() -> None:
@@ -97,7 +112,7 @@ def test_factory_restored_when_the_build_fails() -> None:
     [
         ({"gate": "relu"}, "model.gate"),
         ({"hidden_irreps": "8x0e+4x1o"}, "one multiplicity"),
-        ({"correlation": 5}, "correlation"),
+        ({"correlation": 5}, r"model.correlation=5: tp=cg supports correlation 1\.\.4"),
         ({"layers": 3}, "unknown key"),
         ({"r_max": "five"}, "model.r_max"),
     ],
@@ -105,6 +120,38 @@ def test_factory_restored_when_the_build_fails() -> None:
 def test_invalid_model_config_names_the_fix(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_model(MODEL | change, {"name": "cg", "options": {}}, STATS)
+
+
+@pytest.mark.parametrize(
+    ("tp", "message"),
+    [
+        ({"name": "grid", "options": {}}, r"tp=grid supports correlation 1\.\.6"),
+        ({"name": "gaunt", "options": {}}, r"tp=gaunt supports correlation 1\.\.6"),
+    ],
+)
+def test_correlation_refusal_names_the_backends_own_limit(tp: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_model(MODEL | {"correlation": 7}, tp, STATS)
+
+
+def test_cg_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        build_model(MODEL, {"name": "cg", "options": {"reduce_cg": True}}, STATS)
+    with pytest.raises(ConfigError, match="true or false"):
+        build_model(MODEL, {"name": "cg", "options": {"reduced_cg": "yes"}}, STATS)
+
+
+@pytest.mark.skipif(CUET_AVAILABLE, reason="cuequivariance is installed here")
+def test_reduced_cg_without_cuequivariance_is_one_clear_refusal() -> None:
+    with pytest.raises(ConfigError, match="needs cuequivariance") as err:
+        build_model(MODEL, {"name": "cg", "options": {"reduced_cg": True}}, STATS)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not CUET_AVAILABLE, reason="needs cuequivariance")
+def test_reduced_cg_selects_the_cuequivariance_basis() -> None:
+    net = build_model(MODEL, {"name": "cg", "options": {"reduced_cg": True}}, STATS)
+    assert net.use_reduced_cg is True
 
 
 def test_pseudotensor_hidden_irreps_are_refused_by_gaunt_backends() -> None:

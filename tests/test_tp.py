@@ -18,6 +18,7 @@ from mace.modules.blocks import EquivariantProductBasisBlock
 from mace_grid.errors import ConfigError
 from mace_grid.tp import BACKENDS, build, expressivity
 from mace_grid.tp.engine import PointSet
+from mace_grid.tp.expressivity import equivariant_maps, rank, weight_jacobian
 from mace_grid.tp.gaunt import INIT_MOMENT_LINEAR, INIT_MOMENT_POWER, METHODS
 from mace_grid.tp.grid import gauss_legendre_points
 from mace_grid.tp.step_size import adam_step_change
@@ -136,7 +137,7 @@ def test_gaunt_and_grid_agree_on_the_same_state_dict(correlation, l_in):
     irreps_in, irreps_out = natural(4, range(l_in + 1)), natural(4, [2, 0, 1])
     grid = make("grid", irreps_in, irreps_out, correlation, 3, seed=1)
     state = grid.state_dict()
-    assert set(state) == {"weight"}
+    assert set(state) == {"weight", "_extra_state"}
     x, attrs = inputs(6, 4, l_in, 3)
     expected = grid(x, attrs)
     for method in METHODS:
@@ -468,7 +469,7 @@ def test_pseudo_tensors_are_refused_with_one_clear_message(name, irreps_in, irre
         ("4x0e+4x2e", "4x0e", 2, "every degree 0..L_in"),
         ("4x1o+4x0e", "4x0e", 2, "every degree 0..L_in"),
         ("4x0e+4x1o", "2x0e", 2, "multiplicity 4"),
-        ("4x0e+4x1o", "4x0e", 5, "correlation"),
+        ("4x0e+4x1o", "4x0e", 7, "correlation 1..6"),
         ("4x0e+4x1o", "4x0e", 0, "correlation"),
     ],
 )
@@ -477,13 +478,182 @@ def test_unsupported_irreps_are_refused(irreps_in, irreps_out, correlation, need
         build("grid", irreps_in, irreps_out, correlation, 1)
 
 
-def test_expressivity_counts():
-    irreps_in = natural(8, range(3))
-    # one weight per (nu, output irrep); cg: one per coupling path, e.g. 1 + 3 + 11 into 0e
-    assert expressivity("cg", irreps_in, "8x0e", 3) == (15, 15)
-    assert expressivity("grid", irreps_in, "8x0e", 3) == (3, 3)
-    assert expressivity("gaunt", irreps_in, "8x0e+8x1o+8x2e+8x3o", 1) == (4, 3)  # 3o: L > L_in
-    cg_weights = sum(
-        p.numel() for p in cached_cg(str(irreps_in), "8x0e", 3, 1).parameters() if p.requires_grad
-    )
-    assert cg_weights == 8 * 15
+# --- the constants that define a backend's function travel with its weights ---------------
+
+
+@pytest.mark.parametrize("name", ["gaunt", "grid"])
+def test_saved_state_round_trips_and_tampered_constants_are_refused(name, tmp_path):
+    module = make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2)
+    torch.save(module.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    other = make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2, seed=5)
+    other.load_state_dict(state)
+    x, attrs = inputs(4, 2, 2, 2)
+    assert torch.equal(other(x, attrs), module(x, attrs))
+    size = "n_beta" if name == "grid" else "n_theta"
+    for key, value in (("basis_scale", [[2.0, 1.0]] * 3), (size, 99)):
+        tampered = {k: v for k, v in state.items()}
+        tampered["_extra_state"] = state["_extra_state"] | {
+            "constants": state["_extra_state"]["constants"] | {key: value}
+        }
+        with pytest.raises(ConfigError, match=f"saved state's {key}=.* this code's {key}=") as err:
+            other.load_state_dict(tampered)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="format 0, this code reads format"):
+        other.load_state_dict(state | {"_extra_state": state["_extra_state"] | {"format": 0}})
+    with pytest.raises(ConfigError, match="no function constants"):  # written before they were
+        other.load_state_dict({"weight": state["weight"]})
+
+
+def test_another_backend_of_the_same_basis_loads_but_another_basis_does_not():
+    """grid's state loads into gaunt (same basis, other points), whatever its grid sizes, and
+    in whatever dtype it was saved; a state with other basis scales does not."""
+    grid = make("grid", natural(2, range(3)), natural(2, [0, 1]), 3, 2)
+    gaunt = make("gaunt", natural(2, range(3)), natural(2, [0, 1]), 3, 2)
+    state = grid.float().state_dict()
+    constants = state["_extra_state"]["constants"]
+    gaunt.load_state_dict(state | {"_extra_state": state["_extra_state"] | {
+        "constants": constants | {"n_beta": 99}}})  # fmt: skip
+    scaled = [[2 * v for v in row] for row in constants["basis_scale"]]
+    with pytest.raises(ConfigError, match="basis_scale"):
+        gaunt.load_state_dict(state | {"_extra_state": state["_extra_state"] | {
+            "constants": constants | {"basis_scale": scaled}}})  # fmt: skip
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("name", ["gaunt", "grid"])
+def test_autocast_is_refused_in_one_line(name, device):
+    module = build(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2).to(device)
+    x, attrs = (t.to(device) for t in inputs(4, 2, 2, 2, dtype=torch.float32))
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.autocast(device, dtype=low), pytest.raises(ConfigError, match="autocast") as err:
+        module(x, attrs)
+    assert "\n" not in str(err.value)
+    assert module(x, attrs).dtype == torch.float32  # outside autocast it runs
+
+
+# --- high correlation (the Gaunt backends' cheap body order) -------------------------------
+
+
+@pytest.mark.parametrize("correlation", [4, 5, 6])
+@pytest.mark.parametrize("l_in", [1, 2])
+def test_high_correlation_is_equivariant_and_gaunt_equals_grid(correlation, l_in):
+    irreps_in, irreps_out = natural(2, range(l_in + 1)), natural(2, [0, 1, 2])
+    grid = make("grid", irreps_in, irreps_out, correlation, 2)
+    gaunt = make("gaunt", irreps_in, irreps_out, correlation, 2)
+    gaunt.load_state_dict(grid.state_dict())
+    x, attrs = inputs(5, 2, l_in, 2)
+    y = grid(x, attrs)
+    assert relative_error(gaunt(x, attrs), y) < 1e-10
+    torch.manual_seed(correlation)
+    rotation = o3.rand_matrix(dtype=F64)
+    for matrix in (rotation, -rotation):
+        x_rot = x @ natural(1, range(l_in + 1)).D_from_matrix(matrix).T
+        y_rot = y @ irreps_out.D_from_matrix(matrix).T
+        for module in (grid, gaunt):
+            assert relative_error(module(x_rot, attrs), y_rot) < 1e-10
+
+
+def test_correlation_limit_is_named_per_backend():
+    with pytest.raises(ConfigError, match=r"tp=cg supports correlation 1\.\.4"):
+        build("cg", "2x0e+2x1o", "2x0e", 5, 1)
+    with pytest.raises(ConfigError, match=r"tp=grid supports correlation 1\.\.6"):
+        build("grid", "2x0e+2x1o", "2x0e", 7, 1)
+
+
+# --- expressivity --------------------------------------------------------------------------
+
+# (L_in, irreps_out): (cg U columns, cg independent, grid weights = independent), correlation 3
+# (/work/shared/notes/backends-next.md, measured independently of this code)
+EXPECTED_COUNTS = {
+    (1, "0e+1o"): (16, 9, 6),
+    (2, "0e+1o"): (41, 17, 6),
+    (2, "0e"): (15, 9, 3),
+    (3, "0e+1o"): (86, 29, 6),
+    (3, "0e"): (28, 13, 3),
+}
+
+
+@pytest.mark.parametrize("l_in,irreps_out", list(EXPECTED_COUNTS))
+def test_expressivity_counts(l_in, irreps_out):
+    columns, cg_rank, grid_rank = EXPECTED_COUNTS[l_in, irreps_out]
+    irreps_in = natural(8, range(l_in + 1))  # the channel count does not matter
+    assert expressivity("cg", irreps_in, irreps_out, 3) == (columns, cg_rank, cg_rank)
+    for name in ("gaunt", "grid"):
+        assert expressivity(name, irreps_in, irreps_out, 3) == (grid_rank, grid_rank, cg_rank)
+
+
+def test_complete_count_by_hand():
+    """Sym^nu(0e+1o), nu = 1..3, holds 0e 1, 2, 2 times and 1o 1, 1, 2 times; 2e once at
+    nu = 2 (Sym^2 1o = 0e + 2e) and once at nu = 3 (0e x Sym^2 1o; Sym^3 1o = 1o + 3o)."""
+    assert equivariant_maps("0e+1o", "0e+1o", 3) == 9
+    assert equivariant_maps("0e+1o", "2e", 3) == 2
+    assert equivariant_maps("0e+1o", "1e+0o", 3) == 0  # no pseudo-tensor from natural inputs
+    assert equivariant_maps("0e+1e", "0o", 3) == 0
+    assert equivariant_maps("0o", "0e+0o", 3) == 3  # into 0e: x^2; into 0o: x, x^3
+
+
+@pytest.mark.parametrize("l_in", [1, 2, 3])
+def test_complete_equals_the_measured_rank_of_cg(l_in):
+    """cg (mace's symmetric basis) reaches every equivariant map into 0e and 1o, counted
+    without it. (Not always into 2e: at L_in = 1, correlation 3 mace's U matrices reach 1 of
+    the 2 maps, while grid reaches both.)"""
+    for irreps_out in ("0e+1o", "0e"):
+        irreps_in = natural(1, range(l_in + 1))
+        jacobian = weight_jacobian("cg", irreps_in, irreps_out, 3)
+        assert rank(jacobian) == equivariant_maps(irreps_in, irreps_out, 3)
+
+
+@pytest.mark.parametrize("l_in", [1, 2, 3])
+@pytest.mark.parametrize("name", ["gaunt", "grid"])
+def test_every_gaunt_basis_map_lies_in_the_span_of_cg(name, l_in):
+    irreps_in, irreps_out = natural(1, range(l_in + 1)), "0e+1o"
+    cg = weight_jacobian("cg", irreps_in, irreps_out, 3, samples=24)
+    ours = weight_jacobian(name, irreps_in, irreps_out, 3, samples=24)
+    assert rank(torch.cat([cg, ours], dim=1)) == rank(cg)
+    # and the test can fail: a map that is not a polynomial of degree <= 3 leaves the span
+    higher = weight_jacobian(name, irreps_in, irreps_out, 4, samples=24)
+    assert rank(torch.cat([cg, higher], dim=1)) > rank(cg)
+
+
+def test_independent_is_the_local_rank_for_a_block_non_linear_in_its_weights(monkeypatch):
+    """A toy block gain * (grid block): two weights, but scaling the grid weight up and the gain
+    down leaves the output unchanged, so the rank is 1."""
+    from mace_grid import tp
+
+    class Product(torch.nn.Module):
+        def __init__(self, *args):
+            super().__init__()
+            self.inner = build("grid", *args)
+            self.gain = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, attrs):
+            return self.gain * self.inner(x, attrs)
+
+    monkeypatch.setitem(tp._BUILDERS, "toy", Product)
+    jacobian = weight_jacobian("toy", natural(1, range(2)), "0e", 1)
+    assert jacobian.shape[1] == 2 and rank(jacobian) == 1
+    assert rank(weight_jacobian("grid", natural(1, range(2)), "0e", 1)) == 1
+
+
+def test_expressivity_script_prints_the_readme_table(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    from mace_grid import PROJECT_ROOT
+
+    monkeypatch.setattr(sys, "argv", ["expressivity.py", "--max-l", "1", "--correlation", "5"])
+    num_threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(PROJECT_ROOT / "scripts" / "expressivity.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(num_threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("correlation 5")
+    # cg stops at correlation 4. Sym^nu(0e+1o) holds 0e nu // 2 + 1 times and 1o (nu + 1) // 2
+    # times: 11 + 9 maps for nu = 1..5; gaunt/grid have 5 + 5 weights, all independent
+    assert lines[2].split() == ["1", "0e+1o", "-", *["10", "/", "10", "/", "20"] * 2]
+    assert lines[3].split() == ["1", "0e", "-", *["5", "/", "5", "/", "11"] * 2]

@@ -6,13 +6,16 @@ Every backend module has ``forward(x, node_attrs)`` with ``x: [n_nodes, channels
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from e3nn import o3
 
+from mace_grid.errors import ConfigError
+from mace_grid.tp import gaunt
+from mace_grid.tp.cg import MAX_CORRELATION as CG_MAX_CORRELATION
 from mace_grid.tp.cg import build_cg
-from mace_grid.tp.gaunt import basis_scale, build_gaunt, validate_irreps
+from mace_grid.tp.expressivity import Expressivity, expressivity  # noqa: F401  (re-exported)
+from mace_grid.tp.gaunt import build_gaunt
 from mace_grid.tp.grid import build_grid
 
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
@@ -21,6 +24,24 @@ _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "grid": build_grid,
 }
 BACKENDS: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def max_correlation(name: str) -> int:
+    """Highest correlation backend ``name`` builds: mace's limit for cg; every other backend is
+    a Gaunt-type product basis (`mace_grid.tp.gaunt.GauntProductBasis`) and shares its limit."""
+    return CG_MAX_CORRELATION if name == "cg" else gaunt.MAX_CORRELATION
+
+
+def validate_correlation(name: str, correlation: int) -> None:
+    """`ConfigError` naming backend ``name``'s own limit if it cannot build ``correlation``."""
+    limit = max_correlation(name)
+    if isinstance(correlation, bool) or not isinstance(correlation, int):
+        raise ConfigError(f"correlation must be an integer, got {correlation!r}")
+    if not 1 <= correlation <= limit:
+        others = "" if name != "cg" else f" (the grid-based backends go to {gaunt.MAX_CORRELATION})"
+        raise ConfigError(
+            f"correlation={correlation}: tp={name} supports correlation 1..{limit}{others}"
+        )
 
 
 def build(
@@ -34,43 +55,7 @@ def build(
     """Build the product-basis contraction of backend ``name``."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown tp backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    validate_correlation(name, correlation)
     return _BUILDERS[name](
         o3.Irreps(irreps_in), o3.Irreps(irreps_out), correlation, num_elements, **options
     )
-
-
-class Expressivity(NamedTuple):
-    """Per (element, channel): trainable weights, and how many of them multiply a nonzero,
-    linearly independent coupling of the input irreps into the output irreps."""
-
-    weights: int
-    couplings: int
-
-
-def expressivity(
-    name: str, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int
-) -> Expressivity:
-    """The "price of freedom": what each backend can learn per element and channel.
-
-    cg counts the columns of mace's U matrices (one weight per symmetric coupling path; all-zero
-    U matrices get no trainable weight in mace). gaunt and grid have one weight per
-    (nu, output irrep), of which those with P_L(f^nu) = 0 (L > nu * L_in) reach nothing.
-    """
-    irreps_in, irreps_out = o3.Irreps(irreps_in), o3.Irreps(irreps_out)
-    if name == "cg":
-        from mace.tools.cg import U_matrix_real
-
-        coupling_irreps = o3.Irreps([ir for _, ir in irreps_in])
-        count = 0
-        for _, ir in irreps_out:
-            for nu in range(1, correlation + 1):
-                u = U_matrix_real(
-                    coupling_irreps, o3.Irreps(str(ir)), nu, dtype=torch.float64, use_cueq_cg=False
-                )[-1]
-                count += u.shape[-1] if bool(u.abs().max() > 0) else 0
-        return Expressivity(count, count)
-    if name in ("gaunt", "grid"):
-        _, l_in, l_out = validate_irreps(irreps_in, irreps_out, correlation)
-        alive = int((basis_scale(l_in, correlation, l_out) > 0).sum())
-        return Expressivity(correlation * len(l_out), alive)
-    raise ValueError(f"unknown tp backend {name!r}; choose one of {', '.join(BACKENDS)}")

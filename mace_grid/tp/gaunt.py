@@ -5,6 +5,8 @@ f_c = sum_lm A[c, lm] Y_lm is channel c's spherical function and P_LM the projec
 (conventions in `mace_grid.tp.sphere`). `GauntProductBasis` owns the weights and the final
 contraction; subclasses only compute the projected powers P_LM(f^nu), nu >= 2, so every Gaunt
 backend has the same parameters and state_dict.
+The constants that define a backend's function (`GauntProductBasis.function_constants`) travel
+in the state_dict as extra state; loading refuses a state whose constants differ from the code's.
 Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
 """
 
@@ -29,7 +31,10 @@ INIT_MOMENT_LINEAR, INIT_MOMENT_POWER = 1.0, 0.5
 #: output change within 2x of cg's (whose weights start at randn / num_params) at L_in 2-3
 #: (`scripts/benchmark_tp.py --step-size`); with N(0, 1) weights it was 7-20x smaller.
 INIT_WEIGHT_STD = 0.1
-MAX_CORRELATION = 4
+#: highest correlation of every Gaunt-type backend (grids and FFT sizes grow only linearly in it)
+MAX_CORRELATION = 6
+#: version of the extra state below; states without one (written before it existed) are refused
+STATE_FORMAT = 1
 
 
 def _natural(ir: o3.Irrep) -> bool:
@@ -53,7 +58,8 @@ def validate_irreps(
         )
     if not isinstance(correlation, int) or not 1 <= correlation <= MAX_CORRELATION:
         raise ConfigError(
-            f"correlation must be an integer in 1..{MAX_CORRELATION}, got {correlation}"
+            f"correlation must be an integer in 1..{MAX_CORRELATION} for the Gaunt product "
+            f"backends, got {correlation}"
         )
     muls = {mul for mul, _ in irreps_in}
     ls = [ir.l for _, ir in irreps_in]
@@ -100,7 +106,8 @@ class GauntProductBasis(torch.nn.Module):
     N(0, INIT_WEIGHT_STD^2) at init; the forward multiplies them by the fixed
     ``basis_scale / INIT_WEIGHT_STD``, which keeps outputs O(1). Subclasses implement
     ``project_powers`` (P_LM(f^nu) for nu = 2..correlation, rows ordered as the components of
-    irreps_out). Constant buffers are not persistent, so the state_dict holds only ``weight``.
+    irreps_out). Constant buffers are not persistent: the state_dict holds ``weight`` and, as
+    extra state, the `function_constants` it was trained with, checked when it is loaded.
     """
 
     def __init__(
@@ -142,6 +149,54 @@ class GauntProductBasis(torch.nn.Module):
             perm += [(start + m) * channels + c for c in range(channels) for m in range(2 * l + 1)]
             start += 2 * l + 1
         self.register_buffer("out_perm", torch.tensor(perm), persistent=False)
+        self.register_load_state_dict_pre_hook(_require_constants)
+
+    @torch.jit.unused
+    def function_constants(self) -> dict:
+        """Everything besides the weights that fixes the function this module computes, as
+        this code computes it (plain Python values; the scales in float64 from their formula,
+        whatever dtype the module was cast to). Subclasses add their own (point set, sizes)."""
+        return {
+            "irreps_in": str(self.irreps_in),
+            "irreps_out": str(self.irreps_out),
+            "correlation": self.correlation,
+            "basis_scale": basis_scale(self.l_in, self.correlation, self.l_out).tolist(),
+            "init_weight_std": INIT_WEIGHT_STD,
+        }
+
+    @torch.jit.unused
+    def get_extra_state(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "class": type(self).__name__,
+            "constants": self.function_constants(),
+        }
+
+    @torch.jit.unused
+    def set_extra_state(self, state: dict) -> None:
+        """Refuse a state whose constants differ from this code's; a state of another Gaunt
+        backend (grid into gaunt) must agree on the basis, not on the points."""
+        saved = state.get("format") if isinstance(state, dict) else None
+        if saved != STATE_FORMAT:
+            raise ConfigError(
+                f"{type(self).__name__}: the saved state has format {saved}, this code reads "
+                f"format {STATE_FORMAT}; retrain the model with this version of mace-grid"
+            )
+        theirs = state["constants"]
+        if state["class"] == type(self).__name__:
+            mine = self.function_constants()
+            keys = sorted(set(mine) | set(theirs))
+        else:  # another backend of the same basis: only the basis itself must agree
+            mine = GauntProductBasis.function_constants(self)
+            keys = sorted(mine)
+        for key in keys:
+            a, b = theirs.get(key), mine.get(key)
+            if not _same(a, b):
+                raise ConfigError(
+                    f"{type(self).__name__}: the saved state's {key}={_short(a)} differs from "
+                    f"this code's {key}={_short(b)}, so the saved weights would compute another "
+                    "function; load it with the mace-grid version that wrote it, or retrain"
+                )
 
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Per-node weight of every basis row, ``[correlation, D_out, n * C]``."""
@@ -171,6 +226,8 @@ class GauntProductBasis(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            _refuse_autocast(x.device.type)
         features = x.reshape(-1, x.shape[2]).t().contiguous()  # [D_in, n * C]
         return self.contract(features, node_attrs, self.project_powers(features))
 
@@ -178,6 +235,43 @@ class GauntProductBasis(torch.nn.Module):
         return (
             f"{self.irreps_in} -> {self.irreps_out}, correlation={self.correlation}, "
             f"num_elements={self.num_elements}"
+        )
+
+
+def _require_constants(module, state_dict, prefix, *args) -> None:
+    """Load pre-hook: a state with this module's weight but no extra state was written before
+    the constants were stored (mace-grid without `STATE_FORMAT`): refuse it by name."""
+    if prefix + "weight" in state_dict and prefix + "_extra_state" not in state_dict:
+        raise ConfigError(
+            f"{type(module).__name__}: the saved state has no function constants (written by a "
+            f"mace-grid version before state format {STATE_FORMAT}); its weights cannot be "
+            "checked against this code's basis scales and grids: retrain the model"
+        )
+
+
+def _same(a, b) -> bool:
+    """Equal, with floats compared to 1e-12 relative (they are recomputed from formulas)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+            return False
+        return abs(a - b) <= 1e-12 * max(abs(a), abs(b), 1e-300)
+    return a == b
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refuse_autocast(device_type: str) -> None:
+    """The Gaunt kernels run in the input's dtype only: under autocast their matmuls would
+    silently drop to half precision (and forces to float32), so refuse it in one line."""
+    if torch.is_autocast_enabled(device_type):
+        raise ConfigError(
+            "the Gaunt product backends (gaunt, grid) do not support autocast / mixed "
+            "precision; use trainer.precision=32-true (or 64-true), or tp=cg"
         )
 
 
@@ -294,6 +388,14 @@ class FourierGauntProduct(GauntProductBasis):
         z = z * torch.where(v == 0, 1.0, 2.0).to(torch.float64)[None, :, None]  # [u, v, D_out]
         from_fourier = torch.stack([z.real, -z.imag], dim=2)  # [u, v, re/im, D_out]
         self.register_buffer("from_fourier", from_fourier.contiguous(), persistent=False)
+
+    @torch.jit.unused
+    def function_constants(self) -> dict:
+        return super().function_constants() | {
+            "points": "torus-fourier",
+            "n_theta": self.n_theta,
+            "n_phi": self.n_phi,
+        }
 
     def _conv(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Full 2D linear convolution of complex coefficient arrays, per row: [R, h, w]."""

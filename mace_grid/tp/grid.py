@@ -45,6 +45,14 @@ class GridGauntProduct(GauntProductBasis):
         points = gauss_legendre_points(self.l_in, correlation, self.l_out)
         self.points = PointSet(self.l_in, correlation, *points)
 
+    @torch.jit.unused
+    def function_constants(self) -> dict:
+        return super().function_constants() | {
+            "points": "gauss-legendre",
+            "n_beta": self.n_beta,
+            "n_alpha": self.n_alpha,
+        }
+
     def project_powers(self, features: torch.Tensor) -> torch.Tensor:
         return self.points(features)
 

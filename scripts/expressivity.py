@@ -1,0 +1,51 @@
+"""Print what each product-basis backend can learn per (element, channel).
+
+    python scripts/expressivity.py [--correlation 3] [--max-l 3] [--backends cg gaunt grid]
+
+For irreps_in 0e+1o+...+L_in and irreps_out 0e+1o and 0e (mace's first- and last-layer
+product blocks): trainable weights, independent couplings (rank of d(output)/d(weights) over
+random inputs, float64) and complete (all O(3)-equivariant polynomial maps of degree <=
+correlation, counted without any backend). See `mace_grid.tp.expressivity`.
+"""
+
+import argparse
+import warnings
+
+import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
+
+# isort: split
+import torch
+
+from mace_grid import tp
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--correlation", type=int, default=3)
+    p.add_argument("--max-l", type=int, default=3)
+    p.add_argument("--backends", nargs="+", choices=tp.BACKENDS, default=list(tp.BACKENDS))
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
+    torch.set_num_threads(1)
+    print(
+        f"correlation {args.correlation}; per (element, channel): "
+        "weights / independent couplings / complete"
+    )
+    print(f"{'L_in':>4} {'irreps_out':>10}" + "".join(f"{b:>16}" for b in args.backends))
+    for l_in in range(1, args.max_l + 1):
+        irreps_in = "+".join(f"{l}{'e' if l % 2 == 0 else 'o'}" for l in range(l_in + 1))
+        for irreps_out in ("0e+1o", "0e"):
+            line = f"{l_in:>4} {irreps_out:>10}"
+            for name in args.backends:
+                if args.correlation > tp.max_correlation(name):
+                    line += f"{'-':>16}"
+                    continue
+                e = tp.expressivity(name, irreps_in, irreps_out, args.correlation)
+                line += f"{f'{e.weights} / {e.independent} / {e.complete}':>16}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
