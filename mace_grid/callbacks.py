@@ -18,9 +18,16 @@ class EpochTrainTimer(L.Callback):
 
     Recorded before validation runs (where checkpoints are written) and stored in them, so a
     resumed run keeps exactly one entry per completed epoch.
+
+    ``budget_s``: stop training once the training steps of the whole run (resumes included) have
+    used that many seconds; the epoch in progress ends there, is validated and checkpointed
+    (Lightning's ``trainer.should_stop``, so after ``trainer.min_epochs`` at the earliest).
+    Unlike ``trainer.max_time`` it ignores data loading, validation and start-up, so runs of
+    different speed get the same optimisation time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget_s: float | None = None) -> None:
+        self.budget_s = budget_s
         self.epoch_times: dict[int, float] = {}
         self._epoch = 0.0
         self._start = 0.0
@@ -33,6 +40,13 @@ class EpochTrainTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._epoch += time.perf_counter() - self._start
+        if self.budget_s is not None:
+            spent = self._epoch + sum(
+                t for epoch, t in self.epoch_times.items() if epoch != trainer.current_epoch
+            )
+            # Every DDP rank must stop at the same step: stop when any rank is out of time.
+            if trainer.strategy.reduce_boolean_decision(spent >= self.budget_s, all=False):
+                trainer.should_stop = True
 
     def _record(self, trainer: L.Trainer) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:

@@ -1,12 +1,16 @@
-"""Compare tp backends at an equal budget (logic of ``scripts/compare_backends.py``).
+"""The backend study: every tp backend × every seed at one budget (``scripts/compare_backends.py``).
 
-Each backend is trained by ``train.py`` in its own subprocess (same data, seed, model and epoch
-count; early stopping off), one after the other, into ``<out_dir>/runs/<tp>``. Measured: time
-per epoch (training steps only, ``summary.json``), fit and process wall-clock, peak RSS of the
-process, inference time per test structure and test errors of the best checkpoint (via
-:func:`mace_grid.evaluate.evaluate`). Writes ``compare.md``, ``compare.csv`` and
-``f_mae_vs_time.png`` into ``out_dir``. A backend whose run dir holds the results of the
-identical command is not retrained.
+Each run is ``train.py`` in its own subprocess (same data, model and budget; early stopping off)
+into ``<out_dir>/runs/<tp>/seed<seed>``, then :func:`mace_grid.evaluate.evaluate` of its best
+(EMA) checkpoint; ``jobs`` runs go at a time, each with ``threads`` torch threads, queued seed
+by seed so that backends alternate and machine drift hits all alike. The budget is ``epochs`` or
+``budget_s`` seconds of training steps (:class:`mace_grid.callbacks.EpochTrainTimer`).
+
+Resumable: a run's results (``resources.json``, ``summary.json``, ``evaluate/metrics.json``)
+are written when it ends; a run whose ``resources.json`` holds the same command is not trained
+again, an unfinished one starts over. The tables are rebuilt from those files every time:
+``<name>.md`` (mean ± std over seeds), ``<name>.csv`` (one row per (tp, seed, test set)) and
+the plots ``<name>_val_f_mae_vs_time.png`` and ``<name>_f_mae_vs_epoch_time.png``.
 """
 
 from __future__ import annotations
@@ -15,14 +19,18 @@ import csv
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mace_grid import PROJECT_ROOT
@@ -32,27 +40,64 @@ from mace_grid.errors import ConfigError, MaceGridError
 from mace_grid.evaluate import evaluate
 from mace_grid.model import count_parameters, product_expressivity
 from mace_grid.tp import BACKENDS
-from mace_grid.utils import atomic_write_text
+from mace_grid.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger("mace_grid.compare")
 
-COLUMNS = {
-    "tp": "tp",
+# Keys train.py must not get from the command line: the study sets them per run.
+STUDY_KEYS = {
+    "tp": "backends=[…]",
+    "seed": "seeds=[…]",
+    "trainer.max_epochs": "epochs=…",
+    "budget_s": "budget_s=… (as a study argument)",
+    "hydra.run.dir": "out_dir=…",
+}
+DEFAULT_EPOCHS = 100
+# Per-run CSV columns after tp, seed, test_set. Run-level values repeat on each test-set row.
+RUN_COLUMNS = (
+    "epochs",
+    "train_step_time_s",
+    "epoch_time_s",
+    "fit_time_s",
+    "wall_time_s",
+    "peak_rss_mb",
+    "parameters",
+    "product_weights",
+    "product_independent",
+    "product_complete",
+    "weights",
+    "independent",
+    "complete",
+    "equal_epochs",
+    "val_e_mae_equal_epochs",
+    "val_f_mae_equal_epochs",
+)
+SET_COLUMNS = ("n_structures", "inference_ms", "e_mae", "e_rmse", "f_mae", "f_rmse")
+COST_TABLE = {
+    "epochs": "epochs reached",
+    "epoch_time_s": "s/epoch (training steps)",
+    "speedup_vs_cg": "speed-up vs cg",
+    "train_step_time_s": "training-step time (s)",
+    "wall_time_s": "process wall (s)",
+    "peak_rss_mb": "peak RSS (MB)",
     "parameters": "parameters",
     "product_weights": "product-basis weights",
     "product_independent": "independent",
     "product_complete": "complete",
-    "epochs": "epochs",
-    "epoch_time_s": "s/epoch (median)",
-    "speedup_vs_cg": "epoch speed-up vs cg",
-    "train_time_s": "fit time (s)",
-    "wall_time_s": "process wall (s)",
-    "peak_rss_mb": "peak RSS (MB)",
+    "weights": "per (element, channel): weights",
+    "independent": "independent",
+    "complete": "complete",
+}
+SET_TABLE = {
     "inference_ms": "inference (ms/structure)",
     "e_mae": "E MAE (meV/atom)",
     "e_rmse": "E RMSE (meV/atom)",
     "f_mae": "F MAE (meV/Å)",
     "f_rmse": "F RMSE (meV/Å)",
+}
+EQUAL_EPOCHS_TABLE = {
+    "val_e_mae_equal_epochs": "val E MAE (meV/atom)",
+    "val_f_mae_equal_epochs": "val F MAE (meV/Å)",
 }
 
 
@@ -61,8 +106,29 @@ class CompareArgs:
     """Own arguments of compare_backends.py; every other ``key=value`` goes to train.py."""
 
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
-    epochs: int = 100
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Epoch budget (default 100); with budget_s a cap (default none).
+    epochs: int | None = None
+    # Seconds of training steps per run (EpochTrainTimer), the same for every backend.
+    budget_s: float | None = None
+    # Trainings at a time, each with train.py's threads= (default: CPUs // jobs).
+    jobs: int = 1
+    # File stem of the table, CSV and plots in out_dir.
+    name: str = "study"
     out_dir: str | None = None  # default: results/<data>
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training of the study: backend ``tp`` with ``seed``, in ``dir``."""
+
+    tp: str
+    seed: int
+    dir: Path
+
+    @property
+    def log(self) -> Path:
+        return self.dir.parent / f"seed{self.seed}.log"
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -72,108 +138,301 @@ def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return own, [a for a in argv if a not in own]
 
 
-def train_backend(tp: str, epochs: int, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    """Run train.py for one backend; return its resources record (also ``resources.json``)."""
-    cmd = [
+def _override(overrides: list[str], key: str) -> str | None:
+    return next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key), None)
+
+
+def validate_args(args, overrides: list[str]) -> None:
+    """Fail before anything runs, saying what to change."""
+    unknown = [tp for tp in args.backends if tp not in BACKENDS]
+    if unknown or not args.backends or len(set(args.backends)) < len(args.backends):
+        raise ConfigError(f"backends={list(args.backends)}; choose among {list(BACKENDS)}")
+    if not args.seeds or len(set(args.seeds)) < len(args.seeds):
+        raise ConfigError(f"seeds={list(args.seeds)} must be a non-empty list of distinct seeds")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"epochs={args.epochs} must be >= 1")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise ConfigError(f"budget_s={args.budget_s} must be a positive number of seconds")
+    if args.jobs < 1:
+        raise ConfigError(f"jobs={args.jobs} must be >= 1")
+    for key, instead in STUDY_KEYS.items():
+        if any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides):
+            raise ConfigError(f"the study sets {key} for each run; give {instead} instead")
+
+
+def train_command(run: Run, args, overrides: list[str]) -> list[str]:
+    """train.py for one run of the study."""
+    if args.budget_s is None:
+        budget = [f"trainer.max_epochs={args.epochs or DEFAULT_EPOCHS}"]
+    else:  # stop at the budget, even inside the first epoch
+        cap = args.epochs if args.epochs is not None else -1
+        budget = [f"budget_s={args.budget_s}", f"trainer.max_epochs={cap}", "trainer.min_epochs=0"]
+    return [
         sys.executable,
         str(PROJECT_ROOT / "train.py"),
-        f"tp={tp}",
-        f"trainer.max_epochs={epochs}",
+        f"tp={run.tp}",
+        f"seed={run.seed}",
+        *budget,
         "callbacks.early_stopping=null",
         "callbacks.progress_bar=null",
         *overrides,
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={run.dir}",
     ]
-    record_path = run_dir / "resources.json"
-    if record_path.is_file() and (run_dir / "summary.json").is_file():
-        record = json.loads(record_path.read_text())
-        if record["command"][1:] == cmd[1:]:
-            log.info("tp=%s: reusing the finished run in %s", tp, run_dir)
-            return record
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir.parent / f"{tp}.log"
-    log.info("tp=%s: training (%s), log %s", tp, " ".join(cmd[2:]), log_path)
+
+
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float]:
+    """Run ``cmd`` with output appended to ``log_path``; (wall seconds, peak RSS in MB)."""
+    log.info("%s: %s (log %s)", what, " ".join(cmd[1:]), log_path)
     start = time.perf_counter()
-    with open(log_path, "w") as handle:
+    with open(log_path, "a") as handle:
         proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all runs).
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or ["(empty log)"]
-        raise MaceGridError(
-            f"train.py tp={tp} exited with {proc.returncode} ({tail[0]}); see {log_path}"
-        )
-    record = {"command": cmd, "wall_time_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0}
-    atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
-    return record
+        raise MaceGridError(f"{what} exited with {proc.returncode} ({tail[0]}); see {log_path}")
+    return wall, usage.ru_maxrss / 1024.0
 
 
-def evaluate_run(run_dir: Path, threads: int | None) -> dict[str, Any]:
-    """``evaluate`` the run's best checkpoint on its test sets into ``<run_dir>/evaluate``."""
+def run_job(run: Run, cmd: list[str], threads: int) -> bool:
+    """Train (unless the same command finished before) and evaluate one run; True if trained."""
+    record_path = run.dir / "resources.json"
+    trained = False
+    # Same train.py arguments (the interpreter, script and run dir paths may have moved).
+    finished = (
+        record_path.is_file()
+        and (run.dir / "summary.json").is_file()
+        and json.loads(record_path.read_text())["command"][2:-1] == cmd[2:-1]
+    )
+    if finished:
+        log.info("tp=%s seed=%d: reusing the finished run in %s", run.tp, run.seed, run.dir)
+    else:
+        if run.dir.exists():  # unfinished or from another command: start over
+            shutil.rmtree(run.dir)
+        run.dir.mkdir(parents=True)
+        run.log.write_text("")
+        started = time.time()
+        wall, rss = _run_logged(cmd, run.log, f"train.py tp={run.tp} seed={run.seed}")
+        record = {"command": cmd, "started": started, "wall_time_s": wall, "peak_rss_mb": rss}
+        atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+        trained = True
+    if not (run.dir / "evaluate" / "metrics.json").is_file():
+        evaluate_run(run.dir, threads)
+    return trained
+
+
+_EVALUATING = threading.Lock()
+
+
+def evaluate_run(run_dir: Path, threads: int) -> dict[str, Any]:
+    """``evaluate`` the run's best checkpoint on its test sets into ``<run_dir>/evaluate``, in
+    this process (no second start-up per run), one run at a time (torch's thread count and
+    default dtype are process-wide)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     overrides = [
         f"ckpt_path={summary['best_checkpoint']}",
         f"paths.output_dir={run_dir / 'evaluate'}",
+        f"threads={threads}",
     ]
-    if threads is not None:
-        overrides.append(f"threads={threads}")
-    return evaluate(compose_config("evaluate", overrides))
+    with _EVALUATING:
+        return evaluate(compose_config("evaluate", overrides))
 
 
-def backend_row(tp: str, run_dir: Path, record: dict, report: dict) -> dict[str, Any]:
-    """One table row: cost and test errors (first test set) of a finished run."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    ckpt = read_checkpoint(summary["best_checkpoint"])
-    model, hp = model_from_checkpoint(ckpt), ckpt["hyper_parameters"]
-    products = product_expressivity(model, hp["tp"], hp["model"]["correlation"])
-    elements = len(hp["statistics"]["atomic_numbers"])
-    copies = [(elements * sc.irreps_out[0].mul, e) for sc, e in products]  # (element, channel)
-    test_name, test = next(iter(report["sets"].items()))
+def run_all(runs: list[Run], commands: list[list[str]], threads: int, jobs: int) -> int:
+    """Run the jobs ``jobs`` at a time in the given order; the number trained. Failures are
+    collected (the other runs go on) and raised together at the end."""
+    failures, trained = [], 0
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        futures = {
+            pool.submit(run_job, run, cmd, threads): run
+            for run, cmd in zip(runs, commands, strict=True)
+        }
+        for future in as_completed(futures):
+            try:
+                trained += future.result()
+            except MaceGridError as err:
+                failures.append(str(err))
+    except BaseException:  # Ctrl-C: start nothing new, stop what runs; finished runs are kept
+        pool.shutdown(wait=False, cancel_futures=True)
+        with _LIVE_LOCK:
+            for proc in _LIVE:
+                proc.terminate()
+        raise
+    pool.shutdown()
+    if failures:
+        raise MaceGridError("; ".join(failures))
+    return trained
+
+
+def val_history(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{epoch: {"e_mae", "f_mae"}} of the per-epoch validation (EMA weights) in metrics.csv."""
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("val/f_mae") and r.get("epoch")]
     return {
-        "tp": tp,
-        "parameters": count_parameters(model),
-        "product_weights": sum(count_parameters(sc) for sc, _ in products),
-        "product_independent": sum(n * e.independent for n, e in copies),
-        "product_complete": sum(n * e.complete for n, e in copies),
-        "epochs": summary["epochs"],
-        "epoch_time_s": statistics.median(summary["epoch_train_time_s"]),
-        "speedup_vs_cg": None,
-        "train_time_s": summary["train_time_s"],
-        "wall_time_s": record["wall_time_s"],
-        "peak_rss_mb": record["peak_rss_mb"],
-        "inference_ms": test["time_per_structure_ms"],
-        "test_set": test_name,
-        **{k: test[k] for k in ("e_mae", "e_rmse", "f_mae", "f_rmse")},
+        int(r["epoch"]): {"e_mae": float(r["val/e_mae"]), "f_mae": float(r["val/f_mae"])}
+        for r in rows
     }
 
 
 def val_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     """(cumulative training-step seconds, validation force MAE) per epoch, initial model at 0."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    with open(run_dir / "csv" / "metrics.csv") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("val/f_mae") and r.get("epoch")]
-    f_mae = {int(r["epoch"]): float(r["val/f_mae"]) for r in rows}
+    history = val_history(run_dir)
     times, t = [0.0], 0.0
     values = [summary["initial_val"]["f_mae"]] if summary.get("initial_val") else [float("nan")]
     for epoch, seconds in enumerate(summary["epoch_train_time_s"]):
         t += seconds
-        if epoch in f_mae:
+        if epoch in history:
             times.append(t)
-            values.append(f_mae[epoch])
+            values.append(history[epoch]["f_mae"])
     return times, values
 
 
-def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, title: str):
+def model_counts(ckpt_path: str) -> dict[str, int]:
+    """Parameters and product-basis expressivity (:func:`mace_grid.tp.expressivity`) of a
+    checkpoint's model: trainable weights, independent couplings they reach and all equivariant
+    maps, in total over blocks, elements and channels (``product_*``) and per (element,
+    channel) summed over the blocks (``weights``, ``independent``, ``complete``)."""
+    ckpt = read_checkpoint(ckpt_path)
+    model, hp = model_from_checkpoint(ckpt), ckpt["hyper_parameters"]
+    products = product_expressivity(model, hp["tp"], int(hp["model"]["correlation"]))
+    elements = len(hp["statistics"]["atomic_numbers"])
+    counts = {
+        "parameters": count_parameters(model),
+        "product_weights": sum(count_parameters(sc) for sc, _ in products),
+    }
+    for name in ("independent", "complete"):  # (element, channel) copies of each block
+        counts[f"product_{name}"] = sum(
+            elements * sc.irreps_out[0].mul * getattr(e, name) for sc, e in products
+        )
+    for name in ("weights", "independent", "complete"):
+        counts[name] = sum(getattr(e, name) for _, e in products)
+    return counts
+
+
+def run_rows(run: Run, counts: dict[str, Any], equal_epochs: int) -> list[dict[str, Any]]:
+    """CSV rows of one finished run, one per test set."""
+    summary = json.loads((run.dir / "summary.json").read_text())
+    record = json.loads((run.dir / "resources.json").read_text())
+    report = json.loads((run.dir / "evaluate" / "metrics.json").read_text())
+    step_time = float(sum(summary["epoch_train_time_s"]))
+    epochs = summary["epochs_reached"]
+    val = val_history(run.dir).get(equal_epochs - 1, {}) if equal_epochs else {}
+    shared = {
+        "epochs": epochs,
+        "train_step_time_s": step_time,
+        "epoch_time_s": step_time / epochs,
+        "fit_time_s": summary["train_time_s"],
+        "wall_time_s": record["wall_time_s"],
+        "peak_rss_mb": record["peak_rss_mb"],
+        **counts,
+        "equal_epochs": equal_epochs or None,
+        "val_e_mae_equal_epochs": val.get("e_mae"),
+        "val_f_mae_equal_epochs": val.get("f_mae"),
+    }
+    return [
+        {
+            "tp": run.tp,
+            "seed": run.seed,
+            "test_set": name,
+            **shared,
+            "n_structures": m["n_structures"],
+            "inference_ms": m["time_per_structure_ms"],
+            **{k: m[k] for k in ("e_mae", "e_rmse", "f_mae", "f_rmse")},
+        }
+        for name, m in report["sets"].items()
+    ]
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float | None] | None:
+    """(mean, sample std or None for one value) of the non-missing values; None if none.
+    Tables print "mean ± std", or the mean alone for one value or a constant."""
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _number(value: float) -> str:
+    if float(value).is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def _cell(stat: tuple[float, float | None] | None) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return _number(mean) if not std else f"{_number(mean)} ± {_number(std)}"
+
+
+def _table(columns: dict[str, str], rows: list[dict[str, Any]], backends: list[str]) -> list[str]:
+    """Markdown table, one line per backend: mean ± std over its rows of each column."""
+    lines = [
+        "| tp | seeds | " + " | ".join(columns.values()) + " |",
+        "|" + "---|" * (len(columns) + 2),
+    ]
+    for tp in backends:
+        mine = [r for r in rows if r["tp"] == tp]
+        if mine:
+            cells = [_cell(mean_std([r.get(k) for r in mine])) for k in columns]
+            lines.append(f"| {tp} | {len(mine)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], backends: list[str], header: str) -> str:
+    """The study table: cost per backend, errors per test set, validation at equal epochs."""
+    first_set = rows[0]["test_set"]
+    cg = mean_std([r["epoch_time_s"] for r in rows if r["tp"] == "cg"])
+    per_run = [
+        {**r, "speedup_vs_cg": cg[0] / r["epoch_time_s"] if cg else None}
+        for r in rows
+        if r["test_set"] == first_set
+    ]
+    lines = [header, "", "## Cost", "", *_table(COST_TABLE, per_run, backends)]
+    for test_set in dict.fromkeys(r["test_set"] for r in rows):
+        mine = [r for r in rows if r["test_set"] == test_set]
+        lines += ["", f"## Test set `{test_set}` ({mine[0]['n_structures']} structures)", ""]
+        lines += _table(SET_TABLE, mine, backends)
+    if per_run[0]["equal_epochs"]:
+        epochs = per_run[0]["equal_epochs"]
+        lines += ["", f"## At equal epochs ({epochs}, from the validation curves)", ""]
+        lines += _table(EQUAL_EPOCHS_TABLE, per_run, backends)
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], path: Path, title: str):
+    """Validation F MAE vs training-step time: per backend the mean over seeds (interpolated
+    onto common times, up to the shortest seed's) and the min-max band over seeds."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
-    for tp, (times, values) in curves.items():
-        ax.plot(times, values, marker="o", ms=3, label=tp)
+    for tp, seed_curves in curves.items():
+        end = min(times[-1] for times, _ in seed_curves)
+        grid = np.linspace(0.0, end, 100)
+        values = np.array([np.interp(grid, t, v) for t, v in seed_curves])
+        (line,) = ax.plot(grid, values.mean(0), label=f"{tp} ({len(seed_curves)} seeds)")
+        if len(seed_curves) > 1:
+            ax.fill_between(grid, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     ax.set(
         xlabel="training time (s, training steps only)",
         ylabel="validation force MAE (meV/Å)",
@@ -185,69 +444,107 @@ def plot_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path, 
     plt.close(fig)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
+def plot_front(rows: list[dict[str, Any]], backends: list[str], path: Path, title: str):
+    """Test F MAE vs s/epoch per test set: mean ± std over seeds (the accuracy-speed front)."""
+    plt = _pyplot()
+    sets = list(dict.fromkeys(r["test_set"] for r in rows))
+    fig, axes = plt.subplots(
+        1, len(sets), figsize=(5 * len(sets), 4), constrained_layout=True, squeeze=False
+    )
+    for ax, test_set in zip(axes[0], sets, strict=True):
+        for tp in backends:
+            mine = [r for r in rows if r["tp"] == tp and r["test_set"] == test_set]
+            x, y = (mean_std([r[k] for r in mine]) for k in ("epoch_time_s", "f_mae"))
+            if x is None or y is None:  # no run, or an energy-only test set
+                continue
+            (x, dx), (y, dy) = x, y
+            ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=3, label=tp)
+        ax.set(
+            xlabel="s/epoch (training steps)",
+            ylabel="test force MAE (meV/Å)",
+            title=f"{title}: {test_set}",
+        )
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def markdown(rows: list[dict[str, Any]], header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| " + " | ".join(COLUMNS.values()) + " |",
-        "|" + "---|" * len(COLUMNS),
-    ]
-    lines += ["| " + " | ".join(_cell(r[k]) for k in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """One row per (tp, seed, test set); missing values empty."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=["tp", "seed", "test_set", *RUN_COLUMNS, *SET_COLUMNS]
+        )
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
-    """Train, evaluate and tabulate every backend of ``args.backends``; return the rows."""
-    unknown = [tp for tp in args.backends if tp not in BACKENDS]
-    if unknown or not args.backends:
-        raise ConfigError(f"backends={list(args.backends)}; choose among {list(BACKENDS)}")
-    if args.epochs < 1:
-        raise ConfigError(f"epochs={args.epochs} must be >= 1")
-    data = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), "demo")
-    threads = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("threads=")), None)
+    """Run (or reuse) every (backend, seed) of the study and write its tables and plots;
+    return the CSV rows."""
+    validate_args(args, overrides)
+    data = _override(overrides, "data") or "demo"
+    threads = _override(overrides, "threads")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        overrides = [*overrides, f"threads={threads}"]
     out_dir = Path(args.out_dir or PROJECT_ROOT / "results" / data)
-    backends = ",".join(args.backends)
-    command = " ".join([f"backends=[{backends}]", f"epochs={args.epochs}", *overrides])
-    records = {
-        tp: train_backend(tp, args.epochs, overrides, out_dir / "runs" / tp) for tp in args.backends
-    }
-    if threads is not None:
-        torch.set_num_threads(threads)
+    runs = [
+        Run(tp, seed, out_dir / "runs" / tp / f"seed{seed}")
+        for seed in args.seeds
+        for tp in args.backends
+    ]
+    commands = [train_command(run, args, overrides) for run in runs]
+    trained = run_all(runs, commands, int(threads), args.jobs)
+    log.info("%d of %d runs trained now, %d reused", trained, len(runs), len(runs) - trained)
+
+    summaries = {run: json.loads((run.dir / "summary.json").read_text()) for run in runs}
+    equal_epochs = int(min(s["epochs_reached"] for s in summaries.values()))
+    counts: dict[str, dict[str, Any]] = {}
     rows, curves = [], {}
-    for tp, record in records.items():
-        run_dir = out_dir / "runs" / tp
-        rows.append(backend_row(tp, run_dir, record, evaluate_run(run_dir, threads)))
-        curves[tp] = val_curve(run_dir)
-    cg = next((r for r in rows if r["tp"] == "cg"), None)
-    for row in rows:
-        if cg is not None:
-            row["speedup_vs_cg"] = cg["epoch_time_s"] / row["epoch_time_s"]
-    with open(out_dir / "compare.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    header = (
-        f"# tp backends on {data}: {args.epochs} epochs each\n\n"
-        f"Command: `python scripts/compare_backends.py {command}`  \n"
-        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads for inference.  \n"
-        "Product basis, summed over blocks, elements and channels: trainable weights, "
-        "independent couplings they reach (rank of d(output)/d(weights)) and all equivariant "
-        "polynomial maps of degree <= correlation (`mace_grid.tp.expressivity`).  \n"
-        f"Errors: best checkpoint (EMA) on test set `{rows[0]['test_set']}`; "
-        "time per epoch counts training steps only; inference = forward + forces.\n\n"
-        "![validation force MAE vs training time](f_mae_vs_time.png)"
+    for run in runs:
+        if run.tp not in counts:
+            counts[run.tp] = model_counts(summaries[run]["best_checkpoint"])
+        rows += run_rows(run, counts[run.tp], equal_epochs)
+        curves.setdefault(run.tp, []).append(val_curve(run.dir))
+    rows.sort(key=lambda r: (args.backends.index(r["tp"]), args.seeds.index(r["seed"])))
+
+    stem = out_dir / args.name
+    write_csv(rows, stem.with_suffix(".csv"))
+    title = f"{data}: validation force MAE (mean, band: min-max over seeds)"
+    plot_curves(curves, Path(f"{stem}_val_f_mae_vs_time.png"), title)
+    plot_front(rows, list(args.backends), Path(f"{stem}_f_mae_vs_epoch_time.png"), data)
+    command = " ".join(
+        [
+            f"backends=[{','.join(args.backends)}]",
+            f"seeds=[{','.join(map(str, args.seeds))}]",
+            *([f"epochs={args.epochs}"] if args.epochs is not None else []),
+            *([f"budget_s={args.budget_s}"] if args.budget_s is not None else []),
+            f"jobs={args.jobs}",
+            *([f"name={args.name}"] if args.name != "study" else []),
+            *overrides,
+        ]
     )
-    table = markdown(rows, header)
-    atomic_write_text(out_dir / "compare.md", table)
-    plot_curves(curves, out_dir / "f_mae_vs_time.png", f"{data}: validation force MAE")
+    if args.budget_s is None:
+        budget = f"{args.epochs or DEFAULT_EPOCHS} epochs per run"
+    else:
+        cap = f" (at most {args.epochs} epochs)" if args.epochs is not None else ""
+        budget = f"{args.budget_s:g} s of training steps per run{cap}"
+    header = (
+        f"# tp backends on {data}: {budget}, {len(args.seeds)} seeds\n\n"
+        f"Command: `python scripts/compare_backends.py {command}`  \n"
+        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}; {args.jobs} run(s) at a "
+        f"time, {threads} thread(s) each (training and inference).  \n"
+        "Values: mean ± std over seeds. Time per epoch counts training steps only; test errors "
+        "of the best (EMA) checkpoint; inference = forward + forces. Product basis "
+        "(`mace_grid.tp.expressivity`): trainable weights, independent couplings they reach "
+        "(rank of d(output)/d(weights)) and all equivariant polynomial maps of degree <= "
+        "correlation, summed over blocks, elements and channels, then per (element, channel) "
+        "summed over blocks.\n\n"
+        f"![validation force MAE vs training time]({stem.name}_val_f_mae_vs_time.png)\n"
+        f"![test force MAE vs time per epoch]({stem.name}_f_mae_vs_epoch_time.png)"
+    )
+    table = markdown(rows, list(args.backends), header)
+    atomic_write_text(stem.with_suffix(".md"), table)
     print(table + f"\nwritten to {out_dir}")
     return rows

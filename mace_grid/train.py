@@ -54,8 +54,16 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.precision={precision}: the Gaunt product backends (tp={tp['name']}) do "
             "not support autocast / mixed precision; use trainer.precision=32-true"
         )
-    if cfg.trainer.get("max_epochs") is not None and cfg.trainer.max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    if cfg.budget_s is not None:
+        if float(cfg.budget_s) <= 0:
+            raise ConfigError(f"budget_s={cfg.budget_s} must be a positive number of seconds")
+        if (cfg.get("callbacks") or {}).get("epoch_timer") is None:
+            raise ConfigError("budget_s needs callbacks.epoch_timer (it counts the time)")
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs < 1 and (max_epochs != -1 or cfg.budget_s is None):
+        raise ConfigError(
+            f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 with a budget_s=<seconds>)"
+        )
     if cfg.threads is not None and int(cfg.threads) < 1:
         raise ConfigError(f"threads={cfg.threads} must be a positive integer or null")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
@@ -146,7 +154,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         log.info("Validating the untrained model (initial_val)")
         module.initial_val = _metrics(evaluator.validate(module, datamodule, verbose=False), "val")
-    log.info("Training for up to %d epochs", cfg.trainer.max_epochs)
+    budget = f" or {cfg.budget_s} s of training steps" if cfg.budget_s is not None else ""
+    log.info("Training for up to %s epochs%s", cfg.trainer.max_epochs, budget)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     train_time = module.fit_time_offset + time.perf_counter() - start
@@ -176,6 +185,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tp": cfg.tp.name,
         "data": cfg.data.name,
         "epochs": trainer.current_epoch,
+        # Optimiser steps over steps per epoch: a budget can end an epoch early.
+        "epochs_reached": trainer.global_step / trainer.num_training_batches,
         "train_time_s": train_time,
         "epoch_train_time_s": timer.per_epoch if timer else [],
         "initial_val": module.initial_val,

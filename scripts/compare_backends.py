@@ -1,10 +1,12 @@
-"""Train every tp backend at an equal budget and compare time, memory and accuracy.
+"""The backend study: every tp backend × every seed at one budget; time, memory and accuracy.
 
-``python scripts/compare_backends.py [backends=[cg,gaunt,grid]] [epochs=100] [out_dir=…]
-[train.py overrides, e.g. data=3bpa model=mace_3bpa threads=2]`` writes
-``results/<data>/{compare.md,compare.csv,f_mae_vs_time.png}`` and ``runs/<tp>/`` (see
-:mod:`mace_grid.compare`). On a shared, busy CPU pass threads=1: two torch threads competing
-with other jobs made training steps 3-15x slower here.
+``python scripts/compare_backends.py [backends=[cg,gaunt,grid]] [seeds=[0,1,2]]
+[epochs=100 | budget_s=<seconds of training steps>] [jobs=1] [name=study] [out_dir=…]
+[train.py overrides, e.g. data=3bpa threads=1]`` writes ``results/<data>/study.{md,csv}``, the
+plots ``study_*.png`` and ``runs/<tp>/seed<seed>/`` (see :mod:`mace_grid.compare`). Rerunning
+the same command reuses every finished run; stop it at any point and rerun to continue. On a
+shared, busy CPU pass threads=1: two torch threads competing with other jobs made training
+steps 3-15x slower here.
 """
 
 import logging

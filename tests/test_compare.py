@@ -1,59 +1,169 @@
-"""scripts/compare_backends.py on tiny settings: one row per backend, CSV, table and plot."""
+"""scripts/compare_backends.py (the backend study) on tiny settings: runs, reuse, budget, jobs."""
 
 import csv
 import json
+import statistics
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-import torch
 from _helpers import shared_root, tiny_args
 
+from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
-from mace_grid.compare import COLUMNS, CompareArgs, compare, split_args
-from mace_grid.tp import BACKENDS
+from mace_grid.compare import CompareArgs, compare, split_args
+from mace_grid.errors import ConfigError
 
 
-def test_compare_all_backends(tmp_path_factory, tmp_path: Path) -> None:
+def study(argv: list[str]) -> list[dict]:
+    own, overrides = split_args(argv)
+    return compare(parse_cli(CompareArgs, own), overrides)
+
+
+def train_args(tmp_path_factory) -> list[str]:
+    root = shared_root(tmp_path_factory)
+    # A second test set (the same frames under another name): one table per test set.
+    return [*tiny_args(root), f"+data.test_files.again={root}/demo/test.db"]
+
+
+def table_row(table: str, heading: str, tp: str) -> list[str]:
+    """Cells of backend ``tp``'s line in the markdown table under ``heading``."""
+    lines = table.split(heading, 1)[1].splitlines()
+    line = next(x for x in lines if x.startswith(f"| {tp} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_study_two_backends_two_seeds(tmp_path_factory, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    train_args = [a for a in tiny_args(shared_root(tmp_path_factory)) if "progress_bar" not in a]
-    own, overrides = split_args(["epochs=2", f"out_dir={out}", *train_args])
-    assert overrides == train_args
-    threads = torch.get_num_threads()
-    try:
-        rows = compare(parse_cli(CompareArgs, own), overrides)
-    finally:
-        torch.set_num_threads(threads)
+    argv = [
+        "backends=[cg,grid]",
+        "seeds=[0,1]",
+        "epochs=1",
+        "jobs=2",
+        f"out_dir={out}",
+        *train_args(tmp_path_factory),
+    ]
+    rows = study(argv)
 
-    assert [r["tp"] for r in rows] == list(BACKENDS) == ["cg", "gaunt", "grid"]
-    for row in rows:
-        assert row["epochs"] == 2
-        assert row["product_weights"] < row["parameters"]
-        assert row["product_independent"] <= min(row["product_weights"], row["product_complete"])
-        for key in ("epoch_time_s", "train_time_s", "wall_time_s", "peak_rss_mb", "inference_ms"):
-            assert row[key] > 0, (row["tp"], key)
-        assert row["wall_time_s"] > row["train_time_s"]
-        assert row["peak_rss_mb"] > 100  # torch + mace alone take more
-        summary = json.loads((out / "runs" / row["tp"] / "summary.json").read_text())
-        assert summary["tp"] == row["tp"]
-        assert row["f_mae"] == pytest.approx(summary["test"]["test"]["f_mae"], rel=1e-4)
-    assert rows[0]["speedup_vs_cg"] == 1.0
-    cg, gaunt, grid = rows
-    # cg's U columns are redundant but reach every map; the Gaunt weights are all independent
+    keys = [(r["tp"], r["seed"], r["test_set"]) for r in rows]
+    assert keys == [
+        (tp, seed, s) for tp in ("cg", "grid") for seed in (0, 1) for s in ("test", "again")
+    ]
+    runs = {
+        (tp, seed): out / "runs" / tp / f"seed{seed}" for tp in ("cg", "grid") for seed in (0, 1)
+    }
+    for (tp, seed), run_dir in runs.items():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["tp"], summary["epochs"], summary["epochs_reached"]) == (tp, 1, 1.0)
+        mine = [r for r in rows if (r["tp"], r["seed"]) == (tp, seed)]
+        for row in mine:  # evaluate.py and train.py's own test pass agree
+            assert row["f_mae"] == pytest.approx(summary["test"]["test"]["f_mae"], rel=1e-4)
+            assert row["product_weights"] < row["parameters"]
+            assert 0 < row["independent"] <= min(row["weights"], row["complete"])
+            assert row["peak_rss_mb"] > 100  # torch + mace alone take more
+            assert row["wall_time_s"] > row["fit_time_s"] > row["train_step_time_s"] > 0
+            assert row["equal_epochs"] == 1
+    cg, grid = (next(r for r in rows if r["tp"] == tp) for tp in ("cg", "grid"))
+    # cg's U columns are redundant but reach every map; the grid's weights are all independent
     assert cg["product_independent"] == cg["product_complete"] < cg["product_weights"]
-    for row in (gaunt, grid):
-        assert row["product_independent"] == row["product_weights"] < row["product_complete"]
-        assert row["product_complete"] == cg["product_complete"]
+    assert grid["product_independent"] == grid["product_weights"] < grid["product_complete"]
+    assert grid["product_complete"] == cg["product_complete"]
+    assert (cg["independent"], grid["independent"]) == (cg["complete"], grid["weights"])
+    # Seeds are applied: another seed, another model.
+    f_mae = {(r["tp"], r["seed"]): r["f_mae"] for r in rows if r["test_set"] == "test"}
+    assert f_mae["cg", 0] != f_mae["cg", 1] and f_mae["grid", 0] != f_mae["grid", 1]
+    # jobs=2: trainings overlapped in time.
+    spans = sorted(
+        (rec["started"], rec["started"] + rec["wall_time_s"])
+        for rec in (json.loads((d / "resources.json").read_text()) for d in runs.values())
+    )
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
 
-    with open(out / "compare.csv") as handle:
-        assert [r["tp"] for r in csv.DictReader(handle)] == list(BACKENDS)
-    table = (out / "compare.md").read_text()
-    assert "| " + " | ".join(COLUMNS.values()) + " |" in table
-    assert sum(line.startswith(f"| {tp} |") for tp in BACKENDS for line in table.splitlines()) == 3
-    assert (out / "f_mae_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    with open(out / "study.csv") as handle:
+        saved = list(csv.DictReader(handle))
+    assert [(r["tp"], int(r["seed"]), r["test_set"]) for r in saved] == keys
+    table = (out / "study.md").read_text()
+    # The F MAE cell is mean ± std over the seeds of the CSV's values.
+    for test_set in ("test", "again"):
+        values = [
+            float(r["f_mae"]) for r in saved if r["tp"] == "grid" and r["test_set"] == test_set
+        ]
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        cells = table_row(table, f"## Test set `{test_set}`", "grid")
+        assert cells[1] == "2"  # seeds
+        assert cells[-2] == f"{mean:.3g} ± {std:.3g}"
+    cost = table_row(table, "## Cost", "cg")
+    assert cost[1] == "2" and cost[2] == "1" and "±" in cost[3]
+    assert "## At equal epochs (1" in table
+    for plot in ("study_val_f_mae_vs_time.png", "study_f_mae_vs_epoch_time.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
-    # Same command again: the finished run is reused, not retrained.
-    stamp = (out / "runs" / "cg" / "summary.json").stat().st_mtime_ns
-    own, overrides = split_args(["backends=[cg]", "epochs=2", f"out_dir={out}", *train_args])
-    compare(parse_cli(CompareArgs, own), overrides)
-    torch.set_num_threads(threads)
-    assert (out / "runs" / "cg" / "summary.json").stat().st_mtime_ns == stamp
+    # The same command again reuses every finished run and writes the same table.
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for d in runs.values()
+        for p in (d / "summary.json", d / "evaluate" / "metrics.json")
+    }
+    assert study(argv) == rows
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert (out / "study.md").read_text() == table
+
+    # Stopped between a run's training and its evaluation: the rerun only evaluates it.
+    metrics = runs["grid", 1] / "evaluate" / "metrics.json"
+    metrics.unlink()
+    again = study(argv)
+    assert metrics.is_file()
+    assert {p: p.stat().st_mtime_ns for p in stamps if p != metrics} == {
+        p: t for p, t in stamps.items() if p != metrics
+    }
+    assert [r["f_mae"] for r in again] == pytest.approx([r["f_mae"] for r in rows], rel=1e-6)
+
+
+def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
+    """A budget shorter than one step stops after the first step (of 3 per epoch), inside the
+    first epoch, which is then validated, checkpointed and evaluated."""
+    out = tmp_path / "results"
+    rows = study(
+        ["backends=[grid]", "seeds=[0]", "budget_s=1e-6", "epochs=5", f"out_dir={out}"]
+        + tiny_args(shared_root(tmp_path_factory))
+    )
+    summary = json.loads((out / "runs" / "grid" / "seed0" / "summary.json").read_text())
+    assert summary["epochs_reached"] == pytest.approx(1 / 3)
+    assert len(summary["epoch_train_time_s"]) == 1
+    (row,) = rows
+    assert row["epochs"] == pytest.approx(1 / 3) and row["equal_epochs"] is None
+    assert "budget_s=1e-06" in (out / "study.md").read_text()
+
+
+def test_budget_counts_the_epochs_before_a_resume() -> None:
+    """The budget is for the whole run: epochs restored from a checkpoint count."""
+    timer = EpochTrainTimer(budget_s=1.0)
+    timer.load_state_dict({"epoch_times": {"0": 0.6, "1": 0.3}})
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+    trainer = SimpleNamespace(current_epoch=2, should_stop=False, strategy=strategy)
+    timer.on_train_epoch_start(trainer, None)
+    timer.on_train_batch_start(trainer, None, None, 0)
+    timer.on_train_batch_end(trainer, None, None, None, 0)
+    assert not trainer.should_stop  # 0.9 s + one instant step
+    timer.on_train_batch_start(trainer, None, None, 1)
+    time.sleep(0.15)
+    timer.on_train_batch_end(trainer, None, None, None, 1)
+    assert trainer.should_stop
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["backends=[cg,nope]"], "choose among"),
+        (["seeds=[]"], "seeds="),
+        (["budget_s=0"], "budget_s=0"),
+        (["jobs=0"], "jobs=0"),
+        (["seed=3"], "seeds=[…]"),
+        (["trainer.max_epochs=3"], "epochs=…"),
+    ],
+)
+def test_bad_arguments_are_refused_before_running(argv, message, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        study([*argv, f"out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())

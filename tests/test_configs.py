@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mace_grid.config import CONF_DIR, compose_config
+from mace_grid.errors import ConfigError
 from mace_grid.model import validate_model_config
 from mace_grid.train import validate_config
 
@@ -85,8 +86,26 @@ def test_test_files_can_be_given_on_the_command_line(tmp_path: Path) -> None:
     ],
 )
 def test_backend_limits_are_checked_up_front(overrides, needle, tmp_path: Path) -> None:
-    from mace_grid.errors import ConfigError
-
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         validate_config(compose_train(overrides, tmp_path))
     validate_config(compose_train(["tp=grid", "model.correlation=6"], tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["budget_s=0"], "budget_s=0"),
+        (["budget_s=60", "callbacks.epoch_timer=null"], "needs callbacks.epoch_timer"),
+        (["trainer.max_epochs=-1"], "or -1 with a budget_s"),
+        (["trainer.max_epochs=0", "budget_s=60"], "trainer.max_epochs=0"),
+    ],
+)
+def test_bad_training_budget_is_refused(overrides: list[str], message: str, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_train(overrides, tmp_path))
+
+
+def test_budget_reaches_the_epoch_timer(tmp_path: Path) -> None:
+    cfg = compose_train(["budget_s=60", "trainer.max_epochs=-1"], tmp_path)
+    validate_config(cfg)
+    assert hydra.utils.instantiate(cfg.callbacks.epoch_timer).budget_s == 60
