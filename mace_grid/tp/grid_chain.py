@@ -62,6 +62,9 @@ class GridChainProduct(GridRankProduct):
         degree_of_k = [l for l in range(k + 1) for _ in range(2 * l + 1)]
         self.register_buffer("degree_of_k", torch.tensor(degree_of_k), persistent=False)
 
+    def round_trip_weight(self) -> torch.Tensor:
+        return self.trip
+
     def transform_pair(self, pair: torch.Tensor) -> torch.Tensor:
         """``h = synth(d * P_{k <= K}(pair))``, ``[R, G, n C] -> [R, G, n C]``."""
         dtype = pair.dtype

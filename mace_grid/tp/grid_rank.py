@@ -21,6 +21,8 @@ channel the same R coupling maps, leaving only their output weights free, and pe
 factors cost one multiply of the [D_in, n C] features, nothing on the grid.
 """
 
+import math
+
 import torch
 from e3nn import o3
 from e3nn.util.jit import compile_mode
@@ -29,10 +31,205 @@ from mace_grid.errors import ConfigError
 from mace_grid.tp import sphere
 from mace_grid.tp.gaunt import GauntProductBasis, basis_scale
 
+#: bytes of the grid-sized temporaries of one column block (about a CPU's L2 cache)
+_BLOCK_BYTES = 1 << 20
+
 
 def grid_degree(l_in: int, correlation: int, l_out: int) -> int:
     """Polynomial degree the grid must integrate exactly: that of f^corr Y_{L_out}."""
     return correlation * l_in + l_out
+
+
+def _blocks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class _ProductMaps:
+    """The constant maps of one `GridRankProduct`, cast to the input dtype (eager mode only).
+
+    ``evaluate [G, D_in]``, ``project [D_out, G]`` and their transposes; ``degree_of_lm``
+    expands per-degree weights to (l, m) rows and ``degree_sum [L_in+1, D_in]`` sums rows back;
+    ``trip_*`` are the chain's round-trip maps (``chain`` False: no round trip).
+    """
+
+    def __init__(self, module: "GridRankProduct", dtype: torch.dtype) -> None:
+        self.evaluate = module.to_grid.to(dtype)
+        self.evaluate_t = self.evaluate.T.contiguous()
+        self.project = module.projector.to(dtype)
+        self.project_t = self.project.T.contiguous()
+        self.degree_of_lm = module.degree_of_lm
+        self.degree_sum = _degree_sum(module.degree_of_lm, dtype)
+        self.correlation = module.correlation
+        self.chain = hasattr(module, "trip_project")
+        if self.chain:
+            self.trip_project = module.trip_project.to(dtype)
+            self.trip_project_t = self.trip_project.T.contiguous()
+            self.trip_synth = module.trip_synth.to(dtype)
+            self.trip_synth_t = self.trip_synth.T.contiguous()
+            self.degree_of_k = module.degree_of_k
+            self.degree_sum_k = _degree_sum(module.degree_of_k, dtype)
+
+
+def _degree_sum(degree_of_row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n_degrees, rows]`` 0/1 matrix summing the rows of each degree."""
+    n = int(degree_of_row.max()) + 1
+    return torch.nn.functional.one_hot(degree_of_row, n).T.to(dtype)
+
+
+# Tangent-carrying values: (primal, tangent or None). `_products` runs on them so that one code
+# path gives the forward, the vector-Jacobian product, and the forward-mode derivative of both.
+
+
+def _mul(x, y):
+    p = x[0] * y[0]
+    if x[1] is None:
+        return p, None if y[1] is None else x[0] * y[1]
+    return p, x[1] * y[0] if y[1] is None else torch.addcmul(x[1] * y[0], x[0], y[1])
+
+
+def _add(x, y):
+    if x[1] is None or y[1] is None:
+        return x[0] + y[0], x[1] if y[1] is None else y[1]
+    return x[0] + y[0], x[1] + y[1]
+
+
+def _linear(f, x):
+    """A linear map applied to a tangent-carrying value."""
+    return f(x[0]), None if x[1] is None else f(x[1])
+
+
+def _stack(xs, dim: int):
+    p = torch.stack([x[0] for x in xs], dim)
+    if all(x[1] is None for x in xs):
+        return p, None
+    return p, torch.stack([torch.zeros_like(x[0]) if x[1] is None else x[1] for x in xs], dim)
+
+
+def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
+    """The rank products of one column block, and with ``grad`` their vector-Jacobian product.
+
+    Arguments and results are (primal, tangent) pairs. ``a [D_in, b]`` features,
+    ``w [L_in+1, R corr, b]`` factor weights, ``d [K+1, R, b]`` round-trip weights (chain) ->
+    ``out [corr-1, D_out, R, b]``; with ``grad`` (shaped as ``out``) also
+    ``(grad_a, grad_w, grad_d)``. The factors are g_j = evaluate(w_j a), j < corr, per rank;
+    p_k = left_k g_k is the product of the first k + 1, with left_1 = g_0, left_k = p_{k-1},
+    except the chain's left_2 = synth(d project_K(p_1)).
+    """
+    rank, corr = d[0].shape[1], maps.correlation
+    n_points, b = maps.evaluate.shape[0], a[0].shape[1]
+    dim_in = maps.evaluate.shape[1]
+    on_grid = (n_points, rank, b)
+
+    def grid_map(matrix, shape):
+        return lambda t: (matrix @ t.reshape(matrix.shape[1], -1)).view(shape)
+
+    w_lm = _linear(lambda t: t.index_select(0, maps.degree_of_lm), w)  # [D_in, R corr, b]
+    a_col = _linear(lambda t: t.unsqueeze(1), a)
+    g = _linear(grid_map(maps.evaluate, (n_points, rank, corr, b)), _mul(a_col, w_lm))
+
+    def factor(k: int):
+        return _linear(lambda t: t[:, :, k], g)
+
+    left, products = [factor(0)], []
+    coeff = d_k = None
+    for k in range(1, corr):
+        if k == 2 and maps.chain:
+            n_k = maps.trip_project.shape[0]
+            coeff = _linear(grid_map(maps.trip_project, (n_k, rank * b)), products[0])
+            d_k = _linear(lambda t: t.index_select(0, maps.degree_of_k).view(n_k, -1), d)
+            left.append(_linear(grid_map(maps.trip_synth, on_grid), _mul(coeff, d_k)))
+        elif k >= 2:
+            left.append(products[-1])
+        products.append(_mul(left[k - 1], factor(k)))
+    project = grid_map(maps.project, (-1, rank, b))
+    out = _stack([_linear(project, p) for p in products], 0) if need_out else None
+    if grad is None:
+        return out
+    project_t = grid_map(maps.project_t, on_grid)
+
+    def grad_out(k: int):
+        return _linear(lambda t: t[k], grad)
+
+    grad_g = [factor(0)] * corr  # placeholders, all overwritten
+    grad_d = (torch.zeros_like(d[0]), None)
+    adjoint = _linear(project_t, grad_out(corr - 2))  # of p_{corr-1}
+    for k in range(corr - 1, 0, -1):
+        grad_g[k] = _mul(adjoint, left[k - 1])
+        adj_left = _mul(adjoint, factor(k))
+        if k == 1:
+            grad_g[0] = adj_left
+            break
+        if k == 2 and maps.chain:
+            t = _linear(grid_map(maps.trip_synth_t, (-1, rank * b)), adj_left)
+            grad_d = _linear(grid_map(maps.degree_sum_k, (-1, rank, b)), _mul(coeff, t))
+            adj_left = _linear(grid_map(maps.trip_project_t, on_grid), _mul(t, d_k))
+        adjoint = _add(adj_left, _linear(project_t, grad_out(k - 2)))
+    grad_z = _linear(grid_map(maps.evaluate_t, (dim_in, rank * corr, b)), _stack(grad_g, 2))
+    grad_a = _linear(lambda t: t.sum(1), _mul(grad_z, w_lm))
+    grad_w = _linear(grid_map(maps.degree_sum, (-1, rank * corr, b)), _mul(grad_z, a_col))
+    return out, grad_a, grad_w, grad_d
+
+
+class _RankProduct(torch.autograd.Function):
+    """`_products` over cache-sized column blocks; its backward is `_RankProductVJP`, so the
+    forces (first derivative) can be differentiated again in training."""
+
+    @staticmethod
+    def forward(ctx, a, w, d, maps, block):
+        ctx.save_for_backward(a, w, d)
+        ctx.maps, ctx.block = maps, block
+        out = a.new_empty(maps.correlation - 1, maps.project.shape[0], d.shape[1], a.shape[1])
+        for start, stop in _blocks(a.shape[1], block):
+            cols = slice(start, stop)
+            blk = (a[:, cols], None), (w[..., cols], None), (d[..., cols], None)
+            out[..., cols] = _products(maps, *blk)[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w, d = ctx.saved_tensors
+        grads = _RankProductVJP.apply(a, w, d, grad, ctx.maps, ctx.block)
+        return *grads, None, None
+
+
+class _RankProductVJP(torch.autograd.Function):
+    """``(grad_a, grad_w, grad_d)`` of `_products`, blockwise. Its backward (the second
+    derivatives) is the forward-mode derivative of `_products` along the incoming cotangents v:
+    for phi = <grad, out>, d/d(a, w, d) <v, grad phi> = Hessian(phi) v, the tangent of
+    grad phi, and d/d grad <v, grad phi> = the tangent of out."""
+
+    @staticmethod
+    def forward(ctx, a, w, d, grad, maps, block):
+        ctx.save_for_backward(a, w, d, grad)
+        ctx.maps, ctx.block = maps, block
+        grad_a, grad_w, grad_d = torch.empty_like(a), torch.empty_like(w), torch.empty_like(d)
+        for start, stop in _blocks(a.shape[1], block):
+            cols = slice(start, stop)
+            blk = (a[:, cols], None), (w[..., cols], None), (d[..., cols], None)
+            _, ga, gw, gd = _products(maps, *blk, (grad[..., cols], None), need_out=False)
+            grad_a[:, cols], grad_w[..., cols], grad_d[..., cols] = ga[0], gw[0], gd[0]
+        return grad_a, grad_w, grad_d
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v_a, v_w, v_d):
+        a, w, d, grad = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        results = [torch.zeros_like(t) if n else None for t, n in zip((a, w, d, grad), need)]
+        for start, stop in _blocks(a.shape[1], ctx.block):
+            cols = slice(start, stop)
+
+            def part(primal, tangent, cols=cols):
+                return primal[..., cols], None if tangent is None else tangent[..., cols]
+
+            blk = part(a, v_a), part(w, v_w), part(d, v_d), (grad[..., cols], None)
+            tangents = [x[1] for x in _products(ctx.maps, *blk)]
+            for result, tangent in zip(
+                results, (tangents[1], tangents[2], tangents[3], tangents[0])
+            ):
+                if result is not None and tangent is not None:
+                    result[..., cols] = tangent
+        return *results, None, None
 
 
 @compile_mode("script")
@@ -60,12 +257,18 @@ class GridRankProduct(GauntProductBasis):
         l_in, l_max = self.l_in, self.l_out_max
         n_terms = correlation - 1  # products with nu = 2..correlation per rank
         self.n_terms = n_terms
-        # output weights: row 0 is nu = 1, row 1 + r * n_terms + (nu - 2) the (rank r, nu) product
+        # output weights: row 0 is nu = 1, row 1 + (nu - 2) * rank + r the (nu, rank r) product
         scale = basis_scale(l_in, correlation, self.l_out)  # [nu, irrep]
         weight = torch.zeros(1 + rank * n_terms, num_elements, len(self.l_out), self.num_features)
         grid_weight = torch.randn(correlation, num_elements, len(self.l_out), self.num_features)
         grid_weight = grid_weight * scale.to(grid_weight.dtype)[:, None, :, None]
-        weight[: 1 + n_terms] = grid_weight
+        weight[0] = grid_weight[0]
+        weight[1::rank] = grid_weight[1:]
+        # (nu, L) with P_L(f^nu) = 0 for every input (L > nu L_in) are masked, whatever the weights
+        alive = (
+            (scale > 0).to(weight.dtype).repeat_interleave(torch.tensor([1] + [rank] * n_terms), 0)
+        )
+        self.register_buffer("alive", alive, persistent=False)  # [1 + R (corr - 1), irrep]
         del self.weight
         self.weight = torch.nn.Parameter(weight)
         factor = torch.randn(rank, correlation, l_in + 1, self.num_features)
@@ -84,6 +287,9 @@ class GridRankProduct(GauntProductBasis):
         projector = (quadrature * sh[:, self.out_lm]).T.contiguous()
         self.register_buffer("projector", projector, persistent=False)
         self.build_maps(sh, quadrature)
+        # columns per block: the ~3 corr R grid-sized float32 temporaries fill ~_BLOCK_BYTES
+        temporaries = 3 * correlation * rank * n_beta * n_alpha
+        self.block = 2 ** max(6, round(math.log2(_BLOCK_BYTES / 4 / temporaries)))
 
     def required_degree(self) -> int:
         """Degree the grid must integrate exactly (subclasses add their intermediate steps)."""
@@ -98,7 +304,8 @@ class GridRankProduct(GauntProductBasis):
 
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Per-node weight of every basis row, ``[1 + R (corr - 1), D_out, n * C]``."""
-        w = self.weight.to(node_attrs.dtype).index_select(2, self.col_irrep).transpose(1, 2)
+        w = self.weight.to(node_attrs.dtype) * self.alive.to(node_attrs.dtype)[:, None, :, None]
+        w = w.index_select(2, self.col_irrep).transpose(1, 2)
         w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [T D_out, n, C]
         return w.view(self.weight.shape[0], self.dim_out, -1)
 
@@ -108,9 +315,32 @@ class GridRankProduct(GauntProductBasis):
 
     def project_powers(self, features: torch.Tensor) -> torch.Tensor:
         """The rank products: ``[D_in, n C] -> [R (corr - 1), D_out, n C]``, rows as `weight`'s."""
-        dim_in, columns = features.shape
         if self.n_terms == 0:
-            return features.new_zeros(0, self.dim_out, columns)
+            return features.new_zeros(0, self.dim_out, features.shape[1])
+        if torch.jit.is_scripting():
+            return self._project_autograd(features)
+        return self._project_fused(features)
+
+    def round_trip_weight(self) -> torch.Tensor:
+        """Per-degree round-trip weights ``[R, K + 1, C]`` (none here: K + 1 = 0)."""
+        return self.factor.new_zeros(self.rank, 0, self.num_features)
+
+    @torch.jit.unused
+    def _project_fused(self, features: torch.Tensor) -> torch.Tensor:
+        dtype, columns = features.dtype, features.shape[1]
+        channel = torch.arange(columns, device=features.device) % self.num_features
+        w = self.factor.to(dtype).permute(2, 0, 1, 3).reshape(self.l_in + 1, -1, self.num_features)
+        d = self.round_trip_weight().to(dtype).permute(1, 0, 2)  # [K+1, R, C]
+        block = self.block if features.device.type == "cpu" else columns  # GPU: 1 block
+        maps = _ProductMaps(self, dtype)
+        out = _RankProduct.apply(
+            features, w.index_select(2, channel), d.index_select(2, channel), maps, block
+        )  # [corr - 1, D_out, R, n C]
+        return out.transpose(1, 2).reshape(-1, self.dim_out, columns)
+
+    def _project_autograd(self, features: torch.Tensor) -> torch.Tensor:
+        """The same as `_RankProduct` with plain differentiable ops (TorchScript path)."""
+        dim_in, columns = features.shape
         dtype = features.dtype
         channels = self.num_features
         rank, corr = self.rank, self.correlation
@@ -126,7 +356,7 @@ class GridRankProduct(GauntProductBasis):
                 product = self.transform_pair(product)
             product = product * values[:, k]
             out.append(projector @ product)
-        return torch.stack(out, dim=1).view(rank * self.n_terms, self.dim_out, columns)
+        return torch.stack(out, dim=0).view(self.n_terms * rank, self.dim_out, columns)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, grid={self.n_beta}x{self.n_alpha}"
