@@ -136,7 +136,7 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
         if k == 2 and maps.chain:
             n_k = maps.trip_project.shape[0]
             coeff = _linear(grid_map(maps.trip_project, (n_k, rank * b)), products[0])
-            d_k = _linear(lambda t: t.index_select(0, maps.degree_of_k).view(n_k, -1), d)
+            d_k = _linear(lambda t, n=n_k: t.index_select(0, maps.degree_of_k).view(n, -1), d)
             left.append(_linear(grid_map(maps.trip_synth, on_grid), _mul(coeff, d_k)))
         elif k >= 2:
             left.append(products[-1])
@@ -215,7 +215,10 @@ class _RankProductVJP(torch.autograd.Function):
     def backward(ctx, v_a, v_w, v_d):
         a, w, d, grad = ctx.saved_tensors
         need = ctx.needs_input_grad
-        results = [torch.zeros_like(t) if n else None for t, n in zip((a, w, d, grad), need)]
+        results = [
+            torch.zeros_like(t) if n else None
+            for t, n in zip((a, w, d, grad), need[:4], strict=True)
+        ]
         for start, stop in _blocks(a.shape[1], ctx.block):
             cols = slice(start, stop)
 
@@ -225,7 +228,7 @@ class _RankProductVJP(torch.autograd.Function):
             blk = part(a, v_a), part(w, v_w), part(d, v_d), (grad[..., cols], None)
             tangents = [x[1] for x in _products(ctx.maps, *blk)]
             for result, tangent in zip(
-                results, (tangents[1], tangents[2], tangents[3], tangents[0])
+                results, (tangents[1], tangents[2], tangents[3], tangents[0]), strict=True
             ):
                 if result is not None and tangent is not None:
                     result[..., cols] = tangent
