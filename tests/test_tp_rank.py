@@ -146,11 +146,6 @@ def test_grid_rank_reach_at_l_in_3():
 # --- init: exactly the grid function ----------------------------------------------------------
 
 
-def grid_weights(grid) -> torch.Tensor:
-    """grid's effective output weights (its weights times its fixed basis scale)."""
-    return grid.weight.detach() * grid.basis_scale[:, None, :, None]
-
-
 def extra_rows(module) -> torch.Tensor:
     """Output-weight rows of ranks >= 1 (row 0 is nu = 1, rows 1 + (nu - 2) R + r the rest)."""
     rows = torch.ones(module.weight.shape[0], dtype=torch.bool)
@@ -166,8 +161,8 @@ def test_init_is_the_grid_function_on_the_same_weights(name, rank):
     ours = make(name, irreps_in, irreps_out, 3, 2, seed=5, rank=rank)
     assert torch.all(ours.weight[extra_rows(ours)] == 0)
     with torch.no_grad():
-        ours.weight[0] = grid_weights(grid)[0]
-        ours.weight[1::rank] = grid_weights(grid)[1:]
+        ours.weight[0] = grid.weight[0]
+        ours.weight[1::rank] = grid.weight[1:]
     x, attrs = inputs(5, 3, 2, 2)
     assert relative_error(ours(x, attrs), grid(x, attrs)) < 1e-13
 
@@ -178,9 +173,10 @@ def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scal
     assert torch.equal(module.trip[0], torch.ones_like(module.trip[0]))
     assert 0.7 < module.factor[1:].std().item() < 1.3 and 0.7 < module.trip[1:].std() < 1.3
     grid = make("grid", natural(64, range(3)), natural(64, [0, 1]), 3, 2)
-    for nu in range(3):  # rank 0 holds grid's effective weights, at grid's scale
-        ours = module.weight[0 if nu == 0 else 1 + (nu - 1) * module.rank]
-        assert ours.std().item() == pytest.approx(grid_weights(grid)[nu].std().item(), rel=0.3)
+    for nu in range(3):  # rank 0: grid's initial weights and multipliers
+        row = 0 if nu == 0 else 1 + (nu - 1) * module.rank
+        assert module.weight[row].std().item() == pytest.approx(grid.weight[nu].std().item(), 0.3)
+        assert torch.equal(module.term_scale[row], grid.basis_scale[nu])
 
 
 # --- fused derivatives, blocks, dtype, TorchScript -------------------------------------------

@@ -10,10 +10,11 @@ path-weight tensor), and a sum over R such terms is rank R:
 (``correlation`` = 3: P(f^a f^b) and P(f^a f^b f^c) per rank). The integrand's degree is that of
 f^corr Y_L, so the grid of `grid` (sized for correlation * L_in + L_out) stays exact.
 Parameters: ``weight [1 + R (corr - 1), num_elements, len(irreps_out), C]`` (output weights per
-element, channel and output irrep; they carry the scale) and ``factor [R, corr, L_in + 1, C]``
-(per channel, shared by the elements; O(1)). Init: rank 0 has all factor weights 1 and grid's
-output weights, so the function starts as exactly `grid`'s; ranks >= 1 start with N(0, 1) factor
-weights and zero output weights.
+element, channel and output irrep, times `grid`'s fixed per-(nu, L) multipliers: they carry the
+scale) and ``factor [R, corr, L_in + 1, C]`` (per channel, shared by the elements; O(1)).
+Init: rank 0 has all factor weights 1 and grid's initial output weights, so the function starts
+as exactly `grid`'s; ranks >= 1 start with N(0, 1) factor weights (the same expected basis size
+as all-ones factors) and zero output weights.
 Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
 
 Factor weights are per channel because the reach is per channel: shared factors would give every
@@ -29,7 +30,7 @@ from e3nn.util.jit import compile_mode
 
 from mace_grid.errors import ConfigError
 from mace_grid.tp import sphere
-from mace_grid.tp.gaunt import GauntProductBasis, basis_scale
+from mace_grid.tp.gaunt import GauntProductBasis
 
 #: bytes of the grid-sized temporaries of one column block (about a CPU's L2 cache)
 _BLOCK_BYTES = 1 << 20
@@ -164,7 +165,11 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
             grad_d = _linear(grid_map(maps.degree_sum_k, (-1, rank, b)), _mul(coeff, t))
             adj_left = _linear(grid_map(maps.trip_project_t, on_grid), _mul(t, d_k))
         adjoint = _add(adj_left, _linear(project_t, grad_out(k - 2)))
-    grad_z = _linear(grid_map(maps.evaluate_t, (dim_in, rank * corr, b)), _stack(grad_g, 2))
+    adjoint_map = grid_map(maps.evaluate_t, (dim_in, rank, b))  # small outputs: stack those
+    grad_z = _linear(
+        lambda t: t.view(dim_in, rank * corr, b),
+        _stack([_linear(adjoint_map, x) for x in grad_g], 2),
+    )
     grad_a = _linear(lambda t: t.sum(1), _mul(grad_z, w_lm))
     grad_w = _linear(grid_map(maps.degree_sum, (-1, rank * corr, b)), _mul(grad_z, a_col))
     return out, grad_a, grad_w, grad_d
@@ -260,20 +265,17 @@ class GridRankProduct(GauntProductBasis):
         l_in, l_max = self.l_in, self.l_out_max
         n_terms = correlation - 1  # products with nu = 2..correlation per rank
         self.n_terms = n_terms
-        # output weights: row 0 is nu = 1, row 1 + (nu - 2) * rank + r the (nu, rank r) product
-        scale = basis_scale(l_in, correlation, self.l_out)  # [nu, irrep]
-        weight = torch.zeros(1 + rank * n_terms, num_elements, len(self.l_out), self.num_features)
-        grid_weight = torch.randn(correlation, num_elements, len(self.l_out), self.num_features)
-        grid_weight = grid_weight * scale.to(grid_weight.dtype)[:, None, :, None]
+        # output weights: row 0 is nu = 1, row 1 + (nu - 2) * rank + r the (nu, rank r) product;
+        # rank 0 takes grid's initial weights and fixed multipliers, the other ranks start at 0
+        grid_weight = self.weight.detach()
+        weight = grid_weight.new_zeros(1 + rank * n_terms, *grid_weight.shape[1:])
         weight[0] = grid_weight[0]
         weight[1::rank] = grid_weight[1:]
-        # (nu, L) with P_L(f^nu) = 0 for every input (L > nu L_in) are masked, whatever the weights
-        alive = (
-            (scale > 0).to(weight.dtype).repeat_interleave(torch.tensor([1] + [rank] * n_terms), 0)
-        )
-        self.register_buffer("alive", alive, persistent=False)  # [1 + R (corr - 1), irrep]
         del self.weight
         self.weight = torch.nn.Parameter(weight)
+        repeats = torch.tensor([1] + [rank] * n_terms)
+        scale = self.basis_scale / getattr(self, "init_weight_std", 1.0)  # 0 where L > nu L_in
+        self.register_buffer("term_scale", scale.repeat_interleave(repeats, 0), persistent=False)
         factor = torch.randn(rank, correlation, l_in + 1, self.num_features)
         factor[0] = 1.0
         self.factor = torch.nn.Parameter(factor if n_terms else factor[:, :0])
@@ -307,7 +309,10 @@ class GridRankProduct(GauntProductBasis):
 
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Per-node weight of every basis row, ``[1 + R (corr - 1), D_out, n * C]``."""
-        w = self.weight.to(node_attrs.dtype) * self.alive.to(node_attrs.dtype)[:, None, :, None]
+        w = (
+            self.weight.to(node_attrs.dtype)
+            * self.term_scale.to(node_attrs.dtype)[:, None, :, None]
+        )
         w = w.index_select(2, self.col_irrep).transpose(1, 2)
         w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [T D_out, n, C]
         return w.view(self.weight.shape[0], self.dim_out, -1)
