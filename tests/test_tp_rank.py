@@ -232,6 +232,23 @@ def test_dtype_follows_the_input(name):
     assert relative_error(module.float()(x.float(), attrs.float()).double(), exact) < 1e-5
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NEW)
+def test_cuda_matches_cpu_and_is_equivariant(name):
+    module = randomise(make(name, natural(3, range(4)), natural(3, [0, 1, 2]), 3, 2))
+    x, attrs = inputs(6, 3, 3, 2)
+    expected = training_step(module, x, attrs)
+    gpu = module.cuda()
+    got = training_step(gpu, x.cuda(), attrs.cuda())
+    for a, b in zip(got[:3], expected[:3], strict=True):
+        assert relative_error(a.cpu(), b) < 1e-10
+    rotation = o3.rand_matrix(dtype=F64)
+    d_in = natural(1, range(4)).D_from_matrix(rotation).cuda()
+    d_out = gpu.irreps_out.D_from_matrix(rotation).cuda()
+    y = gpu(x.cuda(), attrs.cuda())
+    assert relative_error(gpu(x.cuda() @ d_in.T, attrs.cuda()), y @ d_out.T) < 1e-10
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_torchscript_round_trip(name):
     module = randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2))
