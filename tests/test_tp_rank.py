@@ -176,7 +176,8 @@ def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scal
     for nu in range(3):  # rank 0: grid's initial weights and multipliers
         row = 0 if nu == 0 else 1 + (nu - 1) * module.rank
         assert module.weight[row].std().item() == pytest.approx(grid.weight[nu].std().item(), 0.3)
-        assert torch.equal(module.term_scale[row], grid.basis_scale[nu])
+        multiplier = grid.basis_scale[nu] / getattr(grid, "init_weight_std", 1.0)
+        assert torch.equal(module.term_scale[row], multiplier)
 
 
 # --- fused derivatives, blocks, dtype, TorchScript -------------------------------------------
