@@ -6,7 +6,7 @@ A pointwise product of weighted factors cannot weight the intermediate degree k 
 nu >= 3 products become P_LM(h_r f^c ...). K = min(2 L_in, (corr - 2) L_in + L_out), the highest
 k that can still couple into L_out, so d = 1 reproduces `grid_rank` exactly. The grid integrates
 S Y_k (degree 2 L_in + K) and h f^c ... Y_L (degree K + (corr - 2) L_in + L_out) exactly; both are
-<= corr L_in + L_out, so `grid`'s grid suffices (`required_degree` checks).
+<= corr L_in + L_out, so `grid`'s grid suffices (`check_degree` checks).
 Parameters: `grid_rank`'s, plus ``trip [R, K + 1, C]`` (per rank, degree and channel): 1 for rank
 0 (the function starts as `grid`'s), N(0, 1) for the others.
 Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
@@ -16,12 +16,12 @@ import torch
 from e3nn import o3
 from e3nn.util.jit import compile_mode
 
-from mace_grid.tp.grid_rank import GridRankProduct, grid_degree
+from mace_grid.tp.grid_rank import GridRankProduct
 
 
 def chain_degree(l_in: int, correlation: int, l_out: int) -> int:
     """K: the highest intermediate degree that can couple into ``l_out`` after the round trip."""
-    return max(0, min(2 * l_in, (correlation - 2) * l_in + l_out))
+    return max(0, min(2 * l_in, (correlation - 2) * l_in + l_out)) if correlation >= 3 else 0
 
 
 @compile_mode("script")
@@ -45,11 +45,14 @@ class GridChainProduct(GridRankProduct):
         trip[0] = 1.0
         self.trip = torch.nn.Parameter(trip if correlation >= 3 else trip[:, :0])
 
-    def required_degree(self) -> int:
+    def check_degree(self) -> None:
         l_in, corr, l_out = self.l_in, self.correlation, self.l_out_max
-        self.trip_degree = chain_degree(l_in, corr, l_out)
-        k = self.trip_degree
-        return max(grid_degree(l_in, corr, l_out), 2 * l_in + k, k + (corr - 2) * l_in + l_out)
+        k = self.trip_degree = chain_degree(l_in, corr, l_out)
+        if corr < 3:  # no product follows the pair: no round trip
+            return
+        needed = max(2 * l_in + k, k + (corr - 2) * l_in + l_out)  # projection, last product
+        if needed > self.degree:  # cannot happen for this K; guards a change of K
+            raise ValueError(f"round trip needs grid degree {needed} > {self.degree}")
 
     def sh_degree(self) -> int:
         return self.trip_degree

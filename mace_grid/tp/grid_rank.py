@@ -36,11 +36,6 @@ from mace_grid.tp.gaunt import GauntProductBasis
 _BLOCK_BYTES = 1 << 20
 
 
-def grid_degree(l_in: int, correlation: int, l_out: int) -> int:
-    """Polynomial degree the grid must integrate exactly: that of f^corr Y_{L_out}."""
-    return correlation * l_in + l_out
-
-
 def _blocks(n: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
@@ -246,8 +241,8 @@ class GridRankProduct(GauntProductBasis):
 
     ``to_grid [G, D_in]`` evaluates a factor's spherical function at the grid points,
     ``projector [D_out, G]`` (quadrature weight x Y_LM) projects a product back; the grid
-    integrates degree `degree` exactly. Subclasses may transform the pair product before the
-    third factor multiplies it (`transform_pair`).
+    integrates polynomials of degree ``degree`` exactly. Subclasses may transform the pair
+    product before the third factor multiplies it (`transform_pair`).
     """
 
     def __init__(
@@ -282,9 +277,11 @@ class GridRankProduct(GauntProductBasis):
         degree_of_lm = [l for l in range(l_in + 1) for _ in range(2 * l + 1)]
         self.register_buffer("degree_of_lm", torch.tensor(degree_of_lm), persistent=False)
 
-        self.degree = self.required_degree()
-        n_beta, n_alpha = self.degree // 2 + 1, self.degree + 1
+        # `grid`'s grid; subclasses whose intermediate steps need more raise in `check_degree`
+        n_beta, n_alpha = sphere.grid_resolution(l_in, correlation, l_max)
         self.n_beta, self.n_alpha = n_beta, n_alpha
+        self.degree = min(2 * n_beta - 1, n_alpha - 1)  # integrated exactly
+        self.check_degree()
         quadrature = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].reshape(-1, 1)  # [G, 1]
         sh = sphere.sh_on_grid(max(l_in, l_max, self.sh_degree()), n_beta, n_alpha)
         sh = sh.reshape(n_beta * n_alpha, -1)  # [G, lm]
@@ -296,9 +293,8 @@ class GridRankProduct(GauntProductBasis):
         temporaries = 3 * correlation * rank * n_beta * n_alpha
         self.block = 2 ** max(6, round(math.log2(_BLOCK_BYTES / 4 / temporaries)))
 
-    def required_degree(self) -> int:
-        """Degree the grid must integrate exactly (subclasses add their intermediate steps)."""
-        return grid_degree(self.l_in, self.correlation, self.l_out_max)
+    def check_degree(self) -> None:
+        """Subclasses check that the grid integrates their intermediate products exactly."""
 
     def sh_degree(self) -> int:
         """Highest SH degree an intermediate map on the grid needs (none here)."""
