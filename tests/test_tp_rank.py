@@ -68,10 +68,13 @@ def test_a_grid_one_degree_short_breaks_equivariance():
 
     assert error() < 1e-10
     n_beta, n_alpha = module.n_beta, module.degree  # exact to degree - 1 in alpha
-    weight = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].reshape(-1, 1)
-    sh = sphere.sh_on_grid(k, n_beta, n_alpha).reshape(weight.numel(), -1)
-    module.to_grid = sh[:, :16].contiguous()
-    module.projector = (weight * sh[:, module.out_lm]).T.contiguous()
+    weight = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].T.reshape(-1, 1)
+    sh = sphere.sh_on_grid(k, n_beta, n_alpha).transpose(0, 1).reshape(weight.numel(), -1)
+    points = module.points  # alpha-major points, as the engine's
+    points.separable = False
+    points.to_points, points.to_points_t = sh[:, :16].contiguous(), sh[:, :16].T.contiguous()
+    points.projector_t = (weight * sh[:, module.out_lm]).contiguous()
+    points.projector = points.projector_t.T.contiguous()
     module.trip_synth = sh.contiguous()
     module.trip_project = (weight * sh).T.contiguous()
     assert error() > 1e-6
@@ -204,6 +207,21 @@ def test_fused_derivatives_match_plain_autograd(name, correlation):
     assert len(params) == (3 if name == "grid_chain" and correlation >= 3 else 2)
     for p, q in params:
         assert relative_error(p.grad, q.grad) < 1e-10
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_separable_and_dense_evaluation_agree(name):
+    """The engine evaluates factors separably at high L_in: same training step as dense."""
+    irreps_in, irreps_out = natural(2, range(6)), natural(2, [0, 2, 1])
+    separable = randomise(make(name, irreps_in, irreps_out, 3, 2))
+    assert separable.points.separable  # the engine's choice at L_in = 5
+    dense = make(name, irreps_in, irreps_out, 3, 2)
+    dense.load_state_dict(separable.state_dict())
+    dense.points.separable, separable.block = False, 5
+    x, attrs = inputs(3, 2, 5, 2)
+    got, expected = training_step(separable, x, attrs), training_step(dense, x, attrs)
+    for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
+        assert relative_error(a, b) < 1e-12
 
 
 def test_fused_gradgradcheck():

@@ -30,29 +30,27 @@ from e3nn.util.jit import compile_mode
 
 from mace_grid.errors import ConfigError
 from mace_grid.tp import sphere
+from mace_grid.tp.engine import PointMaps, PointSet, blocks
 from mace_grid.tp.gaunt import GauntProductBasis
+from mace_grid.tp.grid import gauss_legendre_points
 
 #: bytes of the grid-sized temporaries of one column block (about a CPU's L2 cache)
 _BLOCK_BYTES = 1 << 20
 
 
-def _blocks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
 class _ProductMaps:
-    """The constant maps of one `GridRankProduct`, cast to the input dtype (eager mode only).
+    """The maps of one `GridRankProduct`, cast to the input dtype (eager mode only).
 
-    ``evaluate [G, D_in]``, ``project [D_out, G]`` and their transposes; ``degree_of_lm``
-    expands per-degree weights to (l, m) rows and ``degree_sum [L_in+1, D_in]`` sums rows back;
-    ``trip_*`` are the chain's round-trip maps (``chain`` False: no round trip).
+    ``points``: the engine's `PointMaps` of grid's point set (``evaluate [D_in, c] -> [G, c]``,
+    dense or separable, its ``adjoint``, ``project [G, c] -> [D_out, c]`` and
+    ``project_adjoint``); ``degree_of_lm`` expands per-degree weights to (l, m) rows and
+    ``degree_sum [L_in+1, D_in]`` sums rows back; ``trip_*`` are the chain's round-trip maps
+    (``chain`` False: no round trip).
     """
 
     def __init__(self, module: "GridRankProduct", dtype: torch.dtype) -> None:
-        self.evaluate = module.to_grid.to(dtype)
-        self.evaluate_t = self.evaluate.T.contiguous()
-        self.project = module.projector.to(dtype)
-        self.project_t = self.project.T.contiguous()
+        self.points = PointMaps(module.points, dtype)
+        self.n_points, self.dim_in = module.points.to_points.shape
         self.degree_of_lm = module.degree_of_lm
         self.degree_sum = _degree_sum(module.degree_of_lm, dtype)
         self.correlation = module.correlation
@@ -112,16 +110,20 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
     except the chain's left_2 = synth(d project_K(p_1)).
     """
     rank, corr = d[0].shape[1], maps.correlation
-    n_points, b = maps.evaluate.shape[0], a[0].shape[1]
-    dim_in = maps.evaluate.shape[1]
+    n_points, dim_in, b = maps.n_points, maps.dim_in, a[0].shape[1]
     on_grid = (n_points, rank, b)
+    points = maps.points
 
     def grid_map(matrix, shape):
         return lambda t: (matrix @ t.reshape(matrix.shape[1], -1)).view(shape)
 
+    def point_map(apply, rows: int, shape):
+        return lambda t: apply(t.reshape(rows, -1)).view(shape)
+
     w_lm = _linear(lambda t: t.index_select(0, maps.degree_of_lm), w)  # [D_in, R corr, b]
     a_col = _linear(lambda t: t.unsqueeze(1), a)
-    g = _linear(grid_map(maps.evaluate, (n_points, rank, corr, b)), _mul(a_col, w_lm))
+    evaluate = point_map(points.evaluate, dim_in, (n_points, rank, corr, b))
+    g = _linear(evaluate, _mul(a_col, w_lm))
 
     def factor(k: int):
         return _linear(lambda t: t[:, :, k], g)
@@ -137,11 +139,11 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
         elif k >= 2:
             left.append(products[-1])
         products.append(_mul(left[k - 1], factor(k)))
-    project = grid_map(maps.project, (-1, rank, b))
+    project = point_map(points.project, n_points, (-1, rank, b))
     out = _stack([_linear(project, p) for p in products], 0) if need_out else None
     if grad is None:
         return out
-    project_t = grid_map(maps.project_t, on_grid)
+    project_t = point_map(points.project_adjoint, points.dim_out, on_grid)
 
     def grad_out(k: int):
         return _linear(lambda t: t[k], grad)
@@ -160,7 +162,7 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
             grad_d = _linear(grid_map(maps.degree_sum_k, (-1, rank, b)), _mul(coeff, t))
             adj_left = _linear(grid_map(maps.trip_project_t, on_grid), _mul(t, d_k))
         adjoint = _add(adj_left, _linear(project_t, grad_out(k - 2)))
-    adjoint_map = grid_map(maps.evaluate_t, (dim_in, rank, b))  # small outputs: stack those
+    adjoint_map = point_map(points.adjoint, n_points, (dim_in, rank, b))  # stack the small ones
     grad_z = _linear(
         lambda t: t.view(dim_in, rank * corr, b),
         _stack([_linear(adjoint_map, x) for x in grad_g], 2),
@@ -178,8 +180,8 @@ class _RankProduct(torch.autograd.Function):
     def forward(ctx, a, w, d, maps, block):
         ctx.save_for_backward(a, w, d)
         ctx.maps, ctx.block = maps, block
-        out = a.new_empty(maps.correlation - 1, maps.project.shape[0], d.shape[1], a.shape[1])
-        for start, stop in _blocks(a.shape[1], block):
+        out = a.new_empty(maps.correlation - 1, maps.points.dim_out, d.shape[1], a.shape[1])
+        for start, stop in blocks(a.shape[1], block):
             cols = slice(start, stop)
             blk = (a[:, cols], None), (w[..., cols], None), (d[..., cols], None)
             out[..., cols] = _products(maps, *blk)[0]
@@ -203,7 +205,7 @@ class _RankProductVJP(torch.autograd.Function):
         ctx.save_for_backward(a, w, d, grad)
         ctx.maps, ctx.block = maps, block
         grad_a, grad_w, grad_d = torch.empty_like(a), torch.empty_like(w), torch.empty_like(d)
-        for start, stop in _blocks(a.shape[1], block):
+        for start, stop in blocks(a.shape[1], block):
             cols = slice(start, stop)
             blk = (a[:, cols], None), (w[..., cols], None), (d[..., cols], None)
             _, ga, gw, gd = _products(maps, *blk, (grad[..., cols], None), need_out=False)
@@ -219,7 +221,7 @@ class _RankProductVJP(torch.autograd.Function):
             torch.zeros_like(t) if n else None
             for t, n in zip((a, w, d, grad), need[:4], strict=True)
         ]
-        for start, stop in _blocks(a.shape[1], ctx.block):
+        for start, stop in blocks(a.shape[1], ctx.block):
             cols = slice(start, stop)
 
             def part(primal, tangent, cols=cols):
@@ -239,9 +241,9 @@ class _RankProductVJP(torch.autograd.Function):
 class GridRankProduct(GauntProductBasis):
     """Rank-``rank`` product basis on a Gauss-Legendre x equispaced sphere grid (module doc).
 
-    ``to_grid [G, D_in]`` evaluates a factor's spherical function at the grid points,
-    ``projector [D_out, G]`` (quadrature weight x Y_LM) projects a product back; the grid
-    integrates polynomials of degree ``degree`` exactly. Subclasses may transform the pair
+    ``points`` is `grid`'s point set on the engine (`mace_grid.tp.engine.PointSet`: evaluate
+    a factor at the points, project a product back); the grid integrates polynomials of degree
+    ``degree`` exactly. Subclasses may transform the pair
     product before the third factor multiplies it (`transform_pair`).
     """
 
@@ -257,7 +259,7 @@ class GridRankProduct(GauntProductBasis):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ConfigError(f"tp.options.rank must be an integer >= 1, got {rank!r}")
         self.rank = rank
-        l_in, l_max = self.l_in, self.l_out_max
+        l_in = self.l_in
         n_terms = correlation - 1  # products with nu = 2..correlation per rank
         self.n_terms = n_terms
         # output weights: row 0 is nu = 1, row 1 + (nu - 2) * rank + r the (nu, rank r) product;
@@ -277,18 +279,18 @@ class GridRankProduct(GauntProductBasis):
         degree_of_lm = [l for l in range(l_in + 1) for _ in range(2 * l + 1)]
         self.register_buffer("degree_of_lm", torch.tensor(degree_of_lm), persistent=False)
 
-        # `grid`'s grid; subclasses whose intermediate steps need more raise in `check_degree`
-        n_beta, n_alpha = sphere.grid_resolution(l_in, correlation, l_max)
+        # `grid`'s point set; subclasses whose intermediate steps need more raise in check_degree
+        self.points = PointSet(
+            l_in, correlation, *gauss_legendre_points(l_in, correlation, self.l_out)
+        )
+        n_beta, n_alpha = self.points.n_polar, self.points.n_azimuth
         self.n_beta, self.n_alpha = n_beta, n_alpha
         self.degree = min(2 * n_beta - 1, n_alpha - 1)  # integrated exactly
         self.check_degree()
-        quadrature = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].reshape(-1, 1)  # [G, 1]
-        sh = sphere.sh_on_grid(max(l_in, l_max, self.sh_degree()), n_beta, n_alpha)
-        sh = sh.reshape(n_beta * n_alpha, -1)  # [G, lm]
-        self.register_buffer("to_grid", sh[:, : (l_in + 1) ** 2].clone(), persistent=False)
-        projector = (quadrature * sh[:, self.out_lm]).T.contiguous()
-        self.register_buffer("projector", projector, persistent=False)
-        self.build_maps(sh, quadrature)
+        # the subclass's maps on the same (alpha-major) points
+        quadrature = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].T.reshape(-1, 1)  # [G, 1]
+        sh = sphere.sh_on_grid(self.sh_degree(), n_beta, n_alpha).transpose(0, 1)
+        self.build_maps(sh.reshape(n_beta * n_alpha, -1), quadrature)
         # columns per block: the ~3 corr R grid-sized float32 temporaries fill ~_BLOCK_BYTES
         temporaries = 3 * correlation * rank * n_beta * n_alpha
         self.block = 2 ** max(6, round(math.log2(_BLOCK_BYTES / 4 / temporaries)))
@@ -297,7 +299,7 @@ class GridRankProduct(GauntProductBasis):
         """Subclasses check that the grid integrates their intermediate products exactly."""
 
     def sh_degree(self) -> int:
-        """Highest SH degree an intermediate map on the grid needs (none here)."""
+        """Highest SH degree of a subclass's own maps on the grid (none here)."""
         return 0
 
     def build_maps(self, sh: torch.Tensor, quadrature: torch.Tensor) -> None:
@@ -350,9 +352,9 @@ class GridRankProduct(GauntProductBasis):
         rank, corr = self.rank, self.correlation
         factor = self.factor.to(dtype).index_select(2, self.degree_of_lm)  # [R, corr, D_in, C]
         scaled = features.view(1, dim_in, -1, channels) * factor.view(rank * corr, dim_in, 1, -1)
-        values = self.to_grid.to(dtype) @ scaled.view(rank * corr, dim_in, columns)
+        values = self.points.to_points.to(dtype) @ scaled.view(rank * corr, dim_in, columns)
         values = values.view(rank, corr, -1, columns)  # [R, corr, G, n C]
-        projector = self.projector.to(dtype)
+        projector = self.points.projector.to(dtype)
         product = values[:, 0] * values[:, 1]
         out = [projector @ product]
         for k in range(2, corr):
