@@ -21,7 +21,7 @@ from mace_grid.tp.grid_rank import GridRankProduct
 
 def chain_degree(l_in: int, correlation: int, l_out: int) -> int:
     """K: the highest intermediate degree that can couple into ``l_out`` after the round trip."""
-    return max(0, min(2 * l_in, (correlation - 2) * l_in + l_out)) if correlation >= 3 else 0
+    return min(2 * l_in, (correlation - 2) * l_in + l_out) if correlation >= 3 else 0
 
 
 @compile_mode("script")
