@@ -87,9 +87,28 @@ def _add(x, y):
     return x[0] + y[0], x[1] + y[1]
 
 
+def _add_projected(x, grad, points: PointMaps, project_t):
+    """``x + project^T grad`` (x fresh, updated in place by one fused matmul-add)."""
+    p = x[0]
+    points.project_adjoint_add(p.view(p.shape[0], -1), grad[0].reshape(points.dim_out, -1), 1.0)
+    if grad[1] is None:
+        return p, x[1]
+    extra = project_t(grad[1])
+    return p, extra if x[1] is None else x[1] + extra
+
+
 def _linear(f, x):
     """A linear map applied to a tangent-carrying value."""
     return f(x[0]), None if x[1] is None else f(x[1])
+
+
+def _sum_middle(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(1)`` for a short middle dimension, as adds (torch's strided reduction is slow)."""
+    parts = t.unbind(1)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def _stack(xs, dim: int):
@@ -161,13 +180,13 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
             t = _linear(grid_map(maps.trip_synth_t, (-1, rank * b)), adj_left)
             grad_d = _linear(grid_map(maps.degree_sum_k, (-1, rank, b)), _mul(coeff, t))
             adj_left = _linear(grid_map(maps.trip_project_t, on_grid), _mul(t, d_k))
-        adjoint = _add(adj_left, _linear(project_t, grad_out(k - 2)))
+        adjoint = _add_projected(adj_left, grad_out(k - 2), points, project_t)
     adjoint_map = point_map(points.adjoint, n_points, (dim_in, rank, b))  # stack the small ones
     grad_z = _linear(
         lambda t: t.view(dim_in, rank * corr, b),
         _stack([_linear(adjoint_map, x) for x in grad_g], 2),
     )
-    grad_a = _linear(lambda t: t.sum(1), _mul(grad_z, w_lm))
+    grad_a = _linear(_sum_middle, _mul(grad_z, w_lm))
     grad_w = _linear(grid_map(maps.degree_sum, (-1, rank * corr, b)), _mul(grad_z, a_col))
     return out, grad_a, grad_w, grad_d
 
