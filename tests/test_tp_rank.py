@@ -5,7 +5,6 @@ import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under to
 
 # isort: split
 import csv
-import functools
 import io
 import json
 
@@ -17,7 +16,7 @@ from e3nn.util.jit import compile as jit_compile
 from test_tp import default_dtype, inputs, make, natural, relative_error, training_step
 
 from mace_grid.errors import ConfigError
-from mace_grid.tp import build, sphere
+from mace_grid.tp import build, expressivity, sphere
 from mace_grid.tp.grid_chain import chain_degree
 
 F64 = torch.float64
@@ -33,8 +32,9 @@ def randomise(module, seed=3):
     return module
 
 
-@pytest.mark.parametrize("l_in", [1, 2, 3, 4])
-@pytest.mark.parametrize("correlation", [1, 2, 3, 4])
+@pytest.mark.parametrize(
+    "correlation,l_in", [(c, l) for c in (1, 2, 3, 4) for l in (1, 2, 3, 4)] + [(5, 2), (6, 1)]
+)
 @pytest.mark.parametrize("name", NEW)
 def test_equivariant_under_rotations_and_inversion(name, correlation, l_in):
     irreps_in, irreps_out = natural(2, range(l_in + 1)), natural(2, [0, 1, 2])
@@ -99,13 +99,11 @@ def test_round_trip_keeps_every_degree_that_couples_and_only_those():
 
 
 def jacobian_rank(name, l_in, l_out, correlation, **options) -> int:
-    """Independent couplings per (element, channel): rank of the weight Jacobian of a
-    1-channel, 1-element block, stacked over random inputs, at random (generic) weights."""
+    """Independent couplings per (element, channel), measured here independently of
+    `expressivity`: rank of the weight Jacobian of a 1-channel, 1-element block at other random
+    weights, stacked over other random inputs."""
     irreps_in, irreps_out = natural(1, range(l_in + 1)), natural(1, l_out)
-    if name == "cg":
-        module = cached_cg_block(str(irreps_in), str(irreps_out), correlation)
-    else:
-        module = make(name, irreps_in, irreps_out, correlation, 1, **options)
+    module = make(name, irreps_in, irreps_out, correlation, 1, **options)
     params = dict(randomise(module).named_parameters())
     count = sum(p.numel() for p in params.values())
     samples = 2 * count // irreps_out.dim + 4
@@ -119,31 +117,33 @@ def jacobian_rank(name, l_in, l_out, correlation, **options) -> int:
     return int((s > 1e-9 * s[0]).sum())
 
 
-@functools.cache
-def cached_cg_block(irreps_in: str, irreps_out: str, correlation: int):
-    return make("cg", irreps_in, irreps_out, correlation, 1)
-
-
-@functools.cache
-def complete(l_in: int, l_out: tuple, correlation: int) -> int:
-    """All equivariant maps: cg's Jacobian rank (cg reaches the complete space)."""
-    return jacobian_rank("cg", l_in, list(l_out), correlation)
+def reach(name, l_in, l_out, **options):
+    return expressivity(name, natural(1, range(l_in + 1)), natural(1, l_out), 3, **options)
 
 
 @pytest.mark.parametrize("l_in", [1, 2, 3])
-@pytest.mark.parametrize("l_out", [(0,), (0, 1)])
-def test_grid_chain_reaches_every_coupling_cg_has(l_in, l_out):
-    assert jacobian_rank("grid_chain", l_in, list(l_out), 3, rank=2) == complete(l_in, l_out, 3)
+@pytest.mark.parametrize("l_out", [[0], [0, 1]])
+def test_grid_chain_reaches_the_complete_space(l_in, l_out):
+    expr = reach("grid_chain", l_in, l_out)  # complete: counted by characters, not by a backend
+    assert expr.independent == expr.complete
 
 
 def test_grid_rank_reach_at_l_in_3():
     """Rank 2: all 13 couplings of a scalar block, 26 of 29 for 0e+1o (the three nu = 3 -> 1o
     maps it misses need the chain's intermediate weights); rank 1 already reaches 12 and 15."""
-    assert complete(3, (0,), 3) == 13 and complete(3, (0, 1), 3) == 29
-    assert jacobian_rank("grid_rank", 3, [0], 3, rank=2) == 13
-    assert jacobian_rank("grid_rank", 3, [0, 1], 3, rank=2) >= 26
-    assert jacobian_rank("grid_rank", 3, [0, 1], 3, rank=1) == 15
-    assert jacobian_rank("grid", 3, [0, 1], 3) == 6
+    assert reach("grid_rank", 3, [0], rank=2)[1:] == (13, 13)
+    assert reach("grid_rank", 3, [0, 1], rank=2).complete == 29
+    assert reach("grid_rank", 3, [0, 1], rank=2).independent >= 26
+    assert reach("grid_rank", 3, [0, 1], rank=1).independent == 15
+    assert reach("grid", 3, [0, 1]).independent == 6
+
+
+@pytest.mark.parametrize(
+    "name,l_in,l_out,rank", [("grid_rank", 3, [0, 1], 2), ("grid_chain", 2, [0, 1], 2)]
+)
+def test_expressivity_is_the_measured_jacobian_rank(name, l_in, l_out, rank):
+    expected = jacobian_rank(name, l_in, l_out, 3, rank=rank)
+    assert reach(name, l_in, l_out, rank=rank).independent == expected
 
 
 # --- init: exactly the grid function ----------------------------------------------------------
@@ -179,7 +179,7 @@ def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scal
     for nu in range(3):  # rank 0: grid's initial weights and multipliers
         row = 0 if nu == 0 else 1 + (nu - 1) * module.rank
         assert module.weight[row].std().item() == pytest.approx(grid.weight[nu].std().item(), 0.3)
-        multiplier = grid.basis_scale[nu] / getattr(grid, "init_weight_std", 1.0)
+        multiplier = grid.basis_scale[nu] / grid.init_weight_std
         assert torch.equal(module.term_scale[row], multiplier)
 
 
@@ -343,6 +343,22 @@ def test_pseudo_tensors_are_refused(name, irreps_in, irreps_out):
     with pytest.raises(ConfigError, match="tp=cg") as err:
         build(name, irreps_in, irreps_out, 2, 1)
     assert "natural-parity" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_saved_state_round_trips_and_other_constants_are_refused(name):
+    module = randomise(make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2))
+    state = module.state_dict()
+    constants = state["_extra_state"]["constants"]
+    assert constants["rank"] == 2 and constants["n_beta"] == module.n_beta
+    other = make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2, seed=7)
+    other.load_state_dict(state)
+    x, attrs = inputs(4, 2, 2, 2)
+    assert torch.equal(other(x, attrs), module(x, attrs))
+    key = "round_trip_degree" if name == "grid_chain" else "n_alpha"
+    tampered = state | {"_extra_state": state["_extra_state"] | {"constants": constants | {key: 1}}}
+    with pytest.raises(ConfigError, match=f"saved state's {key}=1 differs"):
+        other.load_state_dict(tampered)
 
 
 @pytest.mark.parametrize("rank", [0, -1, 1.5, True])

@@ -45,6 +45,10 @@ class GridChainProduct(GridRankProduct):
         trip[0] = 1.0
         self.trip = torch.nn.Parameter(trip if correlation >= 3 else trip[:, :0])
 
+    @torch.jit.unused
+    def function_constants(self) -> dict:
+        return super().function_constants() | {"round_trip_degree": self.trip_degree}
+
     def check_degree(self) -> None:
         l_in, corr, l_out = self.l_in, self.correlation, self.l_out_max
         k = self.trip_degree = chain_degree(l_in, corr, l_out)

@@ -290,7 +290,7 @@ class GridRankProduct(GauntProductBasis):
         del self.weight
         self.weight = torch.nn.Parameter(weight)
         repeats = torch.tensor([1] + [rank] * n_terms)
-        scale = self.basis_scale / getattr(self, "init_weight_std", 1.0)  # 0 where L > nu L_in
+        scale = self.basis_scale / self.init_weight_std  # 0 where L > nu L_in
         self.register_buffer("term_scale", scale.repeat_interleave(repeats, 0), persistent=False)
         factor = torch.randn(rank, correlation, l_in + 1, self.num_features)
         factor[0] = 1.0
@@ -313,6 +313,15 @@ class GridRankProduct(GauntProductBasis):
         # columns per block: the ~3 corr R grid-sized float32 temporaries fill ~_BLOCK_BYTES
         temporaries = 3 * correlation * rank * n_beta * n_alpha
         self.block = 2 ** max(6, round(math.log2(_BLOCK_BYTES / 4 / temporaries)))
+
+    @torch.jit.unused
+    def function_constants(self) -> dict:
+        return super().function_constants() | {
+            "points": "gauss-legendre",
+            "n_beta": self.n_beta,
+            "n_alpha": self.n_alpha,
+            "rank": self.rank,
+        }
 
     def check_degree(self) -> None:
         """Subclasses check that the grid integrates their intermediate products exactly."""
