@@ -361,6 +361,23 @@ def test_saved_state_round_trips_and_other_constants_are_refused(name):
         other.load_state_dict(tampered)
 
 
+@pytest.mark.parametrize("name", NEW)
+def test_model_builds_with_the_backend_and_its_summary_counts_reach(name):
+    from test_model import MODEL, STATS
+
+    from mace_grid.model import build_model, describe_products
+
+    tp = {"name": name, "options": {"rank": 2}}
+    net = build_model(MODEL, tp, STATS)
+    blocks = [b.symmetric_contractions for b in net.products]
+    assert [type(b).__name__ for b in blocks] == [
+        type(build(name, "1x0e", "1x0e", 2, 1)).__name__
+    ] * 2
+    # correlation 2, L_in = 2: every equivariant map into 0e+1o (7) and into 0e (4) is reached
+    summary = describe_products(net, tp, MODEL["correlation"])
+    assert "7 independent couplings of 7" in summary and "4 independent couplings of 4" in summary
+
+
 @pytest.mark.parametrize("rank", [0, -1, 1.5, True])
 def test_bad_rank_is_refused(rank):
     with pytest.raises(ConfigError, match="rank"):
