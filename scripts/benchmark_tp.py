@@ -45,6 +45,8 @@ BACKEND_SPECS = {
     "gaunt-fft": ("gaunt", {"method": "fft"}),
     "gaunt-direct": ("gaunt", {"method": "direct"}),
     "grid": ("grid", {}),
+    "grid_rank": ("grid_rank", {}),
+    "grid_chain": ("grid_chain", {}),
 }
 
 

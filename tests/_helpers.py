@@ -1,5 +1,5 @@
 """Shared by the checkpoint-tool tests: tiny demo data and one tiny multirun over every backend
-(``python train.py -m tp=cg,gaunt,grid``), trained once per test session."""
+(``python train.py -m tp=<every backend>``), trained once per test session."""
 
 import json
 import subprocess

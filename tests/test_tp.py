@@ -645,7 +645,8 @@ def test_expressivity_script_prints_the_readme_table(monkeypatch, capsys):
 
     from mace_grid import PROJECT_ROOT
 
-    monkeypatch.setattr(sys, "argv", ["expressivity.py", "--max-l", "1", "--correlation", "5"])
+    argv = ["--max-l", "1", "--correlation", "5", "--backends", "cg", "gaunt", "grid"]
+    monkeypatch.setattr(sys, "argv", ["expressivity.py", *argv])
     num_threads = torch.get_num_threads()
     try:
         runpy.run_path(str(PROJECT_ROOT / "scripts" / "expressivity.py"), run_name="__main__")

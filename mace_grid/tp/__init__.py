@@ -17,11 +17,15 @@ from mace_grid.tp.cg import build_cg
 from mace_grid.tp.expressivity import Expressivity, expressivity  # noqa: F401  (re-exported)
 from mace_grid.tp.gaunt import build_gaunt
 from mace_grid.tp.grid import build_grid
+from mace_grid.tp.grid_chain import build_grid_chain
+from mace_grid.tp.grid_rank import build_grid_rank
 
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "cg": build_cg,
     "gaunt": build_gaunt,
     "grid": build_grid,
+    "grid_rank": build_grid_rank,
+    "grid_chain": build_grid_chain,
 }
 BACKENDS: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -1,0 +1,96 @@
+"""`grid_rank` plus one weighted round trip through SH space: the ``grid_chain`` backend.
+
+A pointwise product of weighted factors cannot weight the intermediate degree k of a chain
+[[A_a A_b]_k A_c]_L. One round trip does: S_r = f^a f^b, h_r = sum_{k <= K} d_{r,k} synth(P_k S_r)
+(project the pair product on degrees <= K, weight each degree, resynthesise on the grid), and the
+nu >= 3 products become P_LM(h_r f^c ...). K = min(2 L_in, (corr - 2) L_in + L_out), the highest
+k that can still couple into L_out, so d = 1 reproduces `grid_rank` exactly. The grid integrates
+S Y_k (degree 2 L_in + K) and h f^c ... Y_L (degree K + (corr - 2) L_in + L_out) exactly; both are
+<= corr L_in + L_out, so `grid`'s grid suffices (`check_degree` checks).
+Parameters: `grid_rank`'s, plus ``trip [R, K + 1, C]`` (per rank, degree and channel): 1 for rank
+0 (the function starts as `grid`'s), N(0, 1) for the others.
+Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
+"""
+
+import torch
+from e3nn import o3
+from e3nn.util.jit import compile_mode
+
+from mace_grid.tp.grid_rank import GridRankProduct
+
+
+def chain_degree(l_in: int, correlation: int, l_out: int) -> int:
+    """K: the highest intermediate degree that can couple into ``l_out`` after the round trip."""
+    return min(2 * l_in, (correlation - 2) * l_in + l_out) if correlation >= 3 else 0
+
+
+@compile_mode("script")
+class GridChainProduct(GridRankProduct):
+    """`GridRankProduct` whose pair products take one per-degree weighted round trip (module doc).
+
+    ``trip_project [(K+1)^2, G]`` projects on Y_k, k <= K; ``trip_synth [G, (K+1)^2]`` evaluates
+    back on the grid.
+    """
+
+    def __init__(
+        self,
+        irreps_in: o3.Irreps,
+        irreps_out: o3.Irreps,
+        correlation: int,
+        num_elements: int,
+        rank: int = 2,
+    ) -> None:
+        super().__init__(irreps_in, irreps_out, correlation, num_elements, rank)
+        trip = torch.randn(rank, self.trip_degree + 1, self.num_features)
+        trip[0] = 1.0
+        self.trip = torch.nn.Parameter(trip if correlation >= 3 else trip[:, :0])
+
+    @torch.jit.unused
+    def function_constants(self) -> dict:
+        return super().function_constants() | {"round_trip_degree": self.trip_degree}
+
+    def check_degree(self) -> None:
+        l_in, corr, l_out = self.l_in, self.correlation, self.l_out_max
+        k = self.trip_degree = chain_degree(l_in, corr, l_out)
+        if corr < 3:  # no product follows the pair: no round trip
+            return
+        needed = max(2 * l_in + k, k + (corr - 2) * l_in + l_out)  # projection, last product
+        if needed > self.degree:  # cannot happen for this K; guards a change of K
+            raise ValueError(f"round trip needs grid degree {needed} > {self.degree}")
+
+    def sh_degree(self) -> int:
+        return self.trip_degree
+
+    def build_maps(self, sh: torch.Tensor, quadrature: torch.Tensor) -> None:
+        k = self.trip_degree
+        synth = sh[:, : (k + 1) ** 2]
+        self.register_buffer("trip_synth", synth.contiguous(), persistent=False)
+        self.register_buffer("trip_project", (quadrature * synth).T.contiguous(), persistent=False)
+        degree_of_k = [l for l in range(k + 1) for _ in range(2 * l + 1)]
+        self.register_buffer("degree_of_k", torch.tensor(degree_of_k), persistent=False)
+
+    def round_trip_weight(self) -> torch.Tensor:
+        return self.trip
+
+    def transform_pair(self, pair: torch.Tensor) -> torch.Tensor:
+        """``h = synth(d * P_{k <= K}(pair))``, ``[R, G, n C] -> [R, G, n C]``."""
+        dtype = pair.dtype
+        rank, columns = pair.shape[0], pair.shape[2]
+        coeff = self.trip_project.to(dtype) @ pair  # [R, (K+1)^2, n C]
+        weight = self.trip.to(dtype).index_select(1, self.degree_of_k)  # [R, (K+1)^2, C]
+        coeff = coeff.view(rank, weight.shape[1], -1, self.num_features) * weight.unsqueeze(2)
+        return self.trip_synth.to(dtype) @ coeff.view(rank, -1, columns)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, K={self.trip_degree}"
+
+
+def build_grid_chain(
+    irreps_in: o3.Irreps,
+    irreps_out: o3.Irreps,
+    correlation: int,
+    num_elements: int,
+    rank: int = 2,
+) -> GridChainProduct:
+    """The ``grid_chain`` backend."""
+    return GridChainProduct(irreps_in, irreps_out, correlation, num_elements, rank)

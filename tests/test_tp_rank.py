@@ -1,0 +1,393 @@
+"""tp=grid_rank and tp=grid_chain: equivariance, reach (Jacobian rank) against cg, the grid
+function at init, fused derivatives against plain autograd, TorchScript, training, refusals."""
+
+import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
+
+# isort: split
+import csv
+import io
+import json
+
+import pytest
+import torch
+from _helpers import trained_runs
+from e3nn import o3
+from e3nn.util.jit import compile as jit_compile
+from test_tp import default_dtype, inputs, make, natural, relative_error, training_step
+
+from mace_grid.errors import ConfigError
+from mace_grid.tp import build, expressivity, sphere
+from mace_grid.tp.grid_chain import chain_degree
+
+F64 = torch.float64
+NEW = ["grid_rank", "grid_chain"]
+
+
+def randomise(module, seed=3):
+    """Generic weights: every rank's output, factor and round-trip weights nonzero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module
+
+
+@pytest.mark.parametrize(
+    "correlation,l_in", [(c, l) for c in (1, 2, 3, 4) for l in (1, 2, 3, 4)] + [(5, 2), (6, 1)]
+)
+@pytest.mark.parametrize("name", NEW)
+def test_equivariant_under_rotations_and_inversion(name, correlation, l_in):
+    irreps_in, irreps_out = natural(2, range(l_in + 1)), natural(2, [0, 1, 2])
+    module = randomise(make(name, irreps_in, irreps_out, correlation, 2, rank=2))
+    x, attrs = inputs(3, 2, l_in, 2)
+    y = module(x, attrs)
+    assert y.abs().max() > 1e-3
+    torch.manual_seed(l_in * 10 + correlation)
+    rotation = o3.rand_matrix(dtype=F64)
+    for matrix in (rotation, -rotation):  # -R: rotation times inversion
+        d_in = natural(1, range(l_in + 1)).D_from_matrix(matrix)
+        rotated = module(x @ d_in.T, attrs)
+        assert relative_error(rotated, y @ irreps_out.D_from_matrix(matrix).T) < 1e-10
+
+
+def test_a_grid_one_degree_short_breaks_equivariance():
+    """The sizing is tested, not assumed: the chain's grid integrates exactly the degree it
+    needs (corr L_in + L_out, which covers 2 L_in + K and K + L_in + L_out), and no less works."""
+    l_in, l_out = 3, 2
+    k = chain_degree(l_in, 3, l_out)
+    module = randomise(make("grid_chain", natural(1, range(4)), natural(1, [0, 2]), 3, 1))
+    assert k == l_in + l_out and module.trip_degree == k
+    assert module.degree == 3 * l_in + l_out >= max(2 * l_in + k, k + l_in + l_out)
+    x, attrs = inputs(4, 1, l_in, 1)
+    rotation = o3.rand_matrix(dtype=F64)
+    d_in = natural(1, range(4)).D_from_matrix(rotation)
+    d_out = module.irreps_out.D_from_matrix(rotation)
+
+    def error():
+        return relative_error(module(x @ d_in.T, attrs), module(x, attrs) @ d_out.T)
+
+    assert error() < 1e-10
+    n_beta, n_alpha = module.n_beta, module.degree  # exact to degree - 1 in alpha
+    weight = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].T.reshape(-1, 1)
+    sh = sphere.sh_on_grid(k, n_beta, n_alpha).transpose(0, 1).reshape(weight.numel(), -1)
+    points = module.points  # alpha-major points, as the engine's
+    points.separable = False
+    points.to_points, points.to_points_t = sh[:, :16].contiguous(), sh[:, :16].T.contiguous()
+    points.projector_t = (weight * sh[:, module.out_lm]).contiguous()
+    points.projector = points.projector_t.T.contiguous()
+    module.trip_synth = sh.contiguous()
+    module.trip_project = (weight * sh).T.contiguous()
+    assert error() > 1e-6
+
+
+def test_round_trip_keeps_every_degree_that_couples_and_only_those():
+    """With d = 1 the chain is grid_rank (what K cuts off cannot reach L_out), and the weight of
+    the top degree K changes the output (K is not too small)."""
+    irreps_in, irreps_out = natural(2, range(3)), natural(2, [0, 1])
+    chain = randomise(make("grid_chain", irreps_in, irreps_out, 3, 2))
+    rank = make("grid_rank", irreps_in, irreps_out, 3, 2)
+    rank.load_state_dict({k: v for k, v in chain.state_dict().items() if k != "trip"})
+    x, attrs = inputs(5, 2, 2, 2)
+    with torch.no_grad():
+        chain.trip.fill_(1.0)
+        assert relative_error(chain(x, attrs), rank(x, attrs)) < 1e-12
+        chain.trip[:, -1] = 0.5
+        assert relative_error(chain(x, attrs), rank(x, attrs)) > 1e-3
+
+
+# --- reach: the rank of d(output)/d(weights) over many inputs, at a generic weight point ----
+
+
+def jacobian_rank(name, l_in, l_out, correlation, **options) -> int:
+    """Independent couplings per (element, channel), measured here independently of
+    `expressivity`: rank of the weight Jacobian of a 1-channel, 1-element block at other random
+    weights, stacked over other random inputs."""
+    irreps_in, irreps_out = natural(1, range(l_in + 1)), natural(1, l_out)
+    module = make(name, irreps_in, irreps_out, correlation, 1, **options)
+    params = dict(randomise(module).named_parameters())
+    count = sum(p.numel() for p in params.values())
+    samples = 2 * count // irreps_out.dim + 4
+    x, attrs = inputs(samples, 1, l_in, 1, seed=5)
+    rows = []
+    for i in range(samples * irreps_out.dim):
+        y = module(x, attrs).reshape(-1)[i]
+        grads = torch.autograd.grad(y, list(params.values()), allow_unused=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads if g is not None]))
+    s = torch.linalg.svdvals(torch.stack(rows))
+    return int((s > 1e-9 * s[0]).sum())
+
+
+def reach(name, l_in, l_out, **options):
+    return expressivity(name, natural(1, range(l_in + 1)), natural(1, l_out), 3, **options)
+
+
+@pytest.mark.parametrize("l_in", [1, 2, 3])
+@pytest.mark.parametrize("l_out", [[0], [0, 1]])
+def test_grid_chain_reaches_the_complete_space(l_in, l_out):
+    expr = reach("grid_chain", l_in, l_out)  # complete: counted by characters, not by a backend
+    assert expr.independent == expr.complete
+
+
+def test_grid_rank_reach_at_l_in_3():
+    """Rank 2: all 13 couplings of a scalar block, 26 of 29 for 0e+1o (the three nu = 3 -> 1o
+    maps it misses need the chain's intermediate weights); rank 1 already reaches 12 and 15."""
+    assert reach("grid_rank", 3, [0], rank=2)[1:] == (13, 13)
+    assert reach("grid_rank", 3, [0, 1], rank=2).complete == 29
+    assert reach("grid_rank", 3, [0, 1], rank=2).independent >= 26
+    assert reach("grid_rank", 3, [0, 1], rank=1).independent == 15
+    assert reach("grid", 3, [0, 1]).independent == 6
+
+
+@pytest.mark.parametrize(
+    "name,l_in,l_out,rank", [("grid_rank", 3, [0, 1], 2), ("grid_chain", 2, [0, 1], 2)]
+)
+def test_expressivity_is_the_measured_jacobian_rank(name, l_in, l_out, rank):
+    expected = jacobian_rank(name, l_in, l_out, 3, rank=rank)
+    assert reach(name, l_in, l_out, rank=rank).independent == expected
+
+
+# --- init: exactly the grid function ----------------------------------------------------------
+
+
+def extra_rows(module) -> torch.Tensor:
+    """Output-weight rows of ranks >= 1 (row 0 is nu = 1, rows 1 + (nu - 2) R + r the rest)."""
+    rows = torch.ones(module.weight.shape[0], dtype=torch.bool)
+    rows[0] = rows[1 :: module.rank] = False
+    return rows
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("rank", [1, 2])
+def test_init_is_the_grid_function_on_the_same_weights(name, rank):
+    irreps_in, irreps_out = natural(3, range(3)), natural(3, [0, 1, 2])
+    grid = make("grid", irreps_in, irreps_out, 3, 2, seed=4)
+    ours = make(name, irreps_in, irreps_out, 3, 2, seed=5, rank=rank)
+    assert torch.all(ours.weight[extra_rows(ours)] == 0)
+    with torch.no_grad():
+        ours.weight[0] = grid.weight[0]
+        ours.weight[1::rank] = grid.weight[1:]
+    x, attrs = inputs(5, 3, 2, 2)
+    assert relative_error(ours(x, attrs), grid(x, attrs)) < 1e-13
+
+
+def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scale():
+    module = make("grid_chain", natural(64, range(3)), natural(64, [0, 1]), 3, 2, rank=3)
+    assert torch.equal(module.factor[0], torch.ones_like(module.factor[0]))
+    assert torch.equal(module.trip[0], torch.ones_like(module.trip[0]))
+    assert 0.7 < module.factor[1:].std().item() < 1.3 and 0.7 < module.trip[1:].std() < 1.3
+    grid = make("grid", natural(64, range(3)), natural(64, [0, 1]), 3, 2)
+    for nu in range(3):  # rank 0: grid's initial weights and multipliers
+        row = 0 if nu == 0 else 1 + (nu - 1) * module.rank
+        assert module.weight[row].std().item() == pytest.approx(grid.weight[nu].std().item(), 0.3)
+        multiplier = grid.basis_scale[nu] / grid.init_weight_std
+        assert torch.equal(module.term_scale[row], multiplier)
+
+
+# --- fused derivatives, blocks, dtype, TorchScript -------------------------------------------
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("correlation", [2, 3, 4])
+def test_fused_derivatives_match_plain_autograd(name, correlation):
+    """The fused kernel's forward, forces and second derivatives (into inputs and every weight)
+    against autograd through the plain-ops TorchScript path, over several column blocks."""
+    irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
+    fused = randomise(make(name, irreps_in, irreps_out, correlation, 3, rank=2))
+    fused.block = 8  # several blocks, the last one partial
+    plain = make(name, irreps_in, irreps_out, correlation, 3, rank=2)
+    plain.load_state_dict(fused.state_dict())
+    plain.project_powers = plain._project_autograd
+    x, attrs = inputs(7, 5, 3, 3)
+    ours, theirs = training_step(fused, x, attrs)[:3], training_step(plain, x, attrs)[:3]
+    for a, b in zip(ours, theirs, strict=True):
+        assert relative_error(a, b) < 1e-10
+    params = [
+        (p, q) for p, q in zip(fused.parameters(), plain.parameters(), strict=True) if p.numel()
+    ]
+    assert len(params) == (3 if name == "grid_chain" and correlation >= 3 else 2)
+    for p, q in params:
+        assert relative_error(p.grad, q.grad) < 1e-10
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_separable_and_dense_evaluation_agree(name):
+    """The engine evaluates factors separably at high L_in: same training step as dense."""
+    irreps_in, irreps_out = natural(2, range(6)), natural(2, [0, 2, 1])
+    separable = randomise(make(name, irreps_in, irreps_out, 3, 2))
+    assert separable.points.separable  # the engine's choice at L_in = 5
+    dense = make(name, irreps_in, irreps_out, 3, 2)
+    dense.load_state_dict(separable.state_dict())
+    dense.points.separable, separable.block = False, 5
+    x, attrs = inputs(3, 2, 5, 2)
+    got, expected = training_step(separable, x, attrs), training_step(dense, x, attrs)
+    for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
+        assert relative_error(a, b) < 1e-12
+
+
+def test_fused_gradgradcheck():
+    module = randomise(make("grid_chain", natural(1, range(3)), natural(1, [0, 1]), 3, 2))
+    module.block = 2
+    x, attrs = inputs(3, 1, 2, 2)
+    x.requires_grad_(True)
+    names = [k for k, p in module.named_parameters() if p.numel()]
+
+    def func(x, *weights):
+        return torch.func.functional_call(
+            module, dict(zip(names, weights, strict=True)), (x, attrs)
+        )
+
+    weights = [module.get_parameter(k).detach().clone().requires_grad_(True) for k in names]
+    assert torch.autograd.gradgradcheck(func, (x, *weights), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_dtype_follows_the_input(name):
+    module = build(name, natural(4, range(3)), natural(4, range(2)), 3, 2)  # float32 weights
+    randomise(module)
+    x, attrs = inputs(5, 4, 2, 2)
+    assert module(x.float(), attrs.float()).dtype == torch.float32
+    exact = module.double()(x, attrs)
+    assert exact.dtype == F64
+    assert relative_error(module.float()(x.float(), attrs.float()).double(), exact) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NEW)
+def test_cuda_matches_cpu_and_is_equivariant(name):
+    module = randomise(make(name, natural(3, range(4)), natural(3, [0, 1, 2]), 3, 2))
+    x, attrs = inputs(6, 3, 3, 2)
+    expected = training_step(module, x, attrs)
+    gpu = module.cuda()
+    got = training_step(gpu, x.cuda(), attrs.cuda())
+    for a, b in zip(got[:3], expected[:3], strict=True):
+        assert relative_error(a.cpu(), b) < 1e-10
+    rotation = o3.rand_matrix(dtype=F64)
+    d_in = natural(1, range(4)).D_from_matrix(rotation).cuda()
+    d_out = gpu.irreps_out.D_from_matrix(rotation).cuda()
+    y = gpu(x.cuda(), attrs.cuda())
+    assert relative_error(gpu(x.cuda() @ d_in.T, attrs.cuda()), y @ d_out.T) < 1e-10
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_torchscript_round_trip(name):
+    module = randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2))
+    scripted = jit_compile(module)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x, attrs = inputs(4, 3, 2, 2)
+    expected = training_step(module, x, attrs)
+    for other in (scripted, loaded):
+        y, forces, x_grad, _ = training_step(other, x, attrs)
+        assert relative_error(y, expected[0]) < 1e-12
+        assert relative_error(forces, expected[1]) < 1e-10
+        assert relative_error(x_grad, expected[2]) < 1e-10
+
+
+def test_whole_mace_model_scripts():
+    """A correlation-3 ScaleShiftMACE with the chain (grid_rank's code path plus the round
+    trip) compiles, and the compiled model agrees with the eager one."""
+    name = "grid_chain"
+    from ase.build import molecule
+    from mace.data import AtomicData, config_from_atoms
+    from mace.tools import AtomicNumberTable
+    from mace.tools.torch_geometric.dataloader import DataLoader
+
+    from mace_grid.model import build_model
+
+    model_cfg = dict(
+        r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=2, num_interactions=2,
+        hidden_irreps="4x0e+4x1o+4x2e", MLP_irreps="4x0e", correlation=3, radial_MLP=[8],
+        gate="silu", interaction="RealAgnosticResidualInteractionBlock",
+        interaction_first="RealAgnosticResidualInteractionBlock",
+    )  # fmt: skip
+    statistics = dict(
+        atomic_numbers=[1, 6], atomic_energies=[-1.0, -2.0], avg_num_neighbors=4.0, mean=0.0,
+        std=1.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with default_dtype(F64):
+        model = build_model(model_cfg, {"name": name, "options": {"rank": 2}}, statistics)
+        for block in model.products:
+            randomise(block.symmetric_contractions)
+        graph = AtomicData.from_config(
+            config_from_atoms(molecule("CH4")), AtomicNumberTable([1, 6]), cutoff=4.0
+        )
+    batch = next(iter(DataLoader([graph], batch_size=1))).to_dict()
+    scripted = jit_compile(model)
+    expected = model(batch, compute_force=True)
+    got = scripted(batch, compute_force=True)
+    assert expected["forces"].abs().max() > 1e-6
+    for key in ("energy", "forces"):
+        assert relative_error(got[key], expected[key]) < 1e-12
+
+
+# --- training, refusals ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_training_on_demo_data_lowers_the_loss(name, tmp_path_factory):
+    """The shared tiny multirun over every backend (tests/_helpers.py) trains this one too."""
+    run = trained_runs(tmp_path_factory)[name]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val"]["f_mae"] < summary["initial_val"]["f_mae"]
+    with open(run / "csv" / "metrics.csv") as handle:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("irreps_in,irreps_out", [("4x0e+4x1e", "4x0e"), ("4x0e+4x1o", "4x0o")])
+def test_pseudo_tensors_are_refused(name, irreps_in, irreps_out):
+    with pytest.raises(ConfigError, match="tp=cg") as err:
+        build(name, irreps_in, irreps_out, 2, 1)
+    assert "natural-parity" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_saved_state_round_trips_and_other_constants_are_refused(name):
+    module = randomise(make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2))
+    state = module.state_dict()
+    constants = state["_extra_state"]["constants"]
+    assert constants["rank"] == 2 and constants["n_beta"] == module.n_beta
+    other = make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 2, seed=7)
+    other.load_state_dict(state)
+    x, attrs = inputs(4, 2, 2, 2)
+    assert torch.equal(other(x, attrs), module(x, attrs))
+    key = "round_trip_degree" if name == "grid_chain" else "n_alpha"
+    tampered = state | {"_extra_state": state["_extra_state"] | {"constants": constants | {key: 1}}}
+    with pytest.raises(ConfigError, match=f"saved state's {key}=1 differs"):
+        other.load_state_dict(tampered)
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_model_builds_with_the_backend_and_its_summary_counts_reach(name):
+    from test_model import MODEL, STATS
+
+    from mace_grid.model import build_model, describe_products
+
+    tp = {"name": name, "options": {"rank": 2}}
+    net = build_model(MODEL, tp, STATS)
+    blocks = [b.symmetric_contractions for b in net.products]
+    assert [type(b).__name__ for b in blocks] == [
+        type(build(name, "1x0e", "1x0e", 2, 1)).__name__
+    ] * 2
+    # correlation 2, L_in = 2: every equivariant map into 0e+1o (7) and into 0e (4) is reached
+    summary = describe_products(net, tp, MODEL["correlation"])
+    assert "7 independent couplings of 7" in summary and "4 independent couplings of 4" in summary
+
+
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True])
+def test_bad_rank_is_refused(rank):
+    with pytest.raises(ConfigError, match="rank"):
+        build("grid_rank", "4x0e+4x1o", "4x0e", 2, 1, rank=rank)
+
+
+def test_rank_option_reaches_the_backend_from_the_config():
+    from mace_grid.config import compose_config
+
+    cfg = compose_config("train", ["tp=grid_chain", "tp.options.rank=3"])
+    module = build(cfg.tp.name, "4x0e+4x1o", "4x0e+4x1o", 3, 2, **cfg.tp.options)
+    assert module.rank == 3 and module.factor.shape == (3, 3, 2, 4)
+    assert module.trip.shape == (3, chain_degree(1, 3, 1) + 1, 4)
