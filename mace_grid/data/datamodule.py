@@ -341,9 +341,12 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
                 check_distances(configs, graphs, path, key, self.min_distance)
                 yield Source(path, configs, graphs)
 
-    def _unique(self, src: Source, seen: set[str]) -> Source:
+    def _unique(self, src: Source, seen: set[str], offset: int = 0, warn: bool = True) -> Source:
         """`src` without the frames whose fingerprint is in `seen` (earlier training-pool
-        frames, or earlier in the same file); adds the kept ones to `seen`."""
+        frames, or earlier in the same file); adds the kept ones to `seen` and the dropped ones
+        to `duplicates` (`offset`: for a piece of a file, the number of its frames read, after
+        the stride, before `src`). `warn=False`: the caller reports the count (`_warn_duplicates`), e.g.
+        once for all pieces of a file."""
         if not self.drop_duplicates:
             return src
         keep = []
@@ -354,16 +357,23 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
                 keep.append(i)
         if len(keep) < len(src.configs):
             kept = set(keep)
-            self.duplicates[src.path] = [i for i in range(len(src.configs)) if i not in kept]
+            dropped = [offset + i for i in range(len(src.configs)) if i not in kept]
+            self.duplicates.setdefault(src.path, []).extend(dropped)
+        if warn:
+            self._warn_duplicates(src.path, len(src.configs) - len(keep), len(src.configs))
+        return Source(src.path, *_pairs(src, keep))
+
+    @staticmethod
+    def _warn_duplicates(path: str, dropped: int, n: int) -> None:
+        if dropped:
             log.warning(
                 "data.train_file: dropped %d of %d configurations of %s that repeat earlier "
                 "training-pool frames (same species, positions, energy), so that they cannot "
                 "be in both training and validation; data.drop_duplicates=false keeps them",
-                len(src.configs) - len(keep),
-                len(src.configs),
-                src.path,
+                dropped,
+                n,
+                path,
             )
-        return Source(src.path, *_pairs(src, keep))
 
     def _warn_split_trajectories(self, pool: list[Source], parts: dict) -> None:
         """Warn when split_by=frame puts frames of one trajectory (a file whose frames are all

@@ -245,13 +245,16 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
     unique: set[str] = set()
     try:
         for path in expand_files(dm.train_file, "data.train_file"):
-            first, light_configs = sum(writer.counts), []
+            first, light_configs, n_read = sum(writer.counts), [], 0
             for src in dm._load_chunks(path, "data.train_file", int(shard_frames)):
-                src = dm._unique(src, unique)
+                n = len(src.configs)
+                src = dm._unique(src, unique, offset=n_read, warn=False)
+                n_read += n
                 writer.append(src.configs, src.graphs)
                 light_configs += [_light(c) for c in src.configs]
                 if dm.drop_train_overlap:
                     seen.update(fingerprint(c) for c in src.configs)
+            dm._warn_duplicates(path, n_read - len(light_configs), n_read)
             if not light_configs:
                 continue
             pool_index[path] = first + np.arange(len(light_configs))
