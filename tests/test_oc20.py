@@ -2,6 +2,7 @@
 tables, OC20 tags and metrics — on tiny shards written here from the shared OC20 sample."""
 
 import json
+import logging
 import lzma
 import os
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_aselmdb_folder_and_glob_read_only(shards, tmp_path: Path) -> None:
             np.testing.assert_array_equal(data.free_mask.numpy(), _free(atoms))
 
 
-def test_aselmdb_reads_lazily_and_preprocess_streams(tmp_path: Path, monkeypatch) -> None:
+def test_aselmdb_reads_lazily_and_preprocess_streams(tmp_path: Path, monkeypatch, caplog) -> None:
     """300 rows: opening decodes none, frame i decodes row i only; preprocess with stride 10
     decodes the 30 kept rows (and 4 of a 40-row valid_file), at most shard_frames (8) at a time,
     never a whole file."""
@@ -170,6 +171,13 @@ def test_aselmdb_reads_lazily_and_preprocess_streams(tmp_path: Path, monkeypatch
     np.testing.assert_allclose(
         got, [valid[10 * k].get_potential_energy() for k in range(4)], rtol=1e-6
     )
+    # duplicates dropped piece by piece are reported once per file
+    monkeypatch.setattr(datamodule_module, "to_configs", to_configs)
+    with caplog.at_level(logging.WARNING, "mace_grid.data"):
+        dm = AtomsDataModule(train_file=str(path), frame_stride=10, r_max=4.0, e0s="min_norm")
+        preprocess(dm, tmp_path / "h5_unique", shard_frames=8)
+    dropped = [r.getMessage() for r in caplog.records if "repeat earlier" in r.getMessage()]
+    assert len(dropped) == 1 and "dropped 27 of 30" in dropped[0]
 
 
 def test_s2ef_extxyz_referenced_frame_by_frame(shards, tmp_path: Path) -> None:
