@@ -178,6 +178,7 @@ def test_aselmdb_reads_lazily_and_preprocess_streams(tmp_path: Path, monkeypatch
         preprocess(dm, tmp_path / "h5_unique", shard_frames=8)
     dropped = [r.getMessage() for r in caplog.records if "repeat earlier" in r.getMessage()]
     assert len(dropped) == 1 and "dropped 27 of 30" in dropped[0]
+    assert dm.duplicates == {str(path): list(range(3, 30))}  # kept frames 3.. repeat 0, 1, 2
 
 
 def test_s2ef_extxyz_referenced_frame_by_frame(shards, tmp_path: Path) -> None:
