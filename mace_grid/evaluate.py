@@ -3,7 +3,8 @@
 Writes into the output dir, per evaluated set: ``<set>_predictions.xyz`` (extxyz: reference
 ``REF_energy``/``REF_forces`` and predicted ``MACE_energy``/``MACE_forces``, FixAtoms kept) and
 ``<set>_parity.png``; and ``metrics.json`` for all sets. Energies in meV/atom, forces in meV/Å
-(force components of free atoms only, as in training).
+(force components of free atoms only, as in training); force MAE per OC20 tag; and the OC20
+S2EF metrics in OC20's units (`oc20_metrics`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from mace_grid.calculator import model_from_checkpoint, read_checkpoint
 from mace_grid.data.checks import MIN_DISTANCE
 from mace_grid.data.datamodule import check_elements, load_source, make_loader, to_atomic_data
 from mace_grid.data.io import free_mask, symbol
+from mace_grid.data.readers import ReferenceEnergies, file_stem
 from mace_grid.errors import ConfigError
 from mace_grid.lit_module import METRIC_NAMES
 from mace_grid.utils import atomic_write_text, format_metrics_table
@@ -55,12 +57,23 @@ def file_set(
     forces_key: str = "forces",
     cache_dir: str | None = None,
     min_distance: float = MIN_DISTANCE,
+    reference_energies: str | None = None,
 ) -> EvalSet:
-    """All frames of an ASE-readable file (named by its stem), with their config types; a file
-    without forces is an energy-only set."""
+    """All frames of an ASE-readable file (named by `file_stem`), with their config types; a
+    file without forces is an energy-only set; energies referenced per frame with
+    `reference_energies` (see `ReferenceEnergies`)."""
     z_table = AtomicNumberTable(sorted(int(z) for z in atomic_numbers))
+    references = None if reference_energies is None else ReferenceEnergies(reference_energies)
     source = load_source(
-        path, "file", r_max, energy_key, forces_key, cache_dir, min_distance, require_forces=False
+        path,
+        "file",
+        r_max,
+        energy_key,
+        forces_key,
+        cache_dir,
+        min_distance,
+        require_forces=False,
+        references=references,
     )
     check_elements(source.configs, z_table, f"{path} (file)")
     types = list(dict.fromkeys(c.config_type for c in source.configs))
@@ -68,7 +81,7 @@ def file_set(
         to_atomic_data(c, g, z_table, types.index(c.config_type))
         for c, g in zip(source.configs, source.graphs, strict=True)
     ]
-    return EvalSet(Path(path).stem, make_loader(dataset, batch_size), types)
+    return EvalSet(file_stem(path), make_loader(dataset, batch_size), types)
 
 
 def data_sets(data: dict[str, Any]) -> list[EvalSet]:
@@ -116,10 +129,12 @@ def _batch_atoms(batch, zs, energy, forces, config_types) -> list[Atoms]:
     pbc = batch.pbc.cpu().numpy().reshape(-1, 3)
     free = batch.free_mask.cpu().numpy().astype(bool)
     labelled = batch.forces_weight.cpu().numpy() > 0  # False: frame of an energy-only set
+    tags = batch.tags.cpu().numpy()
     frames = []
     for g in range(len(ptr) - 1):
         s = slice(ptr[g], ptr[g + 1])
         atoms = Atoms(numbers=numbers[s], positions=positions[s], cell=cells[g], pbc=pbc[g])
+        atoms.set_tags(tags[s])
         if not free[s].all():
             atoms.set_constraint(FixAtoms(mask=~free[s]))
         atoms.info["config_type"] = config_types[int(batch.config_type_id[g])]
@@ -165,6 +180,8 @@ def error_metrics(frames: Sequence[Atoms]) -> dict[str, Any]:
         "n_atoms": int(sum(len(a) for a in frames)),
         **_four(de, df),
         "f_mae_per_element": {symbol(e): float(np.abs(df[z == e]).mean()) for e in np.unique(z)},
+        "f_mae_per_tag": per_tag_force_mae(frames),
+        "oc20": oc20_metrics(frames),
     }
     by_type: dict[str, list[Atoms]] = {}
     for atoms in frames:
@@ -175,6 +192,45 @@ def error_metrics(frames: Sequence[Atoms]) -> dict[str, Any]:
             for t, group in by_type.items()
         }
     return metrics
+
+
+def per_tag_force_mae(frames: Sequence[Atoms]) -> dict[str, float]:
+    """Force-component MAE (meV/Å) per OC20 tag over all atoms with that tag, fixed ones
+    included (tag 0 = fixed subsurface atoms, whose forces are not trained on); frames with
+    reference forces only."""
+    frames = _with_forces(frames)
+    if not frames:
+        return {}
+    tags = np.concatenate([a.get_tags() for a in frames])
+    err = np.concatenate([np.abs(a.arrays["MACE_forces"] - a.arrays["REF_forces"]) for a in frames])
+    return {str(t): 1000.0 * float(err[tags == t].mean()) for t in np.unique(tags)}
+
+
+def oc20_metrics(
+    frames: Sequence[Atoms], e_thresh: float = 0.02, f_thresh: float = 0.03
+) -> dict[str, float | None]:
+    """OC20 S2EF metrics, in OC20's units: energy MAE per structure (eV); over the frames with
+    reference forces, force-component MAE (eV/Å) and cosine similarity of force vectors (mean
+    over atoms) on free atoms, and EFwT: the fraction of structures with |ΔE| < `e_thresh` eV
+    and max |ΔF component| < `f_thresh` eV/Å over their free atoms (None without forces)."""
+    de = np.array([a.info["MACE_energy"] - a.info["REF_energy"] for a in frames])
+    metrics: dict[str, float | None] = {"energy_mae_eV": float(np.abs(de).mean())}
+    labelled = _with_forces(frames)
+    free = [free_mask(a).astype(bool) for a in labelled]
+    pred = [a.arrays["MACE_forces"][m] for a, m in zip(labelled, free, strict=True)]
+    ref = [a.arrays["REF_forces"][m] for a, m in zip(labelled, free, strict=True)]
+    if not sum(len(p) for p in pred):
+        return metrics | dict.fromkeys(("forces_mae_eV_per_A", "forces_cosine", "efwt"))
+    p, r = np.concatenate(pred), np.concatenate(ref)
+    norms = np.linalg.norm(p, axis=1) * np.linalg.norm(r, axis=1)
+    cosine = np.sum(p * r, axis=1) / np.maximum(norms, 1e-12)
+    max_df = np.array([np.abs(a - b).max(initial=0.0) for a, b in zip(pred, ref, strict=True)])
+    de = np.array([a.info["MACE_energy"] - a.info["REF_energy"] for a in labelled])
+    return metrics | {
+        "forces_mae_eV_per_A": float(np.abs(p - r).mean()),
+        "forces_cosine": float(cosine.mean()),
+        "efwt": float(np.mean((np.abs(de) < e_thresh) & (max_df < f_thresh))),
+    }
 
 
 def _four(de: np.ndarray, df: np.ndarray) -> dict[str, float | None]:
@@ -246,6 +302,7 @@ def eval_sets(cfg: DictConfig, ckpt: dict[str, Any], out_dir: Path) -> list[Eval
                 cfg.forces_key,
                 cfg.paths.cache_dir,
                 cfg.min_distance,
+                cfg.reference_energies,
             )
         ]
     if cfg.get("data") is not None:
@@ -315,7 +372,9 @@ def metrics_tables(results: dict[str, dict[str, Any]]) -> str:
         for name, m in results.items()
     }
     timing = "\n".join(
-        f"{name}: {m['n_structures']} structures, {m['time_per_structure_ms']:.2f} ms/structure"
+        f"{name}: {m['n_structures']} structures, {m['time_per_structure_ms']:.2f} ms/structure; "
+        + "OC20: "
+        + ", ".join(f"{k} {'-' if v is None else f'{v:.4g}'}" for k, v in m["oc20"].items())
         for name, m in results.items()
     )
     return "\n\n".join(

@@ -36,7 +36,10 @@ def targets(node) -> list[str]:
 
 
 # Options with mandatory values (``???``) get one here.
-REQUIRED = {("data", "xyz"): ["data.train_file=train.xyz"]}
+REQUIRED = {
+    ("data", "xyz"): ["data.train_file=train.xyz"],
+    ("data", "oc20_lmdb"): ["data.train_file=train.aselmdb"],
+}
 CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 

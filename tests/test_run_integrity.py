@@ -294,8 +294,9 @@ def test_train_errors_are_one_line_and_leave_no_run_dir(cli, case: str, tmp_path
     elif case == "format":
         shutil.copy(good, tmp_path / "cu.foo")
         args.append(f"data.train_file={tmp_path / 'cu.foo'}")
-    else:
-        args.append(f"data.train_file={tmp_path}")
+    else:  # a folder is read as its data files: one without any is refused
+        (tmp_path / "empty").mkdir()
+        args.append(f"data.train_file={tmp_path / 'empty'}")
     proc = cli("train.py", *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     _expect_one_line_error(proc, *needles)

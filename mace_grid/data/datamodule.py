@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,16 @@ from mace.tools import AtomicNumberTable, atomic_numbers_to_indices, to_one_hot
 from mace.tools.torch_geometric.dataloader import DataLoader
 
 from mace_grid.data.checks import MIN_DISTANCE, check_distances, check_finite
-from mace_grid.data.io import expand_files, fingerprint, read_configs, resolve_e0s, symbol
-from mace_grid.data.neighbours import Neighbours, file_neighbours
+from mace_grid.data.io import (
+    expand_files,
+    fingerprint,
+    read_configs,
+    resolve_e0s,
+    symbol,
+    to_configs,
+)
+from mace_grid.data.neighbours import Neighbours, compute_neighbours, file_neighbours
+from mace_grid.data.readers import LMDB_SUFFIX, LMDBFrames, ReferenceEnergies
 from mace_grid.errors import DataError
 from mace_grid.utils import atomic_write_text
 
@@ -45,10 +52,13 @@ def load_source(
     cache_dir,
     min_distance: float = MIN_DISTANCE,
     require_forces: bool = True,
+    references: ReferenceEnergies | None = None,
 ) -> Source:
     """Read and check every frame of `path` (`key` = config entry to blame; see
-    `mace_grid.data.checks`) and get its neighbour lists. Every reader's frames pass here."""
-    configs = read_configs(path, key, energy_key, forces_key, require_forces)
+    `mace_grid.data.checks`) and get its neighbour lists. Every reader's frames pass here
+    (`AtomsDataModule._load_chunks` checks an .aselmdb's pieces the same way). `references`:
+    subtract per-frame reference energies (see `read_configs`)."""
+    configs = read_configs(path, key, energy_key, forces_key, require_forces, references)
     check_finite(configs, path, key)
     graphs = file_neighbours(path, configs, r_max, cache_dir)
     check_distances(configs, graphs, path, key, min_distance)
@@ -59,7 +69,8 @@ def to_atomic_data(
     config: Configuration, graph: Neighbours, z_table: AtomicNumberTable, config_type_id: int = 0
 ) -> AtomicData:
     """mace AtomicData with energy [] (eV), forces [n, 3] (eV/Å) and extra per-atom `free_mask`
-    [n] (1 free, 0 fixed) and per-graph `config_type_id` []; dtype = torch default dtype."""
+    [n] (1 free, 0 fixed) and `tags` [n] (OC20: 0 fixed, 1 slab, 2 adsorbate) and per-graph
+    `config_type_id` []; dtype = torch default dtype."""
     dtype = torch.get_default_dtype()
     indices = atomic_numbers_to_indices(config.atomic_numbers, z_table=z_table)
     one, zero = (torch.tensor(v, dtype=dtype) for v in (1.0, 0.0))
@@ -89,6 +100,7 @@ def to_atomic_data(
         polarizability=None,
         elec_temp=None,
         free_mask=torch.tensor(config.properties["free_mask"], dtype=dtype),
+        tags=torch.as_tensor(np.asarray(config.properties["tags"], dtype=np.int64)),
         config_type_id=torch.tensor(config_type_id, dtype=torch.long),
     )
 
@@ -128,11 +140,14 @@ def build_loader(
     num_workers: int = 0,
     key: str = "path",
     min_distance: float = MIN_DISTANCE,
+    references: ReferenceEnergies | None = None,
 ) -> DataLoader:
     """Unshuffled loader over all frames of an ASE-readable file for a model with elements
     `atomic_numbers` (e.g. from checkpoint statistics); `key` names the option in errors."""
     z_table = AtomicNumberTable(sorted(int(z) for z in atomic_numbers))
-    source = load_source(str(path), key, r_max, energy_key, forces_key, cache_dir, min_distance)
+    source = load_source(
+        str(path), key, r_max, energy_key, forces_key, cache_dir, min_distance, True, references
+    )
     check_elements(source.configs, z_table, f"{path} ({key})")
     dataset = [to_atomic_data(c, g, z_table) for c, g in zip(*_pairs(source), strict=True)]
     return make_loader(dataset, batch_size, num_workers=num_workers)
@@ -177,15 +192,21 @@ class SplitLoaders:
 
 
 class AtomsDataModule(SplitLoaders, L.LightningDataModule):
-    """Train/valid/test graphs from ASE-readable files (extxyz, .traj, .db).
+    """Train/valid/test graphs from ASE-readable files (extxyz(.xz), .traj, .db, .aselmdb).
 
-    train_file: path, glob or list of them. Validation comes from `valid_file` or a seeded
-    `valid_fraction` of the training pool; `test_fraction` holds out a test set named "test";
-    `split_by` = "frame" (random frames) or "file" (whole files, i.e. systems, per split; held-out
-    files are drawn only among those whose elements stay covered by the training files).
+    train_file: path, folder, glob or list of them (an .aselmdb is read whole into memory
+    here; `preprocess` streams it into HDF5 shards instead). Validation comes from `valid_file`
+    or a seeded `valid_fraction` of the training pool; `test_fraction` holds out a test set
+    named "test"; `split_by` = "frame" (random frames) or "file" (whole files, i.e. systems, per
+    split; held-out files are drawn only among those whose elements stay covered by the training
+    files).
     test_files: {name: path}; with `drop_train_overlap`, frames also present in the training
     files (same species, positions, energy) are removed from valid_file and test sets.
-    e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`).
+    reference_energies: S2EF reference table (.txt) or folder of them: train on E_total minus
+    each frame's reference (OC20 adsorption-energy targets; see `readers.ReferenceEnergies`).
+    e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`);
+    null: zero for every element with reference_energies (referenced targets carry no
+    per-element offset), else "average".
     atomic_numbers: fixed z table (e.g. from a checkpoint) instead of the training elements.
     frame_stride: keep every k-th frame of each file (relaxation trajectories are highly
     correlated frame to frame); indices in `splits.json` count the kept frames (after the stride
@@ -210,7 +231,8 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         drop_train_overlap: bool = True,
         energy_key: str = "energy",
         forces_key: str = "forces",
-        e0s: str | Mapping = "average",
+        e0s: str | Mapping | None = None,
+        reference_energies: str | None = None,
         r_max: float = 5.0,
         batch_size: int = 8,
         valid_batch_size: int | None = None,
@@ -255,7 +277,11 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         self.split_by = split_by
         self.drop_train_overlap = drop_train_overlap
         self.energy_key, self.forces_key = energy_key, forces_key
-        self.e0s = e0s if isinstance(e0s, str) else dict(e0s)
+        self.e0s = e0s if e0s is None or isinstance(e0s, str) else dict(e0s)
+        self.reference_energies = None if reference_energies is None else str(reference_energies)
+        self.references = (
+            None if reference_energies is None else ReferenceEnergies(self.reference_energies)
+        )
         self.r_max = float(r_max)
         self.batch_size = int(batch_size)
         self.valid_batch_size = int(valid_batch_size or batch_size)
@@ -286,13 +312,41 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             self.cache_dir,
             self.min_distance,
             require_forces,
+            self.references,
         )
         k = self.frame_stride
         return src if k == 1 else Source(src.path, src.configs[::k], src.graphs[::k])
 
-    def _unique(self, src: Source, seen: set[str]) -> Source:
+    def _load_chunks(self, path: str, key: str, chunk_frames: int, require_forces: bool = True):
+        """`_load(path)` in pieces of at most `chunk_frames` frames (an .aselmdb: only the kept
+        frames are decoded, `chunk_frames` at a time, checked as `load_source` checks, neighbour
+        lists not cached); other files whole, as one piece."""
+        if not path.endswith(LMDB_SUFFIX):
+            yield self._load(path, key, require_forces)
+            return
+        with LMDBFrames(path) as db:
+            if not len(db):
+                raise DataError(f"data file has no configurations: {path} ({key})")
+            kept = range(0, len(db), self.frame_stride)
+            for start in range(0, len(kept), chunk_frames):
+                indices = kept[start : start + chunk_frames]
+                frames = [db[i] for i in indices]
+                configs = to_configs(
+                    frames, path, key, self.energy_key, self.forces_key, require_forces
+                )
+                if self.references is not None:
+                    self.references.subtract(configs, frames, path, key, indices)
+                check_finite(configs, path, key)
+                graphs = [compute_neighbours(c, self.r_max) for c in configs]
+                check_distances(configs, graphs, path, key, self.min_distance)
+                yield Source(path, configs, graphs)
+
+    def _unique(self, src: Source, seen: set[str], offset: int = 0, warn: bool = True) -> Source:
         """`src` without the frames whose fingerprint is in `seen` (earlier training-pool
-        frames, or earlier in the same file); adds the kept ones to `seen`."""
+        frames, or earlier in the same file); adds the kept ones to `seen` and the dropped ones
+        to `duplicates` (`offset`: for a piece of a file, the number of its frames read, after
+        the stride, before `src`). `warn=False`: the caller reports the count (`_warn_duplicates`), e.g.
+        once for all pieces of a file."""
         if not self.drop_duplicates:
             return src
         keep = []
@@ -303,16 +357,23 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
                 keep.append(i)
         if len(keep) < len(src.configs):
             kept = set(keep)
-            self.duplicates[src.path] = [i for i in range(len(src.configs)) if i not in kept]
+            dropped = [offset + i for i in range(len(src.configs)) if i not in kept]
+            self.duplicates.setdefault(src.path, []).extend(dropped)
+        if warn:
+            self._warn_duplicates(src.path, len(src.configs) - len(keep), len(src.configs))
+        return Source(src.path, *_pairs(src, keep))
+
+    @staticmethod
+    def _warn_duplicates(path: str, dropped: int, n: int) -> None:
+        if dropped:
             log.warning(
                 "data.train_file: dropped %d of %d configurations of %s that repeat earlier "
                 "training-pool frames (same species, positions, energy), so that they cannot "
                 "be in both training and validation; data.drop_duplicates=false keeps them",
-                len(src.configs) - len(keep),
-                len(src.configs),
-                src.path,
+                dropped,
+                n,
+                path,
             )
-        return Source(src.path, *_pairs(src, keep))
 
     def _warn_split_trajectories(self, pool: list[Source], parts: dict) -> None:
         """Warn when split_by=frame puts frames of one trajectory (a file whose frames are all
@@ -481,7 +542,10 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         )
 
     def _statistics(self, train_configs) -> dict:
-        e0 = resolve_e0s(self.e0s, self.z_table, train_configs, self.energy_key)
+        e0s = self.e0s
+        if e0s is None:
+            e0s = {z: 0.0 for z in self.z_table.zs} if self.references is not None else "average"
+        e0 = resolve_e0s(e0s, self.z_table, train_configs, self.energy_key)
         atomic_energies = [float(e0[z]) for z in self.z_table.zs]
         loader = make_loader(self._train, self.batch_size)
         mean, rms = compute_mean_rms_energy_forces(loader, np.array(atomic_energies))
@@ -526,4 +590,5 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             self.cache_dir,
             key="path",
             min_distance=self.min_distance,
+            references=self.references,
         )

@@ -4,8 +4,8 @@ A preprocessed directory holds
   shard-NNNNN.h5  frames in source order. Per frame: `energy` [n], `cell` [n, 3, 3] (as mace's
                   neighbour list returns it), `pbc` [n, 3], `config_type_id` [n], `atom_ptr` and
                   `edge_ptr` [n + 1]; per atom: `atomic_numbers`, `positions` [N, 3] Å, `forces`
-                  [N, 3] eV/Å, `free_mask`; per edge: `edge_index` [E, 2] (frame-local),
-                  `shifts` [E, 3] Å, `unit_shifts` [E, 3].
+                  [N, 3] eV/Å, `free_mask`, `tags` (OC20); per edge: `edge_index` [E, 2]
+                  (frame-local), `shifts` [E, 3] Å, `unit_shifts` [E, 3].
   index.h5        frame numbers (int64) of each split: `train`, `valid`, `test/<name>`.
   meta.json       statistics, test_names, config_types, sizes, elements, r_max, shards (written
                   last: a directory without it is incomplete).
@@ -34,7 +34,6 @@ from mace_grid.data.datamodule import (
     SplitLoaders,
     _write_json,
     check_elements,
-    make_loader,
     to_atomic_data,
 )
 from mace_grid.data.io import expand_files, fingerprint, symbol
@@ -43,7 +42,7 @@ from mace_grid.errors import DataError
 from mace_grid.utils import atomic_write_text
 
 log = logging.getLogger("mace_grid.data")
-_VERSION = 1
+_VERSION = 2  # 2: per-atom tags
 _CHUNK_ROWS = 16384  # rows per HDF5 chunk of the per-atom and per-edge arrays
 _MAX_OPEN = 64  # shard files a process keeps open
 
@@ -63,6 +62,7 @@ class _ShardWriter:
         "positions": ((3,), "f8"),
         "forces": ((3,), "f8"),
         "free_mask": ((), "u1"),
+        "tags": ((), "i1"),
     }
     PER_EDGE = {"edge_index": ((2,), "i4"), "shifts": ((3,), "f8"), "unit_shifts": ((3,), "i4")}
 
@@ -128,6 +128,7 @@ class _ShardWriter:
             "positions": np.concatenate([c.positions for c in configs]),
             "forces": np.concatenate([c.properties["forces"] for c in configs]),
             "free_mask": np.concatenate([c.properties["free_mask"] for c in configs]),
+            "tags": np.concatenate([c.properties["tags"] for c in configs]),
             "edge_index": np.concatenate([g.edge_index.T for g in graphs]),
             "shifts": np.concatenate([g.shifts for g in graphs]).reshape(-1, 3),
             "unit_shifts": np.concatenate([g.unit_shifts for g in graphs]).reshape(-1, 3),
@@ -147,7 +148,7 @@ def shard_name(i: int) -> str:
 
 class ShardedFrames(torch.utils.data.Dataset):
     """Frames `indices` (pool numbering) of a preprocessed directory as mace `AtomicData` (fields
-    as `to_atomic_data`: energy, forces, free_mask, config_type_id), read from disk on access.
+    as `to_atomic_data`: energy, forces, free_mask, tags, config_type_id), read from disk on access.
     Each process (DataLoader worker) opens the shards itself; nothing else is held in memory."""
 
     def __init__(
@@ -196,6 +197,7 @@ class ShardedFrames(torch.utils.data.Dataset):
                 "energy": float(f["energy"][j]),
                 "forces": f["forces"][a0:a1],
                 "free_mask": f["free_mask"][a0:a1],
+                "tags": f["tags"][a0:a1],
             },
             property_weights={"energy": 1.0, "forces": 1.0},
             pbc=tuple(bool(p) for p in f["pbc"][j]),
@@ -225,8 +227,9 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
 
     Files, frame stride, split, overlap removal, E0s, neighbour lists and statistics come from
     `dm`'s own code (the split and statistics methods are called on per-frame metadata), so
-    training from `out` sees the frames `dm.setup()` would give. Memory: one source file, plus
-    species/energy/fingerprint per frame and mace's force RMS over the training atoms.
+    training from `out` sees the frames `dm.setup()` would give. Memory: one source file (an
+    .aselmdb: `shard_frames` of its frames at a time), plus species/energy/fingerprint per frame
+    and mace's force RMS over the training atoms.
     """
     out = Path(out)
     if (out / "meta.json").exists():
@@ -242,15 +245,21 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
     unique: set[str] = set()
     try:
         for path in expand_files(dm.train_file, "data.train_file"):
-            src = dm._unique(dm._load(path, "data.train_file"), unique)
-            if not src.configs:
+            first, light_configs, n_read = sum(writer.counts), [], 0
+            for src in dm._load_chunks(path, "data.train_file", int(shard_frames)):
+                n = len(src.configs)
+                src = dm._unique(src, unique, offset=n_read, warn=False)
+                n_read += n
+                writer.append(src.configs, src.graphs)
+                light_configs += [_light(c) for c in src.configs]
+                if dm.drop_train_overlap:
+                    seen.update(fingerprint(c) for c in src.configs)
+            dm._warn_duplicates(path, n_read - len(light_configs), n_read)
+            if not light_configs:
                 continue
-            first = writer.append(src.configs, src.graphs)
-            pool_index[path] = first + np.arange(len(src.configs))
-            pool.append(Source(path, [_light(c) for c in src.configs], []))
-            if dm.drop_train_overlap:
-                seen.update(fingerprint(c) for c in src.configs)
-            log.info("%s: %d frames -> %s", path, len(src.configs), out)
+            pool_index[path] = first + np.arange(len(light_configs))
+            pool.append(Source(path, light_configs, []))
+            log.info("%s: %d frames -> %s", path, len(light_configs), out)
         light = {s.path: s.configs for s in pool}
         split = dm._split_frames if dm.split_by == "frame" else dm._split_files
         parts = split(pool, np.random.default_rng(dm.seed), n_valid_wanted=dm.valid_file is None)
@@ -262,22 +271,27 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
         for name, path in dm.test_files.items():
             extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
         for part, (key, path) in extra.items():
-            src = dm._load(path, key)
-            keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
+            keep, indices, light[path] = [], [], []
+            for src in dm._load_chunks(path, key, int(shard_frames)):
+                new = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
+                index = np.full(len(src.configs), -1, dtype=np.int64)
+                index[new] = writer.append(
+                    [src.configs[i] for i in new], [src.graphs[i] for i in new]
+                ) + np.arange(len(new))
+                keep += [len(light[path]) + i for i in new]
+                indices.append(index)
+                light[path] += [_light(c) for c in src.configs]
+            n = len(light[path])
             if not keep:
                 raise DataError(f"{path} ({key}): every configuration is also in data.train_file")
-            if len(keep) < len(src.configs):
+            if len(keep) < n:
                 log.info(
                     "%s: dropped %d of %d configurations also in the training file(s)",
                     key,
-                    len(src.configs) - len(keep),
-                    len(src.configs),
+                    n - len(keep),
+                    n,
                 )
-            index = np.full(len(src.configs), -1, dtype=np.int64)
-            index[keep] = writer.append(
-                [src.configs[i] for i in keep], [src.graphs[i] for i in keep]
-            ) + np.arange(len(keep))
-            pool_index[path], light[path] = index, [_light(c) for c in src.configs]
+            pool_index[path] = np.concatenate(indices)
             parts[part] = {path: keep}
     finally:
         writer.close()
@@ -413,6 +427,11 @@ class HDF5DataModule(SplitLoaders, L.LightningDataModule):
                 "run python scripts/preprocess.py data=<source> out=<dir> first"
             )
         meta = json.loads(meta_file.read_text())
+        if meta.get("version") != _VERSION:
+            raise DataError(
+                f"data.path={self.path} was preprocessed by another version of mace-grid "
+                f"(format {meta.get('version')}, this one reads {_VERSION}): preprocess again"
+            )
         if float(meta["r_max"]) != self.r_max:
             raise DataError(
                 f"data.path={self.path} was preprocessed with r_max={meta['r_max']}, the model has "
@@ -446,4 +465,3 @@ class HDF5DataModule(SplitLoaders, L.LightningDataModule):
             self.sizes,
             len(meta["shards"]),
         )
-

@@ -1,4 +1,4 @@
-"""Read ASE files (extxyz, .traj, .db) into mace `Configuration`s and resolve E0s."""
+"""Read ASE files (extxyz, .traj, .db, .aselmdb) into mace `Configuration`s and resolve E0s."""
 
 from __future__ import annotations
 
@@ -18,12 +18,22 @@ from ase.io.formats import UnknownFileTypeError
 from mace.data.utils import Configuration, compute_average_E0s
 from mace.tools import AtomicNumberTable
 
+from mace_grid.data.readers import (
+    LMDB_SUFFIX,
+    LMDBFrames,
+    ReferenceEnergies,
+    folder_files,
+    oc20_tags,
+)
 from mace_grid.errors import DataError
 
 log = logging.getLogger("mace_grid.data")
 
 # What `read_atoms` reads (by extension; anything else ASE reads by content may work too).
-FORMATS = "extxyz (.xyz, .extxyz), ASE trajectory (.traj), ASE database (.db)"
+FORMATS = (
+    "extxyz (.xyz, .extxyz, also .xz/.gz-compressed), ASE trajectory (.traj), ASE database "
+    "(.db), ASE LMDB (.aselmdb)"
+)
 # The default label keys: ASE's own names, found in atoms.info/arrays or on the calculator.
 ENERGY, FORCES = "energy", "forces"
 
@@ -33,8 +43,8 @@ def _one_line(exc: Exception) -> str:
 
 
 def expand_files(spec: str | Sequence[str], key: str) -> list[str]:
-    """Expand a path, a glob or a list of them into sorted existing files; `key` names the
-    config entry to blame when nothing matches."""
+    """Expand a path, a folder (its data files), a glob or a list of them into sorted existing
+    files; `key` names the config entry to blame when nothing matches."""
     specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not specs:
         raise DataError(f"{key} is empty: give a file path or glob")
@@ -45,6 +55,8 @@ def expand_files(spec: str | Sequence[str], key: str) -> list[str]:
             if not matches:
                 raise DataError(f"no file matches {s} (set {key} to an existing path or glob)")
             files.extend(matches)
+        elif os.path.isdir(s):
+            files.extend(folder_files(s, key))
         else:
             files.append(_existing_file(s, key))
     return files
@@ -64,7 +76,10 @@ def read_atoms(path: str, key: str) -> list[Atoms]:
     if os.path.getsize(path) == 0:
         raise DataError(f"data file is empty: {path} ({key})")
     try:
-        if path.endswith(".db"):  # keep key-value pairs (e.g. config_type) as atoms.info
+        if path.endswith(LMDB_SUFFIX):
+            with LMDBFrames(path) as db:
+                frames = list(db)
+        elif path.endswith(".db"):  # keep key-value pairs (e.g. config_type) as atoms.info
             with ase.db.connect(path) as db:
                 frames = [row.toatoms(add_additional_information=True) for row in db.select()]
             for atoms in frames:
@@ -134,9 +149,9 @@ def to_configs(
     forces_key: str = FORCES,
     require_forces: bool = True,
 ) -> list[Configuration]:
-    """mace Configurations with properties energy, forces and free_mask; DataError if a frame
-    lacks energy or forces. Without ``require_forces`` a file with no forces at all (default
-    key) is an energy-only set: zero forces with property weight 0."""
+    """mace Configurations with properties energy, forces, free_mask and (OC20) tags; DataError
+    if a frame lacks energy or forces. Without ``require_forces`` a file with no forces at all
+    (default key) is an energy-only set: zero forces with property weight 0."""
     energy_only = (
         not require_forces
         and forces_key == FORCES
@@ -144,6 +159,7 @@ def to_configs(
     )
     configs = []
     for i, atoms in enumerate(frames):
+        free = free_mask(atoms)
         energy, forces = _energy(atoms, energy_key), _forces(atoms, forces_key)
         if energy is None:
             raise DataError(
@@ -161,7 +177,12 @@ def to_configs(
             Configuration(
                 atomic_numbers=np.asarray(atoms.numbers, dtype=int),
                 positions=np.array(atoms.positions, dtype=float),
-                properties={"energy": energy, "forces": forces, "free_mask": free_mask(atoms)},
+                properties={
+                    "energy": energy,
+                    "forces": forces,
+                    "free_mask": free,
+                    "tags": oc20_tags(atoms, free),
+                },
                 property_weights={"energy": 1.0, "forces": 0.0 if energy_only else 1.0},
                 cell=np.array(atoms.cell[:], dtype=float),
                 pbc=tuple(bool(p) for p in atoms.pbc),
@@ -186,9 +207,15 @@ def read_configs(
     energy_key: str = ENERGY,
     forces_key: str = FORCES,
     require_forces: bool = True,
+    references: ReferenceEnergies | None = None,
 ) -> list[Configuration]:
-    """Read and validate one file (see `read_atoms`, `to_configs`)."""
-    return to_configs(read_atoms(path, key), path, key, energy_key, forces_key, require_forces)
+    """Read and validate one file (see `read_atoms`, `to_configs`); with `references`, energies
+    are E_total - reference per frame."""
+    frames = read_atoms(path, key)
+    configs = to_configs(frames, path, key, energy_key, forces_key, require_forces)
+    if references is not None:
+        references.subtract(configs, frames, path, key)
+    return configs
 
 
 def has_forces(config: Configuration) -> bool:
