@@ -57,9 +57,10 @@ def remove_failed_start() -> None:
     if not HydraConfig.initialized():
         return
     hc = HydraConfig.get()
-    run_dir = Path(hc.runtime.output_dir)
-    if not run_dir.is_dir():
+    output_dir = OmegaConf.select(hc, "runtime.output_dir")  # unset when Hydra never ran a job
+    if output_dir is None or not Path(output_dir).is_dir():
         return
+    run_dir = Path(output_dir)
     subdir = hc.output_subdir
     record = run_dir / subdir if subdir else None
     entries = list(run_dir.iterdir())

@@ -11,6 +11,13 @@ from hydra.core.hydra_config import HydraConfig
 from mace_grid import PROJECT_ROOT
 
 
+@pytest.fixture(autouse=True)
+def _reset_hydra_config():
+    """launcher_for sets Hydra's global config as a launch would; later tests must not see it."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def launcher_for(overrides: list[str], tmp_path: Path):
     """The plugin's SlurmLauncher as `-m hydra/launcher=slurm …` would build it."""
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):

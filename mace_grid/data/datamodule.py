@@ -345,8 +345,8 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         """`src` without the frames whose fingerprint is in `seen` (earlier training-pool
         frames, or earlier in the same file); adds the kept ones to `seen` and the dropped ones
         to `duplicates` (`offset`: for a piece of a file, the number of its frames read, after
-        the stride, before `src`). `warn=False`: the caller reports the count (`_warn_duplicates`), e.g.
-        once for all pieces of a file."""
+        the stride, before `src`). `warn=False`: the caller reports the count
+        (`_warn_duplicates`), e.g. once for all pieces of a file."""
         if not self.drop_duplicates:
             return src
         keep = []
