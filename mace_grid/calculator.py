@@ -1,7 +1,7 @@
 """A train.py checkpoint as a plain mace-torch model, an ASE calculator, MD and export.
 
-The model is rebuilt from the checkpoint alone (``hyper_parameters``: model, tp, statistics) and
-carries the EMA weights; ``MaceGridCalculator`` is mace's own ``MACECalculator`` on that model.
+The model is rebuilt from the checkpoint alone (``hyper_parameters``: model, tp, conv, statistics)
+and carries the EMA weights; ``MaceGridCalculator`` is mace's own ``MACECalculator`` on that model.
 """
 
 from __future__ import annotations
@@ -43,20 +43,27 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def trained_conv(ckpt: dict[str, Any]) -> str:
+    """The convolution a checkpoint was trained with (``e3nn``: written before ``conv`` existed)."""
+    return (ckpt["hyper_parameters"].get("conv") or {}).get("name", "e3nn")
+
+
 def model_from_checkpoint(
-    ckpt: dict[str, Any], device: str = "cpu", dtype: str | None = None
+    ckpt: dict[str, Any], device: str = "cpu", dtype: str | None = None, conv: str | None = None
 ) -> ScaleShiftMACE:
     """The checkpoint's ``ScaleShiftMACE`` with its EMA weights, in eval mode.
 
     Built directly in ``dtype`` (None: the training dtype), so the float64 constants of the
-    product backends are not rounded through float32.
+    product backends are not rounded through float32. ``conv`` (``e3nn``/``fast``, same weights)
+    defaults to the one it was trained with (``e3nn`` for checkpoints older than the option).
     """
     dtype = dtype or ckpt["run_config"]["dtype"]
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}; choose one of {sorted(DTYPES)}")
     hp = ckpt["hyper_parameters"]
+    conv = conv or trained_conv(ckpt)
     with default_dtype(DTYPES[dtype]):
-        model = build_model(hp["model"], hp["tp"], hp["statistics"])
+        model = build_model(hp["model"], hp["tp"], hp["statistics"], {"name": conv})
     prefix = "model."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
@@ -64,22 +71,28 @@ def model_from_checkpoint(
 
 
 def load_model(
-    ckpt_path: str | Path, device: str = "cpu", dtype: str | None = None
+    ckpt_path: str | Path, device: str = "cpu", dtype: str | None = None, conv: str | None = None
 ) -> ScaleShiftMACE:
     """:func:`model_from_checkpoint` of the file ``ckpt_path``."""
-    return model_from_checkpoint(read_checkpoint(ckpt_path), device, dtype)
+    return model_from_checkpoint(read_checkpoint(ckpt_path), device, dtype, conv)
 
 
 class MaceGridCalculator(MACECalculator):
     """ASE calculator of a train.py checkpoint (any tp backend): energy, free_energy, node
     energies, forces and stress (periodic cells; zero for non-periodic ones), via mace's
     ``MACECalculator``. ``dtype``: float64 (default, as mace's calculator: a float32 total
-    energy of a large molecule is good to only ~1e-3 eV), float32, or None (training dtype)."""
+    energy of a large molecule is good to only ~1e-3 eV), float32, or None (training dtype);
+    ``conv``: e3nn/fast (same weights), default the one it was trained with."""
 
     def __init__(
-        self, ckpt_path: str | Path, device: str = "cpu", dtype: str | None = "float64", **kwargs
+        self,
+        ckpt_path: str | Path,
+        device: str = "cpu",
+        dtype: str | None = "float64",
+        conv: str | None = None,
+        **kwargs,
     ) -> None:
-        model = load_model(ckpt_path, device, dtype)
+        model = load_model(ckpt_path, device, dtype, conv)
         dtype_name = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
         super().__init__(models=[model], device=device, default_dtype=dtype_name, **kwargs)
 
@@ -99,12 +112,13 @@ class MaceGridCalculator(MACECalculator):
 def export_model(ckpt_path: str | Path, out: str | Path, dtype: str | None = "float64") -> Path:
     """``torch.save`` the checkpoint's ``ScaleShiftMACE`` (float64 by default, the dtype mace's
     tools expect; None: the training dtype) to ``out`` atomically: the file mace's
-    ``MACECalculator(model_paths=out)`` and mace's tools load (gaunt/grid models need
-    ``mace_grid`` importable, as their product modules are ours)."""
+    ``MACECalculator(model_paths=out)`` and mace's tools load. The convolution is always mace's
+    own (``conv=e3nn``, same weights), so a tp=cg model is plain mace-torch; gaunt/grid models
+    need ``mace_grid`` importable, as their product modules are ours."""
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"out={out} is a directory: give a file name, e.g. {out}/model.model")
-    model = load_model(ckpt_path, "cpu", dtype)
+    model = load_model(ckpt_path, "cpu", dtype, conv="e3nn")
     with atomic_path(out) as tmp:
         torch.save(model, tmp)
     return out

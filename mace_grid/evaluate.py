@@ -27,7 +27,7 @@ from mace.tools import AtomicNumberTable
 from mace.tools.torch_tools import default_dtype
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mace_grid.calculator import model_from_checkpoint, read_checkpoint
+from mace_grid.calculator import model_from_checkpoint, read_checkpoint, trained_conv
 from mace_grid.data.checks import MIN_DISTANCE
 from mace_grid.data.datamodule import check_elements, load_source, make_loader, to_atomic_data
 from mace_grid.data.io import free_mask, symbol
@@ -328,7 +328,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     ckpt = read_checkpoint(cfg.ckpt_path)
-    model = model_from_checkpoint(ckpt, cfg.device, cfg.dtype)
+    model = model_from_checkpoint(ckpt, cfg.device, cfg.dtype, cfg.conv)
     for p in model.parameters():
         p.requires_grad_(False)
     dtype = next(model.parameters()).dtype
@@ -350,6 +350,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "tp": tp,
+        "conv": cfg.conv or trained_conv(ckpt),
         "dtype": str(dtype).removeprefix("torch."),
         "sets": results,
     }

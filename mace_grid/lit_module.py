@@ -16,7 +16,7 @@ import torchmetrics
 from lightning.pytorch.loggers import WandbLogger
 
 from mace_grid.errors import DivergedError
-from mace_grid.model import build_model
+from mace_grid.model import build_compiled_model, build_model
 
 METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
 
@@ -65,6 +65,8 @@ class MaceLitModule(L.LightningModule):
         model: Mapping[str, Any],
         tp: Mapping[str, Any],
         statistics: Mapping[str, Any],
+        conv: Mapping[str, Any] | None = None,
+        compile: bool = False,
         lr: float = 0.01,
         weight_decay: float = 5e-7,
         amsgrad: bool = True,
@@ -76,7 +78,7 @@ class MaceLitModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_model(model, tp, statistics)
+        self.model = (build_compiled_model if compile else build_model)(model, tp, statistics, conv)
         self.train_metrics = ErrorMetrics()
         self.val_metrics = ErrorMetrics()
         self.test_metrics = torch.nn.ModuleList(ErrorMetrics() for _ in test_names)
@@ -88,7 +90,9 @@ class MaceLitModule(L.LightningModule):
         self._fit_start = 0.0
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        return self.model(batch.to_dict(), training=self.training, compute_force=True)
+        data = batch.to_dict()
+        data["positions"].requires_grad_(True)  # here, not in the model: torch.compile needs it
+        return self.model(data, training=self.training, compute_force=True)
 
     def loss(self, pred: Mapping[str, torch.Tensor], batch: Any) -> torch.Tensor:
         """Weighted MSE of energy per atom and of the forces on free atoms."""

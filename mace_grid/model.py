@@ -16,6 +16,7 @@ from mace.modules import blocks as mace_blocks
 from mace.modules.blocks import EquivariantProductBasisBlock
 
 from mace_grid import tp as tp_backends
+from mace_grid.conv import set_conv, validate_conv
 from mace_grid.errors import ConfigError
 from mace_grid.tp.cg import use_reduced_cg
 
@@ -82,15 +83,21 @@ def validate_model_config(model: Mapping[str, Any], tp: Mapping[str, Any] | None
 
 
 def build_model(
-    model: Mapping[str, Any], tp: Mapping[str, Any], statistics: Mapping[str, Any]
+    model: Mapping[str, Any],
+    tp: Mapping[str, Any],
+    statistics: Mapping[str, Any],
+    conv: Mapping[str, Any] | None = None,
 ) -> ScaleShiftMACE:
-    """``ScaleShiftMACE`` with the product-basis contraction of backend ``tp["name"]``.
+    """``ScaleShiftMACE`` with the product-basis contraction of backend ``tp["name"]`` and the
+    interaction convolution ``conv["name"]`` (default ``e3nn``, mace's own; see ``conv.py``).
 
     ``model`` holds the architecture (see ``conf/model/mace.yaml``), ``tp`` the backend name and
     its ``options``, ``statistics`` what the training set determines (atomic numbers, E0s,
     average neighbour count, scale and shift).
     """
     validate_model_config(model, tp)
+    conv_name = (conv or {}).get("name", "e3nn")
+    validate_conv(conv_name, model)
     missing = [key for key in STATISTICS_KEYS if key not in statistics]
     if missing:
         raise ConfigError(f"data statistics lack {missing}")
@@ -105,7 +112,7 @@ def build_model(
             raise ConfigError(f"tp.options: unknown key(s) {unknown} for tp=cg; valid: reduced_cg")
         reduced_cg = use_reduced_cg(options.get("reduced_cg", False))
     with product_backend(tp):
-        return ScaleShiftMACE(
+        net = ScaleShiftMACE(
             r_max=float(model["r_max"]),
             num_bessel=model["num_bessel"],
             num_polynomial_cutoff=model["num_polynomial_cutoff"],
@@ -126,6 +133,24 @@ def build_model(
             atomic_inter_shift=float(statistics["mean"]),
             use_reduced_cg=reduced_cg,
         )
+    return set_conv(net, conv_name)
+
+
+def build_compiled_model(
+    model: Mapping[str, Any],
+    tp: Mapping[str, Any],
+    statistics: Mapping[str, Any],
+    conv: Mapping[str, Any] | None = None,
+) -> ScaleShiftMACE:
+    """:func:`build_model` prepared for ``torch.compile`` as mace-torch does it
+    (``mace.tools.compile.prepare``: e3nn's code generation off, marked blocks fx-simplified,
+    ``autograd.grad`` traced into the graph), with its forward compiled in place, so the
+    state_dict keys stay those of the eager model. Inputs need ``positions.requires_grad_()``."""
+    from mace.tools import compile as mace_compile
+
+    net = mace_compile.prepare(build_model)(model, tp, statistics, conv)
+    net.compile()
+    return net
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mace_grid import tp as tp_backends
 from mace_grid.calculator import read_checkpoint
 from mace_grid.callbacks import EpochTrainTimer
+from mace_grid.conv import validate_conv
 from mace_grid.errors import ConfigError
 from mace_grid.lit_module import METRIC_NAMES, MaceLitModule
 from mace_grid.loggers import ResumableCSVLogger
@@ -47,7 +48,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"tp.name={cfg.tp.name!r}; choose one of {', '.join(tp_backends.BACKENDS)} (tp=<name>)"
         )
     tp = OmegaConf.to_container(cfg.tp, resolve=True)
-    validate_model_config(OmegaConf.to_container(cfg.model, resolve=True), tp)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    validate_model_config(model_cfg, tp)
+    validate_conv(cfg.conv.name, model_cfg)
     precision = str(cfg.trainer.get("precision", "32-true"))
     if tp["name"] != "cg" and ("16" in precision or "mixed" in precision):
         raise ConfigError(
@@ -64,6 +67,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 with a budget_s=<seconds>)"
         )
+    if not isinstance(cfg.compile, bool):
+        raise ConfigError(f"compile={cfg.compile!r} must be true or false")
     if cfg.threads is not None and int(cfg.threads) < 1:
         raise ConfigError(f"threads={cfg.threads} must be a positive integer or null")
     if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
@@ -119,6 +124,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         tp=OmegaConf.to_container(cfg.tp, resolve=True),
         statistics=statistics,
+        conv=OmegaConf.to_container(cfg.conv, resolve=True),
+        compile=bool(cfg.compile),
         test_names=tuple(datamodule.test_names),
         **cfg.optim,
         **cfg.loss,
@@ -126,8 +133,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     module.run_dir = str(out_dir)
     log.info(
-        "Built ScaleShiftMACE with tp=%s: %d parameters (%s)",
+        "Built ScaleShiftMACE with tp=%s, conv=%s: %d parameters (%s)",
         cfg.tp.name,
+        cfg.conv.name,
         count_parameters(module.model),
         describe_products(module.model, module.hparams.tp, cfg.model.correlation),
     )
@@ -183,6 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     timer = next((c for c in callbacks if isinstance(c, EpochTrainTimer)), None)
     summary = {
         "tp": cfg.tp.name,
+        "conv": cfg.conv.name,
         "data": cfg.data.name,
         "epochs": trainer.current_epoch,
         # Optimiser steps over steps per epoch: a budget can end an epoch early.

@@ -12,7 +12,8 @@ layout), E elements one-hot. Two numbers per backend, median over repeats after 
             (energy + |dE/dx|^2) into x and the weights  -- what a force-training step does;
   forward = forward alone under torch.no_grad().
 Model section (--model): one whole ScaleShiftMACE training step (forward with forces, energy +
-forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, tp=cg vs tp=grid.
+forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, for (tp, conv) in
+{cg, grid} x {e3nn, fast} (--convs); speed-ups against tp=cg conv=e3nn, stock mace.
 Step-size section (--step-size): learning speed per optimiser step. For L_in in --step-size-l,
 C=32, 4 elements, N(0,1) features, 128 nodes, outputs 0e+1o and 0e: the relative change
 |y1 - y0| / |y0| of the block's output after one Adam step (lr 0.01) on a random linear loss
@@ -258,22 +259,18 @@ def random_molecule(rng: np.random.Generator, n_atoms: int = 27):
     return Atoms(symbols[:n_atoms], positions=np.array(positions))
 
 
-def run_model(args) -> list[dict]:
-    from mace.data import AtomicData, config_from_atoms
-    from mace.tools import AtomicNumberTable
-    from mace.tools.torch_geometric.dataloader import DataLoader
+MODEL_TPS = ("cg", "grid")
 
-    from mace_grid.model import build_model
 
-    dtype = DTYPES[args.dtype[0]]
-    torch.set_default_dtype(dtype)
-    model_cfg = dict(
+def benchmark_model_config(hidden_irreps: str = "64x0e+64x1o", max_ell: int = 3) -> dict:
+    """The whole-model benchmark's architecture (3BPA-size MACE, correlation 3, 2 layers)."""
+    return dict(
         r_max=5.0,
         num_bessel=8,
         num_polynomial_cutoff=5,
-        max_ell=3,
+        max_ell=max_ell,
         num_interactions=2,
-        hidden_irreps=args.model_hidden_irreps,
+        hidden_irreps=hidden_irreps,
         MLP_irreps="16x0e",
         correlation=3,
         radial_MLP=[64, 64, 64],
@@ -281,56 +278,87 @@ def run_model(args) -> list[dict]:
         interaction="RealAgnosticResidualInteractionBlock",
         interaction_first="RealAgnosticResidualInteractionBlock",
     )
+
+
+def molecule_batch(n_molecules: int, seed: int = 0) -> tuple[dict, dict]:
+    """(batch dict, data statistics) of ``n_molecules`` random 27-atom molecules, forces drawn
+    at random (a training step's cost does not depend on the labels), default dtype."""
+    from mace.data import AtomicData, config_from_atoms
+    from mace.tools import AtomicNumberTable
+    from mace.tools.torch_geometric.dataloader import DataLoader
+
     z_table = AtomicNumberTable([1, 6, 7, 8])
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     graphs = []
-    for _ in range(args.model_molecules):
+    for _ in range(n_molecules):
         atoms = random_molecule(rng)
         atoms.info["REF_energy"] = 0.0
         atoms.arrays["REF_forces"] = rng.normal(size=(len(atoms), 3))
         graphs.append(AtomicData.from_config(config_from_atoms(atoms), z_table, cutoff=5.0))
     batch = next(iter(DataLoader(graphs, batch_size=len(graphs))))
-    avg_neighbours = batch.edge_index.shape[1] / batch.num_nodes
     statistics_ = dict(
         atomic_numbers=[1, 6, 7, 8],
         atomic_energies=[-13.587, -1029.489, -1484.981, -2041.982],
-        avg_num_neighbors=avg_neighbours,
+        avg_num_neighbors=batch.edge_index.shape[1] / batch.num_nodes,
         mean=0.0,
         std=1.0,
     )
-    rows = []
+    return batch.to_dict(), statistics_
+
+
+def training_step(model: torch.nn.Module, data: dict):
+    """Closure: forward with forces, energy + 100 * forces MSE, backward (one training step)."""
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(data, training=True, compute_force=True)
+        forces_error = (out["forces"] - data["forces"]).square().mean()
+        (out["energy"].square().mean() + 100 * forces_error).backward()
+
+    return step
+
+
+def run_model(args) -> list[dict]:
+    from mace_grid.model import build_model
+
+    dtype = DTYPES[args.dtype[0]]
+    torch.set_default_dtype(dtype)
+    model_cfg = benchmark_model_config(args.model_hidden_irreps)
+    data, statistics_ = molecule_batch(args.model_molecules)
     print(
         f"\nwhole model: ScaleShiftMACE, hidden {args.model_hidden_irreps}, max_ell 3, "
         f"correlation 3, 2 layers, {dtype}, batch of {args.model_molecules} x 27 atoms, "
-        f"{avg_neighbours:.1f} neighbours/atom, {args.threads} thread(s); median ms of one "
-        "training step = forward with forces + energy/forces MSE + backward"
+        f"{statistics_['avg_num_neighbors']:.1f} neighbours/atom, {args.threads} thread(s); "
+        "median ms of one training step = forward with forces + energy/forces MSE + backward"
     )
-    data = batch.to_dict()
     steps = {}
-    for label in ("cg", "grid"):
-        torch.manual_seed(0)
-        model = build_model(model_cfg, {"name": label, "options": {}}, statistics_).to(dtype)
-
-        def step(model=model):
-            model.zero_grad(set_to_none=True)
-            out = model(data, training=True, compute_force=True)
-            forces_error = (out["forces"] - data["forces"]).square().mean()
-            (out["energy"].square().mean() + 100 * forces_error).backward()
-
-        steps[label] = step
-    for label, (ms, ms_min) in interleaved_medians(steps, args.repeats, args.warmup).items():
+    for label in MODEL_TPS:
+        for conv in args.convs:
+            torch.manual_seed(0)
+            model = build_model(model_cfg, {"name": label}, statistics_, {"name": conv})
+            steps[label, conv] = training_step(model, data)
+    rows = []
+    timings = interleaved_medians(steps, args.repeats, args.warmup)
+    stock = timings.get(("cg", "e3nn"), (None,))[0]
+    for (label, conv), (ms, ms_min) in timings.items():
         rows.append(
             dict(
                 tp=label,
+                conv=conv,
                 dtype=args.dtype[0],
                 threads=args.threads,
+                hidden_irreps=args.model_hidden_irreps,
                 step_ms=round(ms, 2),
                 step_min_ms=round(ms_min, 2),
+                speedup_vs_stock=round(stock / ms, 2) if stock else None,
             )
         )
-        print(f"  tp={label:>4}: {ms:9.1f} ms (min {ms_min:.1f})", flush=True)
-    if len(rows) == 2:
-        print(f"  cg / grid = {rows[0]['step_ms'] / rows[1]['step_ms']:.2f}x")
+        vs = f", x{stock / ms:.2f} vs tp=cg conv=e3nn (stock mace)" if stock else ""
+        print(f"  tp={label:>4} conv={conv:>4}: {ms:9.1f} ms (min {ms_min:.1f}){vs}", flush=True)
+    for label in MODEL_TPS:
+        if (label, "e3nn") in timings and (label, "fast") in timings:
+            ratio = timings[label, "e3nn"][0] / timings[label, "fast"][0]
+            print(f"  tp={label}: conv e3nn / fast = {ratio:.2f}x")
     torch.set_default_dtype(torch.float32)
     return rows
 
@@ -427,7 +455,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--op", action=argparse.BooleanOptionalAction, default=True, help="op section")
-    p.add_argument("--model", action="store_true", help="also time whole-model steps, cg vs grid")
+    p.add_argument(
+        "--model", action="store_true", help="also time whole-model steps, (tp, conv) pairs"
+    )
+    p.add_argument("--convs", nargs="+", choices=["e3nn", "fast"], default=["e3nn", "fast"])
     p.add_argument("--model-hidden-irreps", default="64x0e+64x1o")
     p.add_argument("--model-molecules", type=int, default=10)
     p.add_argument(

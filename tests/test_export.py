@@ -3,6 +3,7 @@ TorchScript model (e3nn.util.jit.compile), both agreeing with MaceGridCalculator
 
 import runpy
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,11 @@ def test_export_loads_in_mace_and_compiles(
     monkeypatch.setattr(sys, "argv", ["export.py", *argv, f"torchscript={script_file}"])
     runpy.run_path(str(PROJECT_ROOT / "scripts" / "export.py"), run_name="__main__")
     assert "TorchScript model" in capsys.readouterr().out
+    # The export carries mace's own convolution (the run trained with conv=fast), so a tp=cg
+    # model file needs no mace_grid to unpickle.
+    with zipfile.ZipFile(model_file) as archive:
+        pickled = b"".join(archive.read(n) for n in archive.namelist() if n.endswith(".pkl"))
+    assert (b"mace_grid" in pickled) == (tp != "cg")
 
     test_file = str(shared_root(tmp_path_factory) / "demo" / "test.db")
     ours, theirs = (read_atoms(test_file, "test")[0] for _ in range(2))
