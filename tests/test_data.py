@@ -218,6 +218,33 @@ def test_loader_for_other_file(demo_dir: Path, tmp_path: Path) -> None:
     assert torch.equal(next(iter(loader)).energy, next(iter(same)).energy)
 
 
+def test_valid_and_test_sets_from_folders_and_globs(demo_dir: Path, tmp_path: Path) -> None:
+    """valid_file and test_files take folders and globs like train_file (fairchem's sharded
+    data.NNNN.aselmdb layout): every matching file's frames, in sorted order."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    frames = ase.io.read(demo_dir / "test.db", ":")
+    ase.io.write(shards / "data.0000.extxyz", frames[:4])
+    ase.io.write(shards / "data.0001.extxyz", frames[4:])
+    dm = demo_module(
+        demo_dir,
+        tmp_path,
+        valid_file=str(shards),
+        test_files={"glob": str(shards / "data.*.extxyz"), "one": str(shards / "data.0001.extxyz")},
+    )
+    dm.setup()
+    assert dm.sizes["valid"] == dm.sizes["glob"] == len(frames)
+    assert dm.sizes["one"] == len(frames) - 4
+    want = [a.get_potential_energy() for a in frames]
+    got = [float(d.energy) for d in dm._valid]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    ase.io.write(shards / "data.0002.extxyz", ase.io.read(demo_dir / "train.db", ":"))
+    dm = demo_module(demo_dir, tmp_path, train_file=str(shards / "data.0002.extxyz"))
+    dm.test_files = {"all": str(shards)}
+    with pytest.raises(DataError, match="data.0002.extxyz .data.test_files.all. is also a train"):
+        dm.setup()
+
+
 def test_frame_stride_keeps_every_kth_frame(demo_dir: Path, tmp_path: Path) -> None:
     full = demo_module(demo_dir, tmp_path / "full", valid_fraction=0.0)
     strided = demo_module(demo_dir, tmp_path / "strided", valid_fraction=0.0, frame_stride=3)

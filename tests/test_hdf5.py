@@ -47,6 +47,7 @@ CASES = {
     "valid file, held-out test, stride": dict(
         valid_file="test.db", test_files={}, test_fraction=0.2, frame_stride=2
     ),
+    "valid and test globs": dict(valid_file="te*.db", test_files={"glob": "te*.db"}),
 }
 
 
@@ -55,6 +56,9 @@ def test_shards_give_the_in_memory_frames(case: str, demo_dir: Path, tmp_path: P
     kwargs = dict(CASES[case])
     if "valid_file" in kwargs:
         kwargs["valid_file"] = str(demo_dir / kwargs["valid_file"])
+    kwargs["test_files"] = {k: str(demo_dir / v) for k, v in kwargs.get("test_files", {}).items()}
+    if not kwargs["test_files"] and "test_files" not in CASES[case]:
+        del kwargs["test_files"]
     memory = demo_module(demo_dir, tmp_path / "memory", **kwargs)
     memory.setup()
     writer = demo_module(demo_dir, tmp_path / "memory", **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,8 +201,9 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
     named "test"; `split_by` = "frame" (random frames) or "file" (whole files, i.e. systems, per
     split; held-out files are drawn only among those whose elements stay covered by the training
     files).
-    test_files: {name: path}; with `drop_train_overlap`, frames also present in the training
-    files (same species, positions, energy) are removed from valid_file and test sets.
+    valid_file and each of test_files ({name: spec}) is a file, folder, glob or list too (e.g.
+    fairchem's data.0000.aselmdb, ... shards); with `drop_train_overlap`, frames also present in
+    the training files (same species, positions, energy) are removed from them.
     reference_energies: S2EF reference table (.txt) or folder of them: train on E_total minus
     each frame's reference (OC20 adsorption-energy targets; see `readers.ReferenceEnergies`).
     e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`);
@@ -445,6 +447,27 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             for part, idx in parts.items()
         }
 
+    def explicit_sets(self) -> dict[str, tuple[str, str, list[str]]]:
+        """Part (``valid``, ``test:<name>``) -> (config key, spec, files) of the explicitly given
+        validation/test sets; each spec is a file, folder, glob or list of them."""
+        specs = {}
+        if self.valid_file is not None:
+            specs["valid"] = ("data.valid_file", self.valid_file)
+        for name, spec in self.test_files.items():
+            specs[f"test:{name}"] = (f"data.test_files.{name}", spec)
+        train = {os.path.realpath(f) for f in expand_files(self.train_file, "data.train_file")}
+        sets = {}
+        for part, (key, spec) in specs.items():
+            files = expand_files(spec, key)
+            clash = [f for f in files if os.path.realpath(f) in train]
+            if clash:
+                raise DataError(
+                    f"{clash[0]} ({key}) is also a training file (data.train_file): give "
+                    "validation and test sets apart from the training files"
+                )
+            sets[part] = (key, str(spec), files)
+        return sets
+
     def _graphs(self, by_path: dict, sources: dict[str, Source], where: str):
         configs, graphs = [], []
         for path, idx in by_path.items():
@@ -489,25 +512,23 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         seen = set()
         if self.drop_train_overlap:
             seen = {fingerprint(c) for s in pool for c in s.configs}
-        extra = {}  # name -> (key, path) of explicitly given valid/test files
-        if self.valid_file is not None:
-            extra["valid"] = ("data.valid_file", str(self.valid_file))
-        for name, path in self.test_files.items():
-            extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
-        for part, (key, path) in extra.items():
-            src = self._load(path, key, require_forces=part == "valid")
-            sources[path] = src
-            keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
-            if len(keep) < len(src.configs):
-                log.info(
-                    "%s: dropped %d of %d configurations also in the training file(s)",
-                    key,
-                    len(src.configs) - len(keep),
-                    len(src.configs),
-                )
-            if not keep:
-                raise DataError(f"{path} ({key}): every configuration is also in data.train_file")
-            parts[part] = {path: keep}
+        extra = self.explicit_sets()
+        for part, (key, spec, files) in extra.items():
+            parts[part] = {}
+            for path in files:
+                src = self._load(path, key, require_forces=part == "valid")
+                sources[path] = src
+                keep = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
+                if len(keep) < len(src.configs):
+                    log.info(
+                        "%s: dropped %d of %d configurations also in the training file(s)",
+                        path,
+                        len(src.configs) - len(keep),
+                        len(src.configs),
+                    )
+                parts[part][path] = keep
+            if not any(parts[part].values()):
+                raise DataError(f"{spec} ({key}): every configuration is also in data.train_file")
 
         self._train = self._dataset(train_configs, train_graphs)
         where = "the validation split"

@@ -265,34 +265,32 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
         parts = split(pool, np.random.default_rng(dm.seed), n_valid_wanted=dm.valid_file is None)
         dm._warn_split_trajectories(pool, parts)
 
-        extra = {}  # part -> (config key, path) of explicitly given valid/test files
-        if dm.valid_file is not None:
-            extra["valid"] = ("data.valid_file", str(dm.valid_file))
-        for name, path in dm.test_files.items():
-            extra[f"test:{name}"] = (f"data.test_files.{name}", str(path))
-        for part, (key, path) in extra.items():
-            keep, indices, light[path] = [], [], []
-            for src in dm._load_chunks(path, key, int(shard_frames)):
-                new = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
-                index = np.full(len(src.configs), -1, dtype=np.int64)
-                index[new] = writer.append(
-                    [src.configs[i] for i in new], [src.graphs[i] for i in new]
-                ) + np.arange(len(new))
-                keep += [len(light[path]) + i for i in new]
-                indices.append(index)
-                light[path] += [_light(c) for c in src.configs]
-            n = len(light[path])
-            if not keep:
-                raise DataError(f"{path} ({key}): every configuration is also in data.train_file")
-            if len(keep) < n:
-                log.info(
-                    "%s: dropped %d of %d configurations also in the training file(s)",
-                    key,
-                    n - len(keep),
-                    n,
-                )
-            pool_index[path] = np.concatenate(indices)
-            parts[part] = {path: keep}
+        extra = dm.explicit_sets()
+        for part, (key, spec, files) in extra.items():
+            parts[part] = {}
+            for path in files:
+                keep, indices, light[path] = [], [], []
+                for src in dm._load_chunks(path, key, int(shard_frames)):
+                    new = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
+                    index = np.full(len(src.configs), -1, dtype=np.int64)
+                    index[new] = writer.append(
+                        [src.configs[i] for i in new], [src.graphs[i] for i in new]
+                    ) + np.arange(len(new))
+                    keep += [len(light[path]) + i for i in new]
+                    indices.append(index)
+                    light[path] += [_light(c) for c in src.configs]
+                n = len(light[path])
+                if len(keep) < n:
+                    log.info(
+                        "%s: dropped %d of %d configurations also in the training file(s)",
+                        path,
+                        n - len(keep),
+                        n,
+                    )
+                pool_index[path] = np.concatenate(indices)
+                parts[part][path] = keep
+            if not any(parts[part].values()):
+                raise DataError(f"{spec} ({key}): every configuration is also in data.train_file")
     finally:
         writer.close()
 
