@@ -5,7 +5,6 @@ import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under to
 
 # isort: split
 import csv
-import io
 import json
 
 import pytest
@@ -13,7 +12,15 @@ import torch
 from _helpers import trained_runs
 from e3nn import o3
 from e3nn.util.jit import compile as jit_compile
-from test_tp import default_dtype, inputs, make, natural, relative_error, training_step
+from test_tp import (
+    assert_script_round_trip,
+    default_dtype,
+    inputs,
+    make,
+    natural,
+    relative_error,
+    training_step,
+)
 
 from mace_grid.errors import ConfigError
 from mace_grid.tp import build, expressivity, sphere
@@ -270,19 +277,7 @@ def test_cuda_matches_cpu_and_is_equivariant(name):
 
 @pytest.mark.parametrize("name", NEW)
 def test_torchscript_round_trip(name):
-    module = randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2))
-    scripted = jit_compile(module)
-    buffer = io.BytesIO()
-    torch.jit.save(scripted, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
-    x, attrs = inputs(4, 3, 2, 2)
-    expected = training_step(module, x, attrs)
-    for other in (scripted, loaded):
-        y, forces, x_grad, _ = training_step(other, x, attrs)
-        assert relative_error(y, expected[0]) < 1e-12
-        assert relative_error(forces, expected[1]) < 1e-10
-        assert relative_error(x_grad, expected[2]) < 1e-10
+    assert_script_round_trip(randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2)))
 
 
 def test_whole_mace_model_scripts():
