@@ -11,9 +11,9 @@ import pytest
 import torch
 from _helpers import trained_runs
 from e3nn import o3
-from e3nn.util.jit import compile as jit_compile
 from test_tp import (
     assert_script_round_trip,
+    assert_scripted_model_matches,
     default_dtype,
     inputs,
     make,
@@ -284,10 +284,6 @@ def test_whole_mace_model_scripts():
     """A correlation-3 ScaleShiftMACE with the chain (grid_rank's code path plus the round
     trip) compiles, and the compiled model agrees with the eager one."""
     name = "grid_chain"
-    from ase.build import molecule
-    from mace.data import AtomicData, config_from_atoms
-    from mace.tools import AtomicNumberTable
-    from mace.tools.torch_geometric.dataloader import DataLoader
 
     from mace_grid.model import build_model
 
@@ -306,16 +302,7 @@ def test_whole_mace_model_scripts():
         model = build_model(model_cfg, {"name": name, "options": {"rank": 2}}, statistics)
         for block in model.products:
             randomise(block.symmetric_contractions)
-        graph = AtomicData.from_config(
-            config_from_atoms(molecule("CH4")), AtomicNumberTable([1, 6]), cutoff=4.0
-        )
-    batch = next(iter(DataLoader([graph], batch_size=1))).to_dict()
-    scripted = jit_compile(model)
-    expected = model(batch, compute_force=True)
-    got = scripted(batch, compute_force=True)
-    assert expected["forces"].abs().max() > 1e-6
-    for key in ("energy", "forces"):
-        assert relative_error(got[key], expected[key]) < 1e-12
+    assert_scripted_model_matches(model)
 
 
 # --- training, refusals ---------------------------------------------------------------------
