@@ -72,7 +72,17 @@ RUN_COLUMNS = (
     "val_e_mae_equal_epochs",
     "val_f_mae_equal_epochs",
 )
-SET_COLUMNS = ("n_structures", "inference_ms", "e_mae", "e_rmse", "f_mae", "f_rmse")
+SET_COLUMNS = (
+    "n_structures",
+    "inference_ms",
+    "e_mae",
+    "e_rmse",
+    "f_mae",
+    "f_rmse",
+    "energy_mae_eV",
+    "forces_cosine",
+    "efwt",
+)
 COST_TABLE = {
     "epochs": "epochs reached",
     "epoch_time_s": "s/epoch (training steps)",
@@ -95,10 +105,18 @@ SET_TABLE = {
     "f_mae": "F MAE (meV/Å)",
     "f_rmse": "F RMSE (meV/Å)",
 }
+# OC20's S2EF metrics (`mace_grid.evaluate.oc20_metrics`), tabled for data=oc20*.
+S2EF_TABLE = {
+    "energy_mae_eV": "energy MAE (eV/structure)",
+    "forces_cosine": "force cosine",
+    "efwt": "EFwT",
+}
 EQUAL_EPOCHS_TABLE = {
     "val_e_mae_equal_epochs": "val E MAE (meV/atom)",
     "val_f_mae_equal_epochs": "val F MAE (meV/Å)",
 }
+# (cumulative training-step seconds, validation force MAE) per validated epoch.
+Curve = tuple[list[float], list[float]]
 
 
 @dataclass
@@ -285,7 +303,7 @@ def val_history(run_dir: Path) -> dict[int, dict[str, float]]:
     }
 
 
-def val_curve(run_dir: Path) -> tuple[list[float], list[float]]:
+def val_curve(run_dir: Path) -> Curve:
     """(cumulative training-step seconds, validation force MAE) per epoch, initial model at 0."""
     summary = json.loads((run_dir / "summary.json").read_text())
     history = val_history(run_dir)
@@ -350,6 +368,7 @@ def run_rows(run: Run, counts: dict[str, Any], equal_epochs: int) -> list[dict[s
             "n_structures": m["n_structures"],
             "inference_ms": m["time_per_structure_ms"],
             **{k: m[k] for k in ("e_mae", "e_rmse", "f_mae", "f_rmse")},
+            **{k: m.get("oc20", {}).get(k) for k in S2EF_TABLE},
         }
         for name, m in report["sets"].items()
     ]
@@ -391,8 +410,45 @@ def _table(columns: dict[str, str], rows: list[dict[str, Any]], backends: list[s
     return lines
 
 
-def markdown(rows: list[dict[str, Any]], backends: list[str], header: str) -> str:
-    """The study table: cost per backend, errors per test set, validation at equal epochs."""
+def time_to_reach(curve: Curve, level: float) -> float | None:
+    """Training-step seconds at the end of the first validated epoch with F MAE <= ``level``
+    (None if never)."""
+    return next((t for t, v in zip(*curve, strict=True) if v <= level), None)
+
+
+def reach_table(curves: dict[str, list[Curve]], backends: list[str]) -> list[str]:
+    """Training time each backend needs to reach each backend's final accuracy (the mean over
+    seeds of the best validation F MAE): mean ± std over the seeds that reach it, with
+    "(k/n)" when only k of n seeds do."""
+    finals = {tp: statistics.fmean(np.nanmin(v) for _, v in curves[tp]) for tp in backends}
+    levels = sorted(finals.items(), key=lambda item: -item[1])
+    lines = [
+        "| tp | " + " | ".join(f"<= {v:.3g} meV/Å ({tp}'s)" for tp, v in levels) + " |",
+        "|" + "---|" * (len(levels) + 1),
+    ]
+    for tp in backends:
+        cells = []
+        for _, level in levels:
+            times = [time_to_reach(c, level) for c in curves[tp]]
+            reached = [t for t in times if t is not None]
+            cell = _cell(mean_std(reached))
+            cells.append(
+                cell if len(reached) in (0, len(times)) else f"{cell} ({len(reached)}/{len(times)})"
+            )
+        lines.append(f"| {tp} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(
+    rows: list[dict[str, Any]],
+    backends: list[str],
+    header: str,
+    curves: dict[str, list[Curve]] | None = None,
+    s2ef: bool = False,
+) -> str:
+    """The study table: cost per backend, errors per test set (with OC20's S2EF metrics if
+    ``s2ef``), validation at equal epochs and, from the validation ``curves``, the training time
+    to reach each backend's final accuracy."""
     first_set = rows[0]["test_set"]
     cg = mean_std([r["epoch_time_s"] for r in rows if r["tp"] == "cg"])
     per_run = [
@@ -404,11 +460,19 @@ def markdown(rows: list[dict[str, Any]], backends: list[str], header: str) -> st
     for test_set in dict.fromkeys(r["test_set"] for r in rows):
         mine = [r for r in rows if r["test_set"] == test_set]
         lines += ["", f"## Test set `{test_set}` ({mine[0]['n_structures']} structures)", ""]
-        lines += _table(SET_TABLE, mine, backends)
+        lines += _table(SET_TABLE | (S2EF_TABLE if s2ef else {}), mine, backends)
     if per_run[0]["equal_epochs"]:
         epochs = per_run[0]["equal_epochs"]
         lines += ["", f"## At equal epochs ({epochs}, from the validation curves)", ""]
         lines += _table(EQUAL_EPOCHS_TABLE, per_run, backends)
+    if curves:
+        lines += ["", "## Training time (s) to reach each backend's validation F MAE", ""]
+        lines += [
+            "End of the first epoch at or below the backend's mean over seeds of its best "
+            "validation force MAE (training steps only).",
+            "",
+            *reach_table(curves, [tp for tp in backends if tp in curves]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -421,7 +485,7 @@ def _pyplot():
     return plt
 
 
-def plot_curves(curves: dict[str, list[tuple[list[float], list[float]]]], path: Path, title: str):
+def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str):
     """Validation F MAE vs training-step time: per backend the mean over seeds (interpolated
     onto common times, up to the shortest seed's) and the min-max band over seeds."""
     plt = _pyplot()
@@ -544,7 +608,7 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         f"![validation force MAE vs training time]({stem.name}_val_f_mae_vs_time.png)\n"
         f"![test force MAE vs time per epoch]({stem.name}_f_mae_vs_epoch_time.png)"
     )
-    table = markdown(rows, list(args.backends), header)
+    table = markdown(rows, list(args.backends), header, curves, s2ef=data.startswith("oc20"))
     atomic_write_text(stem.with_suffix(".md"), table)
     print(table + f"\nwritten to {out_dir}")
     return rows

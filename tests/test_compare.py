@@ -12,7 +12,7 @@ from _helpers import shared_root, tiny_args
 
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
-from mace_grid.compare import CompareArgs, compare, split_args
+from mace_grid.compare import CompareArgs, compare, markdown, reach_table, split_args, time_to_reach
 from mace_grid.errors import ConfigError
 
 
@@ -167,3 +167,38 @@ def test_bad_arguments_are_refused_before_running(argv, message, tmp_path: Path)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         study([*argv, f"out_dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
+
+
+def test_time_to_reach_each_backends_accuracy() -> None:
+    """Hand-made curves: the level of a backend is the mean of its seeds' best values; a seed
+    that never gets there is counted as k/n."""
+    curves = {
+        "cg": [([0, 10, 20, 30], [100, 60, 40, 30]), ([0, 10, 20, 30], [100, 50, 45, 40])],
+        "grid": [([0, 5, 10, 15, 20], [100, 70, 50, 44, 38]), ([0, 5, 10], [100, 60, 50])],
+    }
+    assert time_to_reach(curves["cg"][0], 40) == 20
+    assert time_to_reach(curves["grid"][1], 40) is None
+    # levels: grid (38 + 50) / 2 = 44, cg (30 + 40) / 2 = 35
+    header, _, cg, grid = reach_table(curves, ["cg", "grid"])
+    assert header.split("|")[2:4] == [" <= 44 meV/Å (grid's) ", " <= 35 meV/Å (cg's) "]
+    # cg reaches 44 at 20 and 30 s; 35 at 30 s with one seed only
+    assert cg.split("|")[2:4] == [" 25 ± 7.07 ", " 30 (1/2) "]
+    assert grid.split("|")[2:4] == [" 15 (1/2) ", " - "]
+
+
+def test_s2ef_metrics_are_tabled_for_oc20_only() -> None:
+    row = {
+        "tp": "grid",
+        "seed": 1,
+        "test_set": "test",
+        "n_structures": 3,
+        "epoch_time_s": 2.0,
+        "equal_epochs": None,
+        **dict.fromkeys(("inference_ms", "e_mae", "e_rmse", "f_mae", "f_rmse"), 1.0),
+        "energy_mae_eV": 0.25,
+        "forces_cosine": 0.5,
+        "efwt": 0.0,
+    }
+    oc20 = markdown([row], ["grid"], "# t", s2ef=True)
+    assert table_row(oc20, "## Test set `test`", "grid")[-3:] == ["0.25", "0.5", "0"]
+    assert "EFwT" in oc20 and "EFwT" not in markdown([row], ["grid"], "# t")
