@@ -1,7 +1,7 @@
-"""Time the product-basis backends (cg, gaunt, grid) as training uses them.
+"""Time the product-basis backends (cg, gaunt, grid, grid_rank, grid_chain) as training uses them.
 
     python scripts/benchmark_tp.py [--threads 1] [--dtype float32 float64] [--max-l 6]
-        [--max-cg-l 3] [--backends cg gaunt grid] [--correlation 3] [--model]
+        [--max-cg-l 3] [--backends cg gaunt grid grid_rank grid_chain] [--correlation 3] [--model]
         [--out results/benchmark_tp]
 
 Op section: one symmetric contraction, C channels, n nodes, correlation 3 (or --correlation,
@@ -431,9 +431,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
-    p.add_argument(
-        "--backends", nargs="+", choices=list(BACKEND_SPECS), default=["cg", "gaunt", "grid"]
-    )
+    p.add_argument("--backends", nargs="+", choices=list(BACKEND_SPECS), default=list(tp.BACKENDS))
     p.add_argument("--min-l", type=int, default=1)
     p.add_argument("--max-l", type=int, default=6)
     p.add_argument(

@@ -223,6 +223,8 @@ class _RankProductVJP(torch.autograd.Function):
     def forward(ctx, a, w, d, grad, maps, block):
         ctx.save_for_backward(a, w, d, grad)
         ctx.maps, ctx.block = maps, block
+        # Unused outputs (grad_w, grad_d of the forces pass) get None, not zeros: no tangents.
+        ctx.set_materialize_grads(False)
         grad_a, grad_w, grad_d = torch.empty_like(a), torch.empty_like(w), torch.empty_like(d)
         for start, stop in blocks(a.shape[1], block):
             cols = slice(start, stop)
@@ -236,6 +238,8 @@ class _RankProductVJP(torch.autograd.Function):
     def backward(ctx, v_a, v_w, v_d):
         a, w, d, grad = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if v_a is None and v_w is None and v_d is None:
+            return None, None, None, None, None, None
         results = [
             torch.zeros_like(t) if n else None
             for t, n in zip((a, w, d, grad), need[:4], strict=True)
