@@ -552,7 +552,8 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         overrides = [*overrides, f"threads={threads}"]
-    out_dir = Path(args.out_dir or PROJECT_ROOT / "results" / data)
+    default_dir = PROJECT_ROOT / "results" / data
+    out_dir = Path(args.out_dir) if args.out_dir else default_dir
     runs = [
         Run(tp, seed, out_dir / "runs" / tp / f"seed{seed}")
         for seed in args.seeds
@@ -586,6 +587,7 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
             *([f"budget_s={args.budget_s}"] if args.budget_s is not None else []),
             f"jobs={args.jobs}",
             *([f"name={args.name}"] if args.name != "study" else []),
+            *([f"out_dir={args.out_dir}"] if out_dir.resolve() != default_dir.resolve() else []),
             *overrides,
         ]
     )

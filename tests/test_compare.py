@@ -133,7 +133,8 @@ def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
     assert len(summary["epoch_train_time_s"]) == 1
     (row,) = rows
     assert row["epochs"] == pytest.approx(1 / 3) and row["equal_epochs"] is None
-    assert "budget_s=1e-06" in (out / "study.md").read_text()
+    table = (out / "study.md").read_text()
+    assert "budget_s=1e-06" in table and f"out_dir={out}" in table  # the command to rerun
 
 
 def test_budget_counts_the_epochs_before_a_resume() -> None:
