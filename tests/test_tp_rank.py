@@ -24,6 +24,8 @@ from test_tp import (
 
 from mace_grid.errors import ConfigError
 from mace_grid.tp import build, expressivity, sphere
+from mace_grid.tp.engine import PointSet
+from mace_grid.tp.grid import gauss_legendre_points
 from mace_grid.tp.grid_chain import chain_degree
 
 F64 = torch.float64
@@ -75,15 +77,12 @@ def test_a_grid_one_degree_short_breaks_equivariance():
 
     assert error() < 1e-10
     n_beta, n_alpha = module.n_beta, module.degree  # exact to degree - 1 in alpha
-    weight = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].T.reshape(-1, 1)
-    sh = sphere.sh_on_grid(k, n_beta, n_alpha).transpose(0, 1).reshape(weight.numel(), -1)
-    points = module.points  # alpha-major points, as the engine's
-    points.separable = False
-    points.to_points, points.to_points_t = sh[:, :16].contiguous(), sh[:, :16].T.contiguous()
-    points.projector_t = (weight * sh[:, module.out_lm]).contiguous()
-    points.projector = points.projector_t.T.contiguous()
-    module.trip_synth = sh.contiguous()
-    module.trip_project = (weight * sh).T.contiguous()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sphere, "grid_resolution", lambda *_: (n_beta, n_alpha))
+        module.points = PointSet(l_in, 3, *gauss_legendre_points(l_in, 3, [0, 2]))
+    module.n_alpha = n_alpha
+    module.build_maps(n_beta, n_alpha)  # the round trip's maps on the same short grid
+    assert module.points.n_points == n_beta * n_alpha
     assert error() > 1e-6
 
 
@@ -194,13 +193,15 @@ def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scal
 
 
 @pytest.mark.parametrize("name", NEW)
-@pytest.mark.parametrize("correlation", [2, 3, 4])
-def test_fused_derivatives_match_plain_autograd(name, correlation):
+@pytest.mark.parametrize("correlation,block", [(2, 16), (3, 3), (3, 16), (4, 3)])
+def test_fused_derivatives_match_plain_autograd(name, correlation, block):
     """The fused kernel's forward, forces and second derivatives (into inputs and every weight)
-    against autograd through the plain-ops TorchScript path, over several column blocks."""
+    against autograd through the plain-ops TorchScript path (dense evaluation and round trip),
+    over blocks of 7 nodes x 5 channels: block 3 splits each channel's nodes 3 + 3 + 1 (weight
+    gradients summed over node blocks), block 16 takes 2 channels at a time (the last alone)."""
     irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
     fused = randomise(make(name, irreps_in, irreps_out, correlation, 3, rank=2))
-    fused.block = 8  # several blocks, the last one partial
+    fused.block = block
     plain = make(name, irreps_in, irreps_out, correlation, 3, rank=2)
     plain.load_state_dict(fused.state_dict())
     plain.project_powers = plain._project_autograd
@@ -217,16 +218,16 @@ def test_fused_derivatives_match_plain_autograd(name, correlation):
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_separable_and_dense_evaluation_agree(name):
-    """The engine evaluates factors separably at high L_in: same training step as dense."""
+def test_fused_kernel_at_high_l_in(name):
+    """L_in = 5 (a larger grid, K = 7 for the chain): the fused training step against plain
+    autograd."""
     irreps_in, irreps_out = natural(2, range(6)), natural(2, [0, 2, 1])
-    separable = randomise(make(name, irreps_in, irreps_out, 3, 2))
-    assert separable.points.separable  # the engine's choice at L_in = 5
-    dense = make(name, irreps_in, irreps_out, 3, 2)
-    dense.load_state_dict(separable.state_dict())
-    dense.points.separable, separable.block = False, 5
+    fused = randomise(make(name, irreps_in, irreps_out, 3, 2))
+    plain = make(name, irreps_in, irreps_out, 3, 2)
+    plain.load_state_dict(fused.state_dict())
+    plain.project_powers, fused.block = plain._project_autograd, 5
     x, attrs = inputs(3, 2, 5, 2)
-    got, expected = training_step(separable, x, attrs), training_step(dense, x, attrs)
+    got, expected = training_step(fused, x, attrs), training_step(plain, x, attrs)
     for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
         assert relative_error(a, b) < 1e-12
 

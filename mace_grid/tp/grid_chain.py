@@ -16,6 +16,7 @@ import torch
 from e3nn import o3
 from e3nn.util.jit import compile_mode
 
+from mace_grid.tp import sphere
 from mace_grid.tp.grid_rank import GridRankProduct
 
 
@@ -58,16 +59,31 @@ class GridChainProduct(GridRankProduct):
         if needed > self.degree:  # cannot happen for this K; guards a change of K
             raise ValueError(f"round trip needs grid degree {needed} > {self.degree}")
 
-    def sh_degree(self) -> int:
-        return self.trip_degree
-
-    def build_maps(self, sh: torch.Tensor, quadrature: torch.Tensor) -> None:
+    def build_maps(self, n_beta: int, n_alpha: int) -> None:
+        """The round trip on the n_beta x n_alpha Gauss-Legendre grid, dense (TorchScript path)
+        and separable (fused kernel): h(a, b) = sum_m S_m(a) sum_b' [sum_k d_k P_km(b) P_km(b')
+        q_b'] sum_a' S_m(a') p(a', b') / n_alpha (a, b: azimuth, polar), with q the polar
+        quadrature weights; ``trip_analysis [M_K, n_alpha]`` (S_m / n_alpha,
+        M_K = 2K + 1) and ``trip_filters [K+1, M_K, n_beta, n_beta]`` (the k-th term; 0 for
+        |m| > k). The separable form costs ~2.6x fewer flops than the dense one at K = 5."""
         k = self.trip_degree
-        synth = sh[:, : (k + 1) ** 2]
-        self.register_buffer("trip_synth", synth.contiguous(), persistent=False)
-        self.register_buffer("trip_project", (quadrature * synth).T.contiguous(), persistent=False)
+        beta, alpha, weight = sphere.gauss_legendre_grid(n_beta, n_alpha)
+        sh = sphere.sh_on_grid(k, n_beta, n_alpha).transpose(0, 1).reshape(n_beta * n_alpha, -1)
+        quadrature = weight.T.reshape(-1, 1)  # alpha-major points, as the engine's
+        self.register_buffer("trip_synth", sh.contiguous(), persistent=False)
+        self.register_buffer("trip_project", (quadrature * sh).T.contiguous(), persistent=False)
         degree_of_k = [l for l in range(k + 1) for _ in range(2 * l + 1)]
         self.register_buffer("degree_of_k", torch.tensor(degree_of_k), persistent=False)
+        analysis = sphere.azimuth_part(k, alpha).T / n_alpha  # [M_K, n_alpha]
+        self.register_buffer("trip_analysis", analysis.contiguous(), persistent=False)
+        legendre = sphere.legendre_part(k, beta)  # [n_beta, (K+1)^2]
+        polar_weight = weight[:, 0] * n_alpha
+        filters = torch.zeros(k + 1, 2 * k + 1, n_beta, n_beta, dtype=torch.float64)
+        for l in range(k + 1):
+            for m in range(-l, l + 1):
+                column = legendre[:, sphere.lm_index(l, m)]
+                filters[l, m + k] = column[:, None] * (column * polar_weight)[None, :]
+        self.register_buffer("trip_filters", filters, persistent=False)
 
     def round_trip_weight(self) -> torch.Tensor:
         return self.trip

@@ -18,8 +18,10 @@ as all-ones factors) and zero output weights.
 Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
 
 Factor weights are per channel because the reach is per channel: shared factors would give every
-channel the same R coupling maps, leaving only their output weights free, and per-channel
-factors cost one multiply of the [D_in, n C] features, nothing on the grid.
+channel the same R coupling maps, leaving only their output weights free. They cost nothing
+extra: the fused kernel evaluates the per-degree parts F_l on the grid once per channel and mixes
+every factor from them by one small matmul per channel, g = w F, instead of evaluating each
+factor (R corr evaluations); channels are its blocks (layout [C, ..., n]).
 """
 
 import math
@@ -29,56 +31,113 @@ from e3nn import o3
 from e3nn.util.jit import compile_mode
 
 from mace_grid.errors import ConfigError
-from mace_grid.tp import sphere
-from mace_grid.tp.engine import PointMaps, PointSet, blocks
+from mace_grid.tp.engine import PointSet
 from mace_grid.tp.gaunt import GauntProductBasis
 from mace_grid.tp.grid import gauss_legendre_points
 
-#: bytes of the grid-sized temporaries of one column block (about a CPU's L2 cache)
-_BLOCK_BYTES = 1 << 20
+#: bytes of the grid-sized temporaries of one block (measured best at a few CPU L2 caches)
+_BLOCK_BYTES = 1 << 22
 
 
 class _ProductMaps:
     """The maps of one `GridRankProduct`, cast to the input dtype (eager mode only).
 
-    ``points``: the engine's `PointMaps` of grid's point set (``evaluate [D_in, c] -> [G, c]``,
-    dense or separable, its ``adjoint``, ``project [G, c] -> [D_out, c]`` and
-    ``project_adjoint``); ``degree_of_lm`` expands per-degree weights to (l, m) rows and
-    ``degree_sum [L_in+1, D_in]`` sums rows back; ``trip_*`` are the chain's round-trip maps
-    (``chain`` False: no round trip).
+    From grid's point set (the engine's `PointSet`): ``degree_points [L_in+1, G, M]``, Y_lm at
+    the points for each degree l (column m + l, padded to M = 2 L_in + 1), with ``pad_index``
+    ((l, m) -> row of [L_in+1, M]) and its transpose; ``projector [D_out, G]`` and its
+    transpose. ``chain``: the chain's separable round trip (`GridChainProduct.build_maps`):
+    ``trip_analysis [M_K, n_alpha]``, ``trip_synthesis`` = its transpose times n_alpha, and
+    ``trip_filters [K+1, M_K n_beta n_beta]``.
     """
 
     def __init__(self, module: "GridRankProduct", dtype: torch.dtype) -> None:
-        self.points = PointMaps(module.points, dtype)
-        self.n_points, self.dim_in = module.points.to_points.shape
-        self.degree_of_lm = module.degree_of_lm
-        self.degree_sum = _degree_sum(module.degree_of_lm, dtype)
+        to_points = module.points.to_points.to(dtype)  # [G, D_in]
+        self.n_points = to_points.shape[0]
+        self.n_degrees = module.l_in + 1
+        width = 2 * module.l_in + 1
+        lm = [(l, m) for l in range(self.n_degrees) for m in range(-l, l + 1)]
+        self.pad_index = torch.tensor([l * width + m + l for l, m in lm], device=to_points.device)
+        padded = to_points.new_zeros(self.n_degrees * width, self.n_points)
+        padded.index_copy_(0, self.pad_index, to_points.T)
+        self.degree_points_t = padded.view(self.n_degrees, width, -1)  # [L_in+1, M, G]
+        self.degree_points = self.degree_points_t.transpose(1, 2).contiguous()
+        self.width = width
+        self.projector = module.points.projector.to(dtype)
+        self.projector_t = module.points.projector_t.to(dtype)
+        self.dim_out = self.projector.shape[0]
         self.correlation = module.correlation
         self.chain = hasattr(module, "trip_project")
-        if self.chain:
-            self.trip_project = module.trip_project.to(dtype)
-            self.trip_project_t = self.trip_project.T.contiguous()
-            self.trip_synth = module.trip_synth.to(dtype)
-            self.trip_synth_t = self.trip_synth.T.contiguous()
-            self.degree_of_k = module.degree_of_k
-            self.degree_sum_k = _degree_sum(module.degree_of_k, dtype)
+        if self.chain:  # the separable round trip, see `GridChainProduct.build_maps`
+            self.n_beta = module.n_beta
+            self.trip_analysis = module.trip_analysis.to(dtype)
+            self.trip_analysis_t = self.trip_analysis.T.contiguous()
+            self.trip_synthesis = self.trip_analysis_t * self.trip_analysis.shape[1]
+            self.trip_synthesis_t = self.trip_synthesis.T.contiguous()
+            self.trip_filters = module.trip_filters.to(dtype).flatten(1)  # [K+1, M_K n_b n_b]
+            self.trip_filters_t = self.trip_filters.T.contiguous()
 
+    def analyse(self, p: torch.Tensor) -> torch.Tensor:
+        """Azimuthal frequencies m <= K of grid values: ``[c, R, G, b] -> [c, R, M_K, n_b, b]``."""
+        c, r, _, b = p.shape
+        out = self.trip_analysis @ p.view(c, r, self.trip_analysis.shape[1], -1)
+        return out.view(c, r, -1, self.n_beta, b)
 
-def _degree_sum(degree_of_row: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[n_degrees, rows]`` 0/1 matrix summing the rows of each degree."""
-    n = int(degree_of_row.max()) + 1
-    return torch.nn.functional.one_hot(degree_of_row, n).T.to(dtype)
+    def analyse_t(self, x: torch.Tensor) -> torch.Tensor:
+        c, r, _, _, b = x.shape
+        return (self.trip_analysis_t @ x.view(c, r, x.shape[2], -1)).view(c, r, -1, b)
+
+    def synthesise(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to grid values: ``[c, R, M_K, n_b, b] -> [c, R, G, b]``."""
+        c, r, _, _, b = x.shape
+        return (self.trip_synthesis @ x.view(c, r, x.shape[2], -1)).view(c, r, -1, b)
+
+    def synthesise_t(self, p: torch.Tensor) -> torch.Tensor:
+        c, r, _, b = p.shape
+        out = self.trip_synthesis_t @ p.view(c, r, self.trip_synthesis_t.shape[1], -1)
+        return out.view(c, r, -1, self.n_beta, b)
+
+    def filters(self, d: torch.Tensor) -> torch.Tensor:
+        """Per-m polar filters sum_k d_k B_km: ``[c, R, K+1] -> [c, R, M_K, n_b, n_b]``."""
+        c, r, _ = d.shape
+        return (d @ self.trip_filters).view(c, r, -1, self.n_beta, self.n_beta)
+
+    def filters_t(self, grad: torch.Tensor) -> torch.Tensor:
+        c, r = grad.shape[:2]
+        return grad.reshape(c, r, -1) @ self.trip_filters_t
+
+    def evaluate_degrees(self, a: torch.Tensor) -> torch.Tensor:
+        """``[c, D_in, b] -> [c, L_in+1, G b]``: F_l = sum_m A_lm Y_lm at the points, per l."""
+        c, _, b = a.shape
+        padded = a.new_zeros(c, self.n_degrees * self.width, b).index_copy_(1, self.pad_index, a)
+        values = self.degree_points @ padded.view(c, self.n_degrees, self.width, b)
+        return values.view(c, self.n_degrees, -1)
+
+    def adjoint_degrees(self, grad: torch.Tensor) -> torch.Tensor:
+        """The transpose of `evaluate_degrees`: ``[c, L_in+1, G b] -> [c, D_in, b]``."""
+        c = grad.shape[0]
+        per_m = self.degree_points_t @ grad.view(c, self.n_degrees, self.n_points, -1)
+        return per_m.view(c, self.n_degrees * self.width, -1).index_select(1, self.pad_index)
 
 
 # Tangent-carrying values: (primal, tangent or None). `_products` runs on them so that one code
 # path gives the forward, the vector-Jacobian product, and the forward-mode derivative of both.
+# ``primal=False`` skips a result's primal where only its tangent is wanted.
 
 
-def _mul(x, y):
-    p = x[0] * y[0]
+def _mul(x, y, primal: bool = True):
+    p = x[0] * y[0] if primal else None
     if x[1] is None:
         return p, None if y[1] is None else x[0] * y[1]
     return p, x[1] * y[0] if y[1] is None else torch.addcmul(x[1] * y[0], x[0], y[1])
+
+
+def _bilinear(f, x, y, primal: bool = True):
+    """``f(x, y)`` for a bilinear f: tangent f(x', y) + f(x, y')."""
+    tangent = None if x[1] is None else f(x[1], y[0])
+    if y[1] is not None:
+        extra = f(x[0], y[1])
+        tangent = extra if tangent is None else tangent.add_(extra)
+    return f(x[0], y[0]) if primal else None, tangent
 
 
 def _add(x, y):
@@ -87,129 +146,138 @@ def _add(x, y):
     return x[0] + y[0], x[1] + y[1]
 
 
-def _add_projected(x, grad, points: PointMaps, project_t):
-    """``x + project^T grad`` (x fresh, updated in place by one fused matmul-add)."""
-    p = x[0]
-    points.project_adjoint_add(p.view(p.shape[0], -1), grad[0].reshape(points.dim_out, -1), 1.0)
-    if grad[1] is None:
-        return p, x[1]
-    extra = project_t(grad[1])
-    return p, extra if x[1] is None else x[1] + extra
-
-
-def _linear(f, x):
+def _linear(f, x, primal: bool = True):
     """A linear map applied to a tangent-carrying value."""
-    return f(x[0]), None if x[1] is None else f(x[1])
+    return f(x[0]) if primal else None, None if x[1] is None else f(x[1])
 
 
-def _sum_middle(t: torch.Tensor) -> torch.Tensor:
-    """``t.sum(1)`` for a short middle dimension, as adds (torch's strided reduction is slow)."""
-    parts = t.unbind(1)
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
-    return total
+def _mul_into(x, y, out):
+    """`_mul` written into ``out`` (primal buffer, tangent buffer or None)."""
+    torch.mul(x[0], y[0], out=out[0])
+    if out[1] is not None:
+        if x[1] is None and y[1] is None:
+            out[1].zero_()
+        elif x[1] is None or y[1] is None:
+            torch.mul(*((x[0], y[1]) if x[1] is None else (x[1], y[0])), out=out[1])
+        else:
+            torch.mul(x[1], y[0], out=out[1]).addcmul_(x[0], y[1])
+    return out
 
 
 def _stack(xs, dim: int):
-    p = torch.stack([x[0] for x in xs], dim)
+    p = None if xs[0][0] is None else torch.stack([x[0] for x in xs], dim)
     if all(x[1] is None for x in xs):
         return p, None
-    return p, torch.stack([torch.zeros_like(x[0]) if x[1] is None else x[1] for x in xs], dim)
+    like = next(x[1] for x in xs if x[1] is not None)
+    return p, torch.stack([torch.zeros_like(like) if x[1] is None else x[1] for x in xs], dim)
 
 
-def _products(maps: _ProductMaps, a, w, d, grad=None, need_out: bool = True):
-    """The rank products of one column block, and with ``grad`` their vector-Jacobian product.
+def _products(maps: _ProductMaps, a, w, d, grad=None, primal: bool = True, need_out: bool = True):
+    """The rank products of one block of c channels x b nodes, and with ``grad`` their VJP.
 
-    Arguments and results are (primal, tangent) pairs. ``a [D_in, b]`` features,
-    ``w [L_in+1, R corr, b]`` factor weights, ``d [K+1, R, b]`` round-trip weights (chain) ->
-    ``out [corr-1, D_out, R, b]``; with ``grad`` (shaped as ``out``) also
-    ``(grad_a, grad_w, grad_d)``. The factors are g_j = evaluate(w_j a), j < corr, per rank;
-    p_k = left_k g_k is the product of the first k + 1, with left_1 = g_0, left_k = p_{k-1},
-    except the chain's left_2 = synth(d project_K(p_1)).
+    Arguments and results are (primal, tangent) pairs. ``a [c, D_in, b]`` features,
+    ``w [c, corr R, L_in+1]`` factor weights (factor-major), ``d [c, R, K+1]`` round-trip
+    weights (chain) -> ``out [c, corr-1, R, D_out, b]``; with ``grad`` (shaped as ``out``) also
+    ``(grad_a, grad_w, grad_d)``, the weights' summed over the block's nodes. The per-degree
+    parts F_l are evaluated once; factor j is g_j = sum_l w_jl F_l (one small matmul per
+    channel, instead of one evaluation per factor); p_k = left_k g_k is the product of the
+    first k + 1, with left_1 = g_0, left_k = p_{k-1}, except the chain's
+    left_2 = synth(d project_K(p_1)).
     """
     rank, corr = d[0].shape[1], maps.correlation
-    n_points, dim_in, b = maps.n_points, maps.dim_in, a[0].shape[1]
-    on_grid = (n_points, rank, b)
-    points = maps.points
+    c, b, n_points = a[0].shape[0], a[0].shape[2], maps.n_points
+    tangents = any(x[1] is not None for x in (a, w, d))
 
-    def grid_map(matrix, shape):
-        return lambda t: (matrix @ t.reshape(matrix.shape[1], -1)).view(shape)
-
-    def point_map(apply, rows: int, shape):
-        return lambda t: apply(t.reshape(rows, -1)).view(shape)
-
-    w_lm = _linear(lambda t: t.index_select(0, maps.degree_of_lm), w)  # [D_in, R corr, b]
-    a_col = _linear(lambda t: t.unsqueeze(1), a)
-    evaluate = point_map(points.evaluate, dim_in, (n_points, rank, corr, b))
-    g = _linear(evaluate, _mul(a_col, w_lm))
+    values = _linear(maps.evaluate_degrees, a)  # [c, L_in+1, G b]
+    g = _linear(lambda t: t.view(c, corr, rank, n_points, b), _bilinear(torch.bmm, w, values))
 
     def factor(k: int):
-        return _linear(lambda t: t[:, :, k], g)
+        return _linear(lambda t: t[:, k], g)  # [c, R, G, b]
 
-    left, products = [factor(0)], []
-    coeff = d_k = None
+    left, products = [factor(0)], []  # left[k - 1] multiplies factor k into p_k
+    pair = filters = None
     for k in range(1, corr):
-        if k == 2 and maps.chain:
-            n_k = maps.trip_project.shape[0]
-            coeff = _linear(grid_map(maps.trip_project, (n_k, rank * b)), products[0])
-            d_k = _linear(lambda t, n=n_k: t.index_select(0, maps.degree_of_k).view(n, -1), d)
-            left.append(_linear(grid_map(maps.trip_synth, on_grid), _mul(coeff, d_k)))
+        if k == 2 and maps.chain:  # synthesise(filters(d) analyse(p_1)), per azimuthal m
+            pair, filters = _linear(maps.analyse, products[0]), _linear(maps.filters, d)
+            left.append(_linear(maps.synthesise, _bilinear(torch.matmul, filters, pair)))
         elif k >= 2:
             left.append(products[-1])
-        products.append(_mul(left[k - 1], factor(k)))
-    project = point_map(points.project, n_points, (-1, rank, b))
-    out = _stack([_linear(project, p) for p in products], 0) if need_out else None
+        if k < corr - 1:
+            products.append(_mul(left[k - 1], factor(k)))
+        elif need_out:  # the last product only feeds `out`
+            products.append(_mul(left[k - 1], factor(k), primal))
+    out = None
+    if need_out:
+        out = _stack([_linear(lambda t: maps.projector @ t, p, primal) for p in products], 1)
     if grad is None:
         return out
-    project_t = point_map(points.project_adjoint, points.dim_out, on_grid)
+    # project^T of the cotangents of p_1 .. p_{corr-1}, [c, corr-1, R, G, b]
+    adjoints = _linear(lambda t: maps.projector_t @ t, grad)
+    grad_g = a[0].new_empty(c, corr, rank, n_points, b)  # filled factor by factor
+    grad_g = grad_g, torch.empty_like(grad_g) if tangents else None
+    grad_d = (torch.zeros_like(d[0]) if primal else None, None)
 
-    def grad_out(k: int):
-        return _linear(lambda t: t[k], grad)
+    def slot(k: int):
+        return grad_g[0][:, k], None if grad_g[1] is None else grad_g[1][:, k]
 
-    grad_g = [factor(0)] * corr  # placeholders, all overwritten
-    grad_d = (torch.zeros_like(d[0]), None)
-    adjoint = _linear(project_t, grad_out(corr - 2))  # of p_{corr-1}
+    adjoint = _linear(lambda t: t[:, corr - 2], adjoints)
     for k in range(corr - 1, 0, -1):
-        grad_g[k] = _mul(adjoint, left[k - 1])
-        adj_left = _mul(adjoint, factor(k))
+        _mul_into(adjoint, left[k - 1], slot(k))
         if k == 1:
-            grad_g[0] = adj_left
+            _mul_into(adjoint, factor(k), slot(0))
             break
+        adj_left = _mul(adjoint, factor(k))
         if k == 2 and maps.chain:
-            t = _linear(grid_map(maps.trip_synth_t, (-1, rank * b)), adj_left)
-            grad_d = _linear(grid_map(maps.degree_sum_k, (-1, rank, b)), _mul(coeff, t))
-            adj_left = _linear(grid_map(maps.trip_project_t, on_grid), _mul(t, d_k))
-        adjoint = _add_projected(adj_left, grad_out(k - 2), points, project_t)
-    adjoint_map = point_map(points.adjoint, n_points, (dim_in, rank, b))  # stack the small ones
-    grad_z = _linear(
-        lambda t: t.view(dim_in, rank * corr, b),
-        _stack([_linear(adjoint_map, x) for x in grad_g], 2),
-    )
-    grad_a = _linear(_sum_middle, _mul(grad_z, w_lm))
-    grad_w = _linear(grid_map(maps.degree_sum, (-1, rank * corr, b)), _mul(grad_z, a_col))
+            t = _linear(maps.synthesise_t, adj_left)
+            grad_filters = _bilinear(lambda x, y: x @ y.transpose(-1, -2), t, pair, primal)
+            grad_d = _linear(maps.filters_t, grad_filters, primal)
+            transposed = _bilinear(lambda f, x: f.transpose(-1, -2) @ x, filters, t)
+            adj_left = _linear(maps.analyse_t, transposed)
+        adjoint = _add(adj_left, _linear(lambda t, k=k: t[:, k - 2], adjoints))
+    grad_g = _linear(lambda t: t.view(c, corr * rank, -1), grad_g)  # [c, corr R, G b]
+    grad_w = _bilinear(lambda x, y: x @ y.transpose(1, 2), grad_g, values, primal)
+    grad_values = _bilinear(lambda x, y: x.transpose(1, 2) @ y, w, grad_g, primal)
+    grad_a = _linear(maps.adjoint_degrees, grad_values, primal)
     return out, grad_a, grad_w, grad_d
 
 
+def _blocks(channels: int, nodes: int, size: int) -> list[tuple[slice, slice]]:
+    """(channels, nodes) slices of about ``size`` columns: whole channels while a channel has
+    fewer nodes than that, else one channel and balanced node ranges."""
+    if nodes >= size:
+        step = -(-nodes // -(-nodes // size))
+        return [
+            (slice(ch, ch + 1), slice(start, min(start + step, nodes)))
+            for ch in range(channels)
+            for start in range(0, nodes, step)
+        ]
+    step = max(1, size // max(nodes, 1))
+    return [
+        (slice(ch, min(ch + step, channels)), slice(0, nodes)) for ch in range(0, channels, step)
+    ]
+
+
 class _RankProduct(torch.autograd.Function):
-    """`_products` over cache-sized column blocks; its backward is `_RankProductVJP`, so the
-    forces (first derivative) can be differentiated again in training."""
+    """`_products` over cache-sized blocks; its backward is `_RankProductVJP`, so the forces
+    (first derivative) can be differentiated again in training. Layout (channel-major):
+    a [C, D_in, n], w [C, corr R, L_in+1], d [C, R, K+1] -> [C, corr-1, R, D_out, n]."""
 
     @staticmethod
     def forward(ctx, a, w, d, maps, block):
         ctx.save_for_backward(a, w, d)
         ctx.maps, ctx.block = maps, block
-        out = a.new_empty(maps.correlation - 1, maps.points.dim_out, d.shape[1], a.shape[1])
-        for start, stop in blocks(a.shape[1], block):
-            cols = slice(start, stop)
-            blk = (a[:, cols], None), (w[..., cols], None), (d[..., cols], None)
-            out[..., cols] = _products(maps, *blk)[0]
+        channels, _, nodes = a.shape
+        out = a.new_empty(channels, maps.correlation - 1, d.shape[1], maps.dim_out, nodes)
+        for ch, nd in _blocks(channels, nodes, block):
+            blk = (a[ch, :, nd], None), (w[ch], None), (d[ch], None)
+            out[ch, ..., nd] = _products(maps, *blk)[0]
         return out
 
     @staticmethod
     def backward(ctx, grad):
         a, w, d = ctx.saved_tensors
-        grads = _RankProductVJP.apply(a, w, d, grad, ctx.maps, ctx.block)
+        # one bulk copy: the incoming gradient is a permuted view (see `_project_fused`)
+        grads = _RankProductVJP.apply(a, w, d, grad.contiguous(), ctx.maps, ctx.block)
         return *grads, None, None
 
 
@@ -225,12 +293,13 @@ class _RankProductVJP(torch.autograd.Function):
         ctx.maps, ctx.block = maps, block
         # Unused outputs (grad_w, grad_d of the forces pass) get None, not zeros: no tangents.
         ctx.set_materialize_grads(False)
-        grad_a, grad_w, grad_d = torch.empty_like(a), torch.empty_like(w), torch.empty_like(d)
-        for start, stop in blocks(a.shape[1], block):
-            cols = slice(start, stop)
-            blk = (a[:, cols], None), (w[..., cols], None), (d[..., cols], None)
-            _, ga, gw, gd = _products(maps, *blk, (grad[..., cols], None), need_out=False)
-            grad_a[:, cols], grad_w[..., cols], grad_d[..., cols] = ga[0], gw[0], gd[0]
+        grad_a, grad_w, grad_d = torch.empty_like(a), torch.zeros_like(w), torch.zeros_like(d)
+        for ch, nd in _blocks(a.shape[0], a.shape[2], block):
+            blk = (a[ch, :, nd], None), (w[ch], None), (d[ch], None)
+            _, ga, gw, gd = _products(maps, *blk, (grad[ch, ..., nd], None), need_out=False)
+            grad_a[ch, :, nd] = ga[0]
+            grad_w[ch] += gw[0]
+            grad_d[ch] += gd[0]
         return grad_a, grad_w, grad_d
 
     @staticmethod
@@ -240,24 +309,28 @@ class _RankProductVJP(torch.autograd.Function):
         need = ctx.needs_input_grad
         if v_a is None and v_w is None and v_d is None:
             return None, None, None, None, None, None
-        results = [
+        grad_a, grad_w, grad_d, grad_grad = (
             torch.zeros_like(t) if n else None
             for t, n in zip((a, w, d, grad), need[:4], strict=True)
-        ]
-        for start, stop in blocks(a.shape[1], ctx.block):
-            cols = slice(start, stop)
+        )
+        for ch, nd in _blocks(a.shape[0], a.shape[2], ctx.block):
 
-            def part(primal, tangent, cols=cols):
-                return primal[..., cols], None if tangent is None else tangent[..., cols]
+            def part(primal, tangent, index):
+                return primal[index], None if tangent is None else tangent[index]
 
-            blk = part(a, v_a), part(w, v_w), part(d, v_d), (grad[..., cols], None)
-            tangents = [x[1] for x in _products(ctx.maps, *blk)]
-            for result, tangent in zip(
-                results, (tangents[1], tangents[2], tangents[3], tangents[0]), strict=True
-            ):
-                if result is not None and tangent is not None:
-                    result[..., cols] = tangent
-        return *results, None, None
+            blk = part(a, v_a, (ch, slice(None), nd)), part(w, v_w, ch), part(d, v_d, ch)
+            out, ga, gw, gd = _products(
+                ctx.maps, *blk, (grad[ch, ..., nd], None), primal=False, need_out=need[3]
+            )
+            if grad_a is not None and ga[1] is not None:
+                grad_a[ch, :, nd] = ga[1]
+            if grad_w is not None and gw[1] is not None:
+                grad_w[ch] += gw[1]
+            if grad_d is not None and gd[1] is not None:
+                grad_d[ch] += gd[1]
+            if grad_grad is not None and out[1] is not None:
+                grad_grad[ch, ..., nd] = out[1]
+        return grad_a, grad_w, grad_d, grad_grad, None, None
 
 
 @compile_mode("script")
@@ -310,10 +383,7 @@ class GridRankProduct(GauntProductBasis):
         self.n_beta, self.n_alpha = n_beta, n_alpha
         self.degree = min(2 * n_beta - 1, n_alpha - 1)  # integrated exactly
         self.check_degree()
-        # the subclass's maps on the same (alpha-major) points
-        quadrature = sphere.gauss_legendre_grid(n_beta, n_alpha)[2].T.reshape(-1, 1)  # [G, 1]
-        sh = sphere.sh_on_grid(self.sh_degree(), n_beta, n_alpha).transpose(0, 1)
-        self.build_maps(sh.reshape(n_beta * n_alpha, -1), quadrature)
+        self.build_maps(n_beta, n_alpha)  # the subclass's maps on the same points
         # columns per block: the ~3 corr R grid-sized float32 temporaries fill ~_BLOCK_BYTES
         temporaries = 3 * correlation * rank * n_beta * n_alpha
         self.block = 2 ** max(6, round(math.log2(_BLOCK_BYTES / 4 / temporaries)))
@@ -330,12 +400,8 @@ class GridRankProduct(GauntProductBasis):
     def check_degree(self) -> None:
         """Subclasses check that the grid integrates their intermediate products exactly."""
 
-    def sh_degree(self) -> int:
-        """Highest SH degree of a subclass's own maps on the grid (none here)."""
-        return 0
-
-    def build_maps(self, sh: torch.Tensor, quadrature: torch.Tensor) -> None:
-        """Register a subclass's own grid maps from ``sh [G, lm]`` and ``quadrature [G, 1]``."""
+    def build_maps(self, n_beta: int, n_alpha: int) -> None:
+        """Register a subclass's own maps on the n_beta x n_alpha grid (none here)."""
 
     def node_weights(self, node_attrs: torch.Tensor) -> torch.Tensor:
         """Per-node weight of every basis row, ``[1 + R (corr - 1), D_out, n * C]``."""
@@ -366,15 +432,15 @@ class GridRankProduct(GauntProductBasis):
     @torch.jit.unused
     def _project_fused(self, features: torch.Tensor) -> torch.Tensor:
         dtype, columns = features.dtype, features.shape[1]
-        channel = torch.arange(columns, device=features.device) % self.num_features
-        w = self.factor.to(dtype).permute(2, 0, 1, 3).reshape(self.l_in + 1, -1, self.num_features)
-        d = self.round_trip_weight().to(dtype).permute(1, 0, 2)  # [K+1, R, C]
+        channels = self.num_features
+        nodes = columns // channels
+        a = features.view(-1, nodes, channels).permute(2, 0, 1).contiguous()
+        w = self.factor.to(dtype).permute(3, 1, 0, 2).reshape(channels, -1, self.l_in + 1)
+        d = self.round_trip_weight().to(dtype).permute(2, 0, 1)  # [C, R, K+1]
         block = self.block if features.device.type == "cpu" else columns  # GPU: 1 block
-        maps = _ProductMaps(self, dtype)
-        out = _RankProduct.apply(
-            features, w.index_select(2, channel), d.index_select(2, channel), maps, block
-        )  # [corr - 1, D_out, R, n C]
-        return out.transpose(1, 2).reshape(-1, self.dim_out, columns)
+        out = _RankProduct.apply(a, w, d, _ProductMaps(self, dtype), block)
+        # [C, corr-1, R, D_out, n] -> rows (nu - 2) R + r, columns node-major as the features
+        return out.permute(1, 2, 3, 4, 0).reshape(-1, self.dim_out, columns)
 
     def _project_autograd(self, features: torch.Tensor) -> torch.Tensor:
         """The same as `_RankProduct` with plain differentiable ops (TorchScript path)."""
