@@ -193,12 +193,13 @@ def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scal
 
 
 @pytest.mark.parametrize("name", NEW)
-@pytest.mark.parametrize("correlation,block", [(2, 16), (3, 3), (3, 16), (4, 3)])
+@pytest.mark.parametrize("correlation,block", [(2, 16), (3, 3), (3, 16), (3, None), (4, 3)])
 def test_fused_derivatives_match_plain_autograd(name, correlation, block):
     """The fused kernel's forward, forces and second derivatives (into inputs and every weight)
     against autograd through the plain-ops TorchScript path (dense evaluation and round trip),
     over blocks of 7 nodes x 5 channels: block 3 splits each channel's nodes 3 + 3 + 1 (weight
-    gradients summed over node blocks), block 16 takes 2 channels at a time (the last alone)."""
+    gradients summed over node blocks), block 16 takes 2 channels at a time (the last alone),
+    None all in one (as on a GPU)."""
     irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
     fused = randomise(make(name, irreps_in, irreps_out, correlation, 3, rank=2))
     fused.block = block

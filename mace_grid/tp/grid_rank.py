@@ -35,8 +35,8 @@ from mace_grid.tp.engine import PointSet
 from mace_grid.tp.gaunt import GauntProductBasis
 from mace_grid.tp.grid import gauss_legendre_points
 
-#: bytes of the grid-sized temporaries of one block (measured best at a few CPU L2 caches)
-_BLOCK_BYTES = 1 << 22
+#: bytes of the grid-sized temporaries of one block (measured best at about two CPU L2 caches)
+_BLOCK_BYTES = 1 << 21
 
 
 class _ProductMaps:
@@ -241,17 +241,25 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, primal: bool = True, need_
     return out, grad_a, grad_w, grad_d
 
 
-def _blocks(channels: int, nodes: int, size: int) -> list[tuple[slice, slice]]:
-    """(channels, nodes) slices of about ``size`` columns: whole channels while a channel has
-    fewer nodes than that, else one channel and balanced node ranges."""
-    if nodes >= size:
+#: most channels in one block: with few nodes, the batched small matmuls of many channels lose
+#: more than the fewer blocks save (measured at 27 nodes, L_in = 3)
+_MAX_CHANNELS = 8
+
+
+def _blocks(channels: int, nodes: int, size: int | None) -> list[tuple[slice, slice]]:
+    """(channels, nodes) slices of about ``size`` columns (None: one block): whole channels,
+    up to `_MAX_CHANNELS`, while a channel has fewer nodes than that, else one channel and
+    balanced node ranges."""
+    if size is None:
+        return [(slice(None), slice(None))]
+    if nodes > size:
         step = -(-nodes // -(-nodes // size))
         return [
             (slice(ch, ch + 1), slice(start, min(start + step, nodes)))
             for ch in range(channels)
             for start in range(0, nodes, step)
         ]
-    step = max(1, size // max(nodes, 1))
+    step = min(_MAX_CHANNELS, max(1, round(size / max(nodes, 1))))
     return [
         (slice(ch, min(ch + step, channels)), slice(0, nodes)) for ch in range(0, channels, step)
     ]
@@ -437,7 +445,7 @@ class GridRankProduct(GauntProductBasis):
         a = features.view(-1, nodes, channels).permute(2, 0, 1).contiguous()
         w = self.factor.to(dtype).permute(3, 1, 0, 2).reshape(channels, -1, self.l_in + 1)
         d = self.round_trip_weight().to(dtype).permute(2, 0, 1)  # [C, R, K+1]
-        block = self.block if features.device.type == "cpu" else columns  # GPU: 1 block
+        block = self.block if features.device.type == "cpu" else None  # GPU: 1 block
         out = _RankProduct.apply(a, w, d, _ProductMaps(self, dtype), block)
         # [C, corr-1, R, D_out, n] -> rows (nu - 2) R + r, columns node-major as the features
         return out.permute(1, 2, 3, 4, 0).reshape(-1, self.dim_out, columns)
