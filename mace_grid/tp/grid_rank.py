@@ -76,25 +76,29 @@ class _ProductMaps:
             self.trip_filters = module.trip_filters.to(dtype).flatten(1)  # [K+1, M_K n_b n_b]
             self.trip_filters_t = self.trip_filters.T.contiguous()
 
-    def analyse(self, p: torch.Tensor) -> torch.Tensor:
-        """Azimuthal frequencies m <= K of grid values: ``[c, R, G, b] -> [c, R, M_K, n_b, b]``."""
+    def _to_frequencies(self, matrix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``matrix [M_K, n_alpha]`` along the azimuths: ``[c, R, G, b] -> [c, R, M_K, n_b, b]``."""
         c, r, _, b = p.shape
-        out = self.trip_analysis @ p.view(c, r, self.trip_analysis.shape[1], -1)
-        return out.view(c, r, -1, self.n_beta, b)
+        return (matrix @ p.view(c, r, matrix.shape[1], -1)).view(c, r, -1, self.n_beta, b)
+
+    def _to_azimuths(self, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``matrix [n_alpha, M_K]`` along frequencies: ``[c, R, M_K, n_b, b] -> [c, R, G, b]``."""
+        c, r, _, _, b = x.shape
+        return (matrix @ x.view(c, r, matrix.shape[1], -1)).view(c, r, -1, b)
+
+    def analyse(self, p: torch.Tensor) -> torch.Tensor:
+        """Azimuthal frequencies m <= K of grid values."""
+        return self._to_frequencies(self.trip_analysis, p)
 
     def analyse_t(self, x: torch.Tensor) -> torch.Tensor:
-        c, r, _, _, b = x.shape
-        return (self.trip_analysis_t @ x.view(c, r, x.shape[2], -1)).view(c, r, -1, b)
+        return self._to_azimuths(self.trip_analysis_t, x)
 
     def synthesise(self, x: torch.Tensor) -> torch.Tensor:
-        """Back to grid values: ``[c, R, M_K, n_b, b] -> [c, R, G, b]``."""
-        c, r, _, _, b = x.shape
-        return (self.trip_synthesis @ x.view(c, r, x.shape[2], -1)).view(c, r, -1, b)
+        """Back to grid values."""
+        return self._to_azimuths(self.trip_synthesis, x)
 
     def synthesise_t(self, p: torch.Tensor) -> torch.Tensor:
-        c, r, _, b = p.shape
-        out = self.trip_synthesis_t @ p.view(c, r, self.trip_synthesis_t.shape[1], -1)
-        return out.view(c, r, -1, self.n_beta, b)
+        return self._to_frequencies(self.trip_synthesis_t, p)
 
     def filters(self, d: torch.Tensor) -> torch.Tensor:
         """Per-m polar filters sum_k d_k B_km: ``[c, R, K+1] -> [c, R, M_K, n_b, n_b]``."""
@@ -151,7 +155,7 @@ def _linear(f, x, primal: bool = True):
     return f(x[0]) if primal else None, None if x[1] is None else f(x[1])
 
 
-def _mul_into(x, y, out):
+def _mul_into(x, y, out) -> None:
     """`_mul` written into ``out`` (primal buffer, tangent buffer or None)."""
     torch.mul(x[0], y[0], out=out[0])
     if out[1] is not None:
@@ -161,7 +165,6 @@ def _mul_into(x, y, out):
             torch.mul(*((x[0], y[1]) if x[1] is None else (x[1], y[0])), out=out[1])
         else:
             torch.mul(x[1], y[0], out=out[1]).addcmul_(x[0], y[1])
-    return out
 
 
 def _stack(xs, dim: int):
