@@ -11,6 +11,8 @@ layout), E elements one-hot. Two numbers per backend, median over repeats after 
   step    = forward + d(sum of outputs * fixed weights)/dx with create_graph=True + backward of
             (energy + |dE/dx|^2) into x and the weights  -- what a force-training step does;
   forward = forward alone under torch.no_grad().
+Then one more step per backend is counted, not timed (`mace_grid.tp.work`): matmul flops,
+pointwise outputs, ATen calls, and the time ratio to grid per unit of the flop ratio.
 Model section (--model): one whole ScaleShiftMACE training step (forward with forces, energy +
 forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, for (tp, conv) in
 {cg, grid} x {e3nn, fast} (--convs); speed-ups against tp=cg conv=e3nn, stock mace.
@@ -39,6 +41,7 @@ from e3nn import o3
 from mace_grid import tp
 from mace_grid.model import DTYPES
 from mace_grid.tp.step_size import adam_step_change
+from mace_grid.tp.work import count_work
 
 BACKEND_SPECS = {
     "cg": ("cg", {}),
@@ -132,6 +135,7 @@ def run_op(args) -> list[dict]:
                 fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
             medians = interleaved_medians(fns, args.repeats, args.warmup)
             for label in labels:
+                work = count_work(fns[label, "step"])
                 (step, step_min), (forward, forward_min) = (
                     medians[label, "step"],
                     medians[label, "forward"],
@@ -152,6 +156,9 @@ def run_op(args) -> list[dict]:
                         forward_min_ms=round(forward_min, 3),
                         build_s=round(build_s[label], 2),
                         points=points[label],
+                        step_matmul_mflop=round(work.matmul_flop / 1e6, 2),
+                        step_pointwise_m=round(work.pointwise / 1e6, 2),
+                        step_aten_ops=work.ops,
                     )
                 )
                 print(
@@ -208,6 +215,38 @@ def print_op_table(rows: list[dict], backends: list[str]) -> None:
                     exp = scaling_exponent([p[0] for p in pts], [p[1] for p in pts])
                     slopes.append(f"{b} L^{exp:.2f} (L_in {pts[0][0]}-{pts[-1][0]})")
             print(f"{'':>8} log-log fit: " + ", ".join(slopes))
+
+
+def print_work_table(rows: list[dict], backends: list[str]) -> None:
+    """Per dtype and L_in: what one step computed (`mace_grid.tp.work`), each backend's matmul
+    flops against grid's, and its time ratio to grid divided by that (1 = its matmuls and
+    everything else cost what grid's do per flop; the flop ratio is the floor of the time
+    ratio for equally efficient kernels)."""
+    for dtype in sorted({r["dtype"] for r in rows}):
+        table = {(r["backend"], r["l_in"]): r for r in rows if r["dtype"] == dtype}
+        print(
+            f"\n{dtype} work per step: matmul MFLOP (xgrid) | pointwise outputs (M, copies "
+            "included) | ATen calls | time xgrid / flop xgrid"
+        )
+        print(f"{'L_in':>8}" + "".join(f"{b:>44}" for b in backends))
+        for l_in in sorted({r["l_in"] for r in table.values()}):
+            grid = table.get(("grid", l_in))
+            line = f"{l_in:>8}"
+            for b in backends:
+                r = table.get((b, l_in))
+                if r is None:
+                    line += f"{'-':>44}"
+                    continue
+                cell = f"{r['step_matmul_mflop']:.1f}"
+                if grid:
+                    flop = r["step_matmul_mflop"] / grid["step_matmul_mflop"]
+                    time_ratio = r["step_ms"] / grid["step_ms"]
+                    cell += f" (x{flop:.2f}) | {r['step_pointwise_m']:.1f} | {r['step_aten_ops']}"
+                    cell += f" | {time_ratio / flop:.2f}"
+                else:
+                    cell += f" | {r['step_pointwise_m']:.1f} | {r['step_aten_ops']}"
+                line += f"{cell:>44}"
+            print(line)
 
 
 def plot_op(rows: list[dict], path: Path) -> None:
@@ -476,6 +515,7 @@ def main(argv=None) -> None:
     if args.op:
         rows = run_op(args)
         print_op_table(rows, args.backends)
+        print_work_table(rows, args.backends)
         write_csv(rows, args.out / "op.csv")
         plot_op(rows, args.out / "op.png")
         print(f"\nwrote {args.out / 'op.csv'} and {args.out / 'op.png'}")
