@@ -312,19 +312,23 @@ def model_counts(ckpt_path: str) -> dict[str, int]:
     """Parameters and product-basis expressivity (:func:`mace_grid.tp.expressivity`) of a
     checkpoint's model: trainable weights, independent couplings they reach and all equivariant
     maps, in total over blocks, elements and channels (``product_*``) and per (element,
-    channel) summed over the blocks (``weights``, ``independent``, ``complete``)."""
+    channel) summed over the blocks (``weights``, ``independent``, ``complete``).
+
+    The totals measure each block over all of the model's elements at once, since a backend may
+    share weights between elements (grid_rank's factor weights): then a channel reaches fewer
+    maps than its elements would apart, and never more than its weights."""
     ckpt = read_checkpoint(ckpt_path)
     model, hp = model_from_checkpoint(ckpt), ckpt["hyper_parameters"]
-    products = product_expressivity(model, hp["tp"], int(hp["model"]["correlation"]))
+    correlation = int(hp["model"]["correlation"])
     elements = len(hp["statistics"]["atomic_numbers"])
+    products = product_expressivity(model, hp["tp"], correlation)
+    totals = product_expressivity(model, hp["tp"], correlation, num_elements=elements)
     counts = {
         "parameters": count_parameters(model),
         "product_weights": sum(count_parameters(sc) for sc, _ in products),
     }
-    for name in ("independent", "complete"):  # (element, channel) copies of each block
-        counts[f"product_{name}"] = sum(
-            elements * sc.irreps_out[0].mul * getattr(e, name) for sc, e in products
-        )
+    for name in ("independent", "complete"):  # channels share no weights: C copies of each
+        counts[f"product_{name}"] = sum(sc.irreps_out[0].mul * getattr(e, name) for sc, e in totals)
     for name in ("weights", "independent", "complete"):
         counts[name] = sum(getattr(e, name) for _, e in products)
     return counts
@@ -596,8 +600,9 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         "of the best (EMA) checkpoint; inference = forward + forces. Product basis "
         "(`mace_grid.tp.expressivity`): trainable weights, independent couplings they reach "
         "(rank of d(output)/d(weights)) and all equivariant polynomial maps of degree <= "
-        "correlation, summed over blocks, elements and channels, then per (element, channel) "
-        "summed over blocks.\n\n"
+        "correlation: in total (each block measured over all elements at once, since "
+        "weights shared between elements count once; summed over blocks and channels), then "
+        "per (element, channel) summed over blocks.\n\n"
         f"![validation force MAE vs training time]({stem.name}_val_f_mae_vs_time.png)\n"
         f"![test force MAE vs time per epoch]({stem.name}_f_mae_vs_epoch_time.png)"
     )

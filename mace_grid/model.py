@@ -185,9 +185,10 @@ def count_parameters(net: torch.nn.Module) -> int:
 
 
 def product_expressivity(
-    net: torch.nn.Module, tp: Mapping[str, Any], correlation: int
+    net: torch.nn.Module, tp: Mapping[str, Any], correlation: int, num_elements: int = 1
 ) -> list[tuple[torch.nn.Module, tp_backends.Expressivity]]:
-    """Each product block's contraction and its backend's expressivity per (element, channel)."""
+    """Each product block's contraction and its backend's expressivity per channel, for
+    ``num_elements`` elements (default: per (element, channel))."""
     options = dict(tp.get("options") or {})
     blocks = [
         m.symmetric_contractions
@@ -198,7 +199,7 @@ def product_expressivity(
         (
             sc,
             tp_backends.expressivity(
-                tp["name"], sc.irreps_in, sc.irreps_out, correlation, **options
+                tp["name"], sc.irreps_in, sc.irreps_out, correlation, num_elements, **options
             ),
         )
         for sc in blocks

@@ -1,11 +1,14 @@
 """Print what each product-basis backend can learn per (element, channel).
 
     python scripts/expressivity.py [--correlation 3] [--max-l 3] [--backends cg gaunt grid]
+        [--elements 1]
 
 For irreps_in 0e+1o+...+L_in and irreps_out 0e+1o and 0e (mace's first- and last-layer
 product blocks): trainable weights, independent couplings (rank of d(output)/d(weights) over
 random inputs, float64) and complete (all O(3)-equivariant polynomial maps of degree <=
-correlation, counted without any backend). See `mace_grid.tp.expressivity`.
+correlation, counted without any backend). See `mace_grid.tp.expressivity`. With
+``--elements E``: per channel of a model with E elements, measured over all of them at once
+(weights the elements share, grid_rank's and grid_chain's factor weights, count once).
 """
 
 import argparse
@@ -26,13 +29,16 @@ def main(argv=None) -> None:
     p.add_argument("--correlation", type=int, default=3)
     p.add_argument("--max-l", type=int, default=3)
     p.add_argument("--backends", nargs="+", choices=tp.BACKENDS, default=list(tp.BACKENDS))
+    p.add_argument("--elements", type=int, default=1, help="elements per channel (default 1)")
     args = p.parse_args(argv)
+    if args.elements < 1:
+        p.error(f"--elements must be >= 1, got {args.elements}")
     warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
     torch.set_num_threads(1)
-    print(
-        f"correlation {args.correlation}; per (element, channel): "
-        "weights / independent couplings / complete"
+    per = (
+        "per (element, channel)" if args.elements == 1 else f"per channel, {args.elements} elements"
     )
+    print(f"correlation {args.correlation}; {per}: weights / independent couplings / complete")
     print(f"{'L_in':>4} {'irreps_out':>10}" + "".join(f"{b:>16}" for b in args.backends))
     for l_in in range(1, args.max_l + 1):
         irreps_in = "+".join(f"{l}{'e' if l % 2 == 0 else 'o'}" for l in range(l_in + 1))
@@ -42,7 +48,7 @@ def main(argv=None) -> None:
                 if args.correlation > tp.max_correlation(name):
                     line += f"{'-':>16}"
                     continue
-                e = tp.expressivity(name, irreps_in, irreps_out, args.correlation)
+                e = tp.expressivity(name, irreps_in, irreps_out, args.correlation, args.elements)
                 line += f"{f'{e.weights} / {e.independent} / {e.complete}':>16}"
             print(line, flush=True)
 

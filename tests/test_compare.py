@@ -61,6 +61,8 @@ def test_study_two_backends_two_seeds(tmp_path_factory, tmp_path: Path) -> None:
             assert row["f_mae"] == pytest.approx(summary["test"]["test"]["f_mae"], rel=1e-4)
             assert row["product_weights"] < row["parameters"]
             assert 0 < row["independent"] <= min(row["weights"], row["complete"])
+            totals = row["product_independent"], row["product_weights"], row["product_complete"]
+            assert 0 < totals[0] <= min(totals[1:])
             assert row["peak_rss_mb"] > 100  # torch + mace alone take more
             assert row["wall_time_s"] > row["fit_time_s"] > row["train_step_time_s"] > 0
             assert row["equal_epochs"] == 1

@@ -152,6 +152,26 @@ def test_expressivity_is_the_measured_jacobian_rank(name, l_in, l_out, rank):
     assert reach(name, l_in, l_out, rank=rank).independent == expected
 
 
+def over_elements(name, elements):
+    return expressivity(name, natural(1, range(3)), natural(1, [0, 1]), 3, elements)
+
+
+@pytest.mark.parametrize("name", ["cg", "grid"])
+def test_elements_that_share_no_weights_add_up(name):
+    assert over_elements(name, 3) == tuple(3 * n for n in over_elements(name, 1))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_factor_weights_shared_by_the_elements_count_once(name):
+    """Four elements share a channel's factor weights: its total reach stays within its
+    weights (the study reported 4 x the per-element count before) and below cg's."""
+    one, four = over_elements(name, 1), over_elements(name, 4)
+    assert one.independent >= one.complete - 1  # each element alone: (almost) everything
+    assert four.weights < 4 * one.weights
+    assert four.independent <= four.weights
+    assert four.independent < four.complete == over_elements("cg", 4).independent
+
+
 # --- init: exactly the grid function ----------------------------------------------------------
 
 
@@ -375,3 +395,36 @@ def test_rank_option_reaches_the_backend_from_the_config():
     module = build(cfg.tp.name, "4x0e+4x1o", "4x0e+4x1o", 3, 2, **cfg.tp.options)
     assert module.rank == 3 and module.factor.shape == (3, 3, 2, 4)
     assert module.trip.shape == (3, chain_degree(1, 3, 1) + 1, 4)
+
+
+def test_expressivity_script_counts_a_channel_over_its_elements(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    from mace_grid import PROJECT_ROOT
+
+    script = str(PROJECT_ROOT / "scripts" / "expressivity.py")
+    argv = ["expressivity.py", "--max-l", "1", "--elements", "3", "--backends", "grid", *NEW]
+    monkeypatch.setattr(sys, "argv", argv)
+    num_threads = torch.get_num_threads()
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        torch.set_num_threads(num_threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        "correlation 3; per channel, 3 elements: weights / independent couplings / complete"
+    )
+    for line, irreps_out in zip(lines[2:4], ("0e+1o", "0e"), strict=True):
+        cells = line.split()
+        assert cells[:2] == ["1", irreps_out]
+        grid = expressivity("grid", "0e+1o", irreps_out, 3)
+        assert cells[2:7] == " / ".join(str(3 * n) for n in grid).split()
+        for start in (7, 12):  # grid_rank, grid_chain: no more than their weights
+            weights, _, independent, _, complete = cells[start : start + 5]
+            assert int(independent) <= min(int(weights), int(complete))
+    monkeypatch.setattr(sys, "argv", ["expressivity.py", "--elements", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(script, run_name="__main__")
+    assert exit_info.value.code == 2
+    assert "--elements must be >= 1, got 0" in capsys.readouterr().err

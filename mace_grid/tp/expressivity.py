@@ -2,12 +2,14 @@
 
 ``independent`` is measured on the backend itself: the rank of d(output)/d(weights), stacked
 over many random inputs, at a random (generic) weight point, for a block built with one channel
-and one element in float64. For a block linear in its weights it is the number of linearly
-independent maps it can learn; for one that is not (e.g. factorised weights) it is the local
-dimension of the family of maps it reaches. ``complete`` is counted without any backend: the
-dimension of all O(3)-equivariant polynomial maps of degree 1..correlation from one channel of
-irreps_in to irreps_out, i.e. the multiplicity of each output irrep in the symmetric powers
-Sym^nu of the input representation (an exact weight count, `equivariant_maps`).
+in float64 and one element, or all of a model's elements at once (a channel's total, where
+weights shared by the elements, such as grid_rank's factor weights, count once). For a block
+linear in its weights it is the number of linearly independent maps it can learn; for one
+that is not (e.g. factorised weights) it is the local dimension of the family of maps it
+reaches. ``complete`` is counted without any backend: the dimension of all O(3)-equivariant
+polynomial maps of degree 1..correlation from one channel of irreps_in to irreps_out, i.e. the
+multiplicity of each output irrep in the symmetric powers Sym^nu of the input representation
+(an exact weight count, `equivariant_maps`), times the number of elements.
 """
 
 import functools
@@ -22,7 +24,7 @@ RANK_TOLERANCE = 1e-9
 
 
 class Expressivity(NamedTuple):
-    """Per (element, channel) of one product block."""
+    """Per channel of one product block, for its ``num_elements`` elements (default 1)."""
 
     weights: int  # trainable weights
     independent: int  # rank of d(output)/d(weights): independent couplings it can learn
@@ -64,14 +66,16 @@ def weight_jacobian(
     irreps_out: o3.Irreps,
     correlation: int,
     samples: int | None = None,
+    num_elements: int = 1,
     **options,
 ) -> torch.Tensor:
-    """d(output)/d(weights) of backend ``name`` for one channel and one element, float64,
-    ``[samples * irreps_out.dim, weights]``.
+    """d(output)/d(weights) of backend ``name`` for one channel and ``num_elements`` elements,
+    float64, ``[num_elements * samples * irreps_out.dim, weights]``.
 
     Weights are redrawn N(0, 1) (a generic point, whatever the backend's init). The inputs
     depend only on the irreps and ``samples`` (default: rows about twice `equivariant_maps`,
-    which bounds the rank), so Jacobians of two backends can be stacked.
+    which bounds the rank), so Jacobians of two backends can be stacked; every element sees
+    the same inputs.
     """
     from mace_grid.tp import build  # the registry imports this module
 
@@ -80,11 +84,13 @@ def weight_jacobian(
         samples = 2 * equivariant_maps(irreps_in, irreps_out, correlation) // irreps_out.dim + 8
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(samples, 1, irreps_in.dim, generator=gen, dtype=torch.float64)
-    attrs = torch.ones(samples, 1, dtype=torch.float64)
+    x = x.repeat(num_elements, 1, 1)
+    species = torch.arange(num_elements).repeat_interleave(samples)
+    attrs = torch.nn.functional.one_hot(species, num_elements).to(torch.float64)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # mace's U matrices in float64 too
     try:
-        module = build(name, irreps_in, irreps_out, correlation, 1, **options).double()
+        module = build(name, irreps_in, irreps_out, correlation, num_elements, **options).double()
     finally:
         torch.set_default_dtype(old)
     params = {
@@ -121,21 +127,29 @@ def rank(matrix: torch.Tensor) -> int:
 
 @functools.cache
 def _expressivity(
-    name: str, irreps_in: str, irreps_out: str, correlation: int, options: tuple
+    name: str, irreps_in: str, irreps_out: str, correlation: int, num_elements: int, options: tuple
 ) -> Expressivity:
-    jacobian = weight_jacobian(name, irreps_in, irreps_out, correlation, **dict(options))
+    jacobian = weight_jacobian(
+        name, irreps_in, irreps_out, correlation, num_elements=num_elements, **dict(options)
+    )
     return Expressivity(
         weights=jacobian.shape[1],
         independent=rank(jacobian),
-        complete=equivariant_maps(irreps_in, irreps_out, correlation),
+        complete=num_elements * equivariant_maps(irreps_in, irreps_out, correlation),
     )
 
 
 def expressivity(
-    name: str, irreps_in: o3.Irreps, irreps_out: o3.Irreps, correlation: int, **options
+    name: str,
+    irreps_in: o3.Irreps,
+    irreps_out: o3.Irreps,
+    correlation: int,
+    num_elements: int = 1,
+    **options,
 ) -> Expressivity:
-    """The "price of freedom" of backend ``name`` per (element, channel): its trainable
-    weights, how many independent couplings they reach, and how many exist. Cached per
-    arguments (cg at L_in = 3 takes about a second)."""
-    key = (str(one_channel(irreps_in)), str(one_channel(irreps_out)), correlation)
+    """The "price of freedom" of backend ``name`` per channel and ``num_elements`` elements
+    (default: per (element, channel)): its trainable weights, how many independent couplings
+    they reach, and how many exist. Cached per arguments (cg at L_in = 3 takes about a second
+    per element)."""
+    key = (str(one_channel(irreps_in)), str(one_channel(irreps_out)), correlation, num_elements)
     return _expressivity(name, *key, tuple(sorted(options.items())))
