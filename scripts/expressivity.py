@@ -39,17 +39,17 @@ def main(argv=None) -> None:
         "per (element, channel)" if args.elements == 1 else f"per channel, {args.elements} elements"
     )
     print(f"correlation {args.correlation}; {per}: weights / independent couplings / complete")
-    print(f"{'L_in':>4} {'irreps_out':>10}" + "".join(f"{b:>16}" for b in args.backends))
+    print(f"{'L_in':>4} {'irreps_out':>10}" + "".join(f"{b:>18}" for b in args.backends))
     for l_in in range(1, args.max_l + 1):
         irreps_in = "+".join(f"{l}{'e' if l % 2 == 0 else 'o'}" for l in range(l_in + 1))
         for irreps_out in ("0e+1o", "0e"):
             line = f"{l_in:>4} {irreps_out:>10}"
             for name in args.backends:
                 if args.correlation > tp.max_correlation(name):
-                    line += f"{'-':>16}"
+                    line += f"{'-':>18}"
                     continue
                 e = tp.expressivity(name, irreps_in, irreps_out, args.correlation, args.elements)
-                line += f"{f'{e.weights} / {e.independent} / {e.complete}':>16}"
+                line += f"{f'{e.weights} / {e.independent} / {e.complete}':>18}"
             print(line, flush=True)
 
 
