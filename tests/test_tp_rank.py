@@ -32,6 +32,14 @@ F64 = torch.float64
 NEW = ["grid_rank", "grid_chain"]
 
 
+def plain_ops(module):
+    """Run ``module`` through its plain-ops TorchScript path in eager mode (the reference)."""
+    module.project_powers = lambda features, node_attrs=None: module._project_autograd(
+        features, module.node_species(node_attrs)
+    )
+    return module
+
+
 def randomise(module, seed=3):
     """Generic weights: every rank's output, factor and round-trip weights nonzero."""
     gen = torch.Generator().manual_seed(seed)
@@ -225,7 +233,7 @@ def test_fused_derivatives_match_plain_autograd(name, correlation, block):
     fused.block = block
     plain = make(name, irreps_in, irreps_out, correlation, 3, rank=2)
     plain.load_state_dict(fused.state_dict())
-    plain.project_powers = plain._project_autograd
+    plain_ops(plain)
     x, attrs = inputs(7, 5, 3, 3)
     ours, theirs = training_step(fused, x, attrs)[:3], training_step(plain, x, attrs)[:3]
     for a, b in zip(ours, theirs, strict=True):
@@ -246,7 +254,8 @@ def test_fused_kernel_at_high_l_in(name):
     fused = randomise(make(name, irreps_in, irreps_out, 3, 2))
     plain = make(name, irreps_in, irreps_out, 3, 2)
     plain.load_state_dict(fused.state_dict())
-    plain.project_powers, fused.block = plain._project_autograd, 5
+    plain_ops(plain)
+    fused.block = 5
     x, attrs = inputs(3, 2, 5, 2)
     got, expected = training_step(fused, x, attrs), training_step(plain, x, attrs)
     for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
@@ -302,7 +311,8 @@ def test_torchscript_round_trip(name):
     assert_script_round_trip(randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2)))
 
 
-def test_whole_mace_model_scripts():
+@pytest.mark.parametrize("factors", ["channel", "element"])
+def test_whole_mace_model_scripts(factors):
     """A correlation-3 ScaleShiftMACE with the chain (grid_rank's code path plus the round
     trip) compiles, and the compiled model agrees with the eager one."""
     name = "grid_chain"
@@ -321,10 +331,102 @@ def test_whole_mace_model_scripts():
     )  # fmt: skip
     torch.manual_seed(0)
     with default_dtype(F64):
-        model = build_model(model_cfg, {"name": name, "options": {"rank": 2}}, statistics)
+        tp = {"name": name, "options": {"rank": 2, "factors": factors}}
+        model = build_model(model_cfg, tp, statistics)
         for block in model.products:
             randomise(block.symmetric_contractions)
     assert_scripted_model_matches(model)
+
+
+# --- factor weights per (element, channel) ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_per_element_factors_with_equal_sets_are_the_shared_function(name):
+    """factors=element with every element's set equal to the shared set computes the same
+    function; changing one element's set changes only that element's nodes."""
+    irreps_in, irreps_out = natural(3, range(3)), natural(3, [0, 1])
+    shared = randomise(make(name, irreps_in, irreps_out, 3, 3))
+    ours = make(name, irreps_in, irreps_out, 3, 3, factors="element")
+    state = shared.state_dict()
+    for key in ("factor", "trip"):
+        if key in state:  # insert the element axis before the channel axis
+            state[key] = state[key].unsqueeze(-2).expand(*ours.state_dict()[key].shape).clone()
+    ours.load_state_dict(state)
+    x, attrs = inputs(7, 3, 2, 3)  # elements 0, 1, 2, 0, 1, 2, 0: interleaved
+    expected = shared(x, attrs)
+    assert relative_error(ours(x, attrs), expected) < 1e-12
+    with torch.no_grad():
+        ours.factor[1:, :, :, 1] += 0.5
+    y = ours(x, attrs)
+    moved = (y - expected).abs().amax(1) > 1e-6
+    assert moved.tolist() == [n % 3 == 1 for n in range(7)]
+
+
+@pytest.mark.parametrize("name", NEW)
+@pytest.mark.parametrize("block", [3, 16, None])
+def test_per_element_fused_derivatives_match_plain_autograd(name, block):
+    """One kernel call per element on its nodes: forward, forces and second derivatives into
+    inputs and every weight against plain autograd, with an element absent from the batch."""
+    irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
+    fused = randomise(make(name, irreps_in, irreps_out, 3, 4, rank=2, factors="element"))
+    fused.block = block
+    plain = plain_ops(make(name, irreps_in, irreps_out, 3, 4, rank=2, factors="element"))
+    plain.load_state_dict(fused.state_dict())
+    x, attrs = inputs(9, 5, 3, 3)  # elements 0..2 of 4
+    attrs = torch.cat([attrs, torch.zeros(9, 1, dtype=F64)], dim=1)
+    ours, theirs = training_step(fused, x, attrs)[:3], training_step(plain, x, attrs)[:3]
+    for a, b in zip(ours, theirs, strict=True):
+        assert relative_error(a, b) < 1e-10
+    for p, q in zip(fused.parameters(), plain.parameters(), strict=True):
+        assert relative_error(p.grad, q.grad) < 1e-10
+    assert torch.all(fused.factor.grad[..., 3, :] == 0)  # the absent element learns nothing
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_per_element_factors_are_equivariant_and_script(name):
+    irreps_in, irreps_out = natural(2, range(3)), natural(2, [0, 1, 2])
+    module = randomise(make(name, irreps_in, irreps_out, 3, 2, factors="element"))
+    x, attrs = inputs(4, 2, 2, 2)
+    y = module(x, attrs)
+    rotation = o3.rand_matrix(dtype=F64)
+    for matrix in (rotation, -rotation):
+        d_in = natural(1, range(3)).D_from_matrix(matrix)
+        rotated = module(x @ d_in.T, attrs)
+        assert relative_error(rotated, y @ irreps_out.D_from_matrix(matrix).T) < 1e-10
+    assert_script_round_trip(
+        randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2, factors="element"))
+    )
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_per_element_factors_reach_every_map_of_every_element(name):
+    """Over 4 elements, per channel: 4 x one element's reach, more than shared factors reach,
+    and for the chain all of cg's (at L_in 2)."""
+    irreps_in = natural(1, range(3))
+    for l_out in ([0, 1], [0]):
+        irreps_out = natural(1, l_out)
+        one = expressivity(name, irreps_in, irreps_out, 3, 1, factors="element")
+        four = expressivity(name, irreps_in, irreps_out, 3, 4, factors="element")
+        assert four == tuple(4 * n for n in one)
+        assert four.independent > expressivity(name, irreps_in, irreps_out, 3, 4).independent
+        if name == "grid_chain":
+            cg = expressivity("cg", irreps_in, irreps_out, 3, 4)
+            assert four.independent == four.complete == cg.independent
+
+
+def test_bad_factors_option_is_refused():
+    with pytest.raises(ConfigError, match=r"tp.options.factors must be one of .*'elements'"):
+        build("grid_rank", "4x0e+4x1o", "4x0e", 3, 2, factors="elements")
+
+
+def test_factors_option_reaches_the_backend_from_the_config():
+    from mace_grid.config import compose_config
+
+    cfg = compose_config("train", ["tp=grid_chain", "tp.options.factors=element"])
+    module = build(cfg.tp.name, "4x0e+4x1o", "4x0e+4x1o", 3, 5, **cfg.tp.options)
+    assert module.factor.shape == (2, 3, 2, 5, 4)
+    assert module.trip.shape == (2, chain_degree(1, 3, 1) + 1, 5, 4)
 
 
 # --- training, refusals ---------------------------------------------------------------------

@@ -221,15 +221,18 @@ class GauntProductBasis(torch.nn.Module):
         out = out.view(self.dim_out, n, -1).transpose(0, 1).reshape(n, -1)
         return out.index_select(1, self.out_perm)
 
-    def project_powers(self, features: torch.Tensor) -> torch.Tensor:
-        """P_LM(f^nu), nu = 2..correlation: ``[D_in, n C] -> [correlation - 1, D_out, n C]``."""
+    def project_powers(
+        self, features: torch.Tensor, node_attrs: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """P_LM(f^nu), nu = 2..correlation: ``[D_in, n C] -> [correlation - 1, D_out, n C]``
+        (``node_attrs [n, E]`` for a backend with per-element weights inside the products)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             _refuse_autocast(x.device.type)
         features = x.reshape(-1, x.shape[2]).t().contiguous()  # [D_in, n * C]
-        return self.contract(features, node_attrs, self.project_powers(features))
+        return self.contract(features, node_attrs, self.project_powers(features, node_attrs))
 
     def extra_repr(self) -> str:
         return (
@@ -411,7 +414,9 @@ class FourierGauntProduct(GauntProductBasis):
         )
         return out.squeeze(0)
 
-    def project_powers(self, features: torch.Tensor) -> torch.Tensor:
+    def project_powers(
+        self, features: torch.Tensor, node_attrs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.method == "fused" or self.correlation == 1:
             return self.points(features)
         rows = features.shape[1]

@@ -53,7 +53,9 @@ class GridGauntProduct(GauntProductBasis):
             "n_alpha": self.n_alpha,
         }
 
-    def project_powers(self, features: torch.Tensor) -> torch.Tensor:
+    def project_powers(
+        self, features: torch.Tensor, node_attrs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.points(features)
 
 

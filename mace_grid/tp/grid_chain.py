@@ -7,8 +7,9 @@ nu >= 3 products become P_LM(h_r f^c ...). K = min(2 L_in, (corr - 2) L_in + L_o
 k that can still couple into L_out, so d = 1 reproduces `grid_rank` exactly. The grid integrates
 S Y_k (degree 2 L_in + K) and h f^c ... Y_L (degree K + (corr - 2) L_in + L_out) exactly; both are
 <= corr L_in + L_out, so `grid`'s grid suffices (`check_degree` checks).
-Parameters: `grid_rank`'s, plus ``trip [R, K + 1, C]`` (per rank, degree and channel): 1 for rank
-0 (the function starts as `grid`'s), N(0, 1) for the others.
+Parameters: `grid_rank`'s, plus ``trip [R, K + 1, C]`` (per rank, degree and channel; with
+``factors="element"`` ``[R, K + 1, num_elements, C]``): 1 for rank 0 (the function starts as
+`grid`'s), N(0, 1) for the others.
 Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.dim] (mace's).
 """
 
@@ -40,9 +41,10 @@ class GridChainProduct(GridRankProduct):
         correlation: int,
         num_elements: int,
         rank: int = 2,
+        factors: str = "channel",
     ) -> None:
-        super().__init__(irreps_in, irreps_out, correlation, num_elements, rank)
-        trip = torch.randn(rank, self.trip_degree + 1, self.num_features)
+        super().__init__(irreps_in, irreps_out, correlation, num_elements, rank, factors)
+        trip = torch.randn(rank, self.trip_degree + 1, *self._sets_shape, self.num_features)
         trip[0] = 1.0
         self.trip = torch.nn.Parameter(trip if correlation >= 3 else trip[:, :0])
 
@@ -86,15 +88,18 @@ class GridChainProduct(GridRankProduct):
         self.register_buffer("trip_filters", filters, persistent=False)
 
     def round_trip_weight(self) -> torch.Tensor:
-        return self.trip
+        shape = self.trip.shape
+        return self.trip.view(shape[0], shape[1], self.factor_sets, shape[-1])
 
-    def transform_pair(self, pair: torch.Tensor) -> torch.Tensor:
+    def transform_pair(self, pair: torch.Tensor, species: torch.Tensor | None) -> torch.Tensor:
         """``h = synth(d * P_{k <= K}(pair))``, ``[R, G, n C] -> [R, G, n C]``."""
         dtype = pair.dtype
         rank, columns = pair.shape[0], pair.shape[2]
         coeff = self.trip_project.to(dtype) @ pair  # [R, (K+1)^2, n C]
-        weight = self.trip.to(dtype).index_select(1, self.degree_of_k)  # [R, (K+1)^2, C]
-        coeff = coeff.view(rank, weight.shape[1], -1, self.num_features) * weight.unsqueeze(2)
+        weight = self.round_trip_weight().to(dtype).index_select(1, self.degree_of_k)
+        if species is not None:  # [R, (K+1)^2, sets, C] -> per node
+            weight = weight.index_select(2, species)
+        coeff = coeff.view(rank, weight.shape[1], -1, self.num_features) * weight
         return self.trip_synth.to(dtype) @ coeff.view(rank, -1, columns)
 
     def extra_repr(self) -> str:
@@ -107,6 +112,7 @@ def build_grid_chain(
     correlation: int,
     num_elements: int,
     rank: int = 2,
+    factors: str = "channel",
 ) -> GridChainProduct:
     """The ``grid_chain`` backend."""
-    return GridChainProduct(irreps_in, irreps_out, correlation, num_elements, rank)
+    return GridChainProduct(irreps_in, irreps_out, correlation, num_elements, rank, factors)

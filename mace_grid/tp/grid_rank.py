@@ -11,7 +11,8 @@ path-weight tensor), and a sum over R such terms is rank R:
 f^corr Y_L, so the grid of `grid` (sized for correlation * L_in + L_out) stays exact.
 Parameters: ``weight [1 + R (corr - 1), num_elements, len(irreps_out), C]`` (output weights per
 element, channel and output irrep, times `grid`'s fixed per-(nu, L) multipliers: they carry the
-scale) and ``factor [R, corr, L_in + 1, C]`` (per channel, shared by the elements; O(1)).
+scale) and ``factor [R, corr, L_in + 1, C]`` (per channel, shared by the elements; O(1)), or with
+``factors="element"`` ``factor [R, corr, L_in + 1, num_elements, C]``.
 Init: rank 0 has all factor weights 1 and grid's initial output weights, so the function starts
 as exactly `grid`'s; ranks >= 1 start with N(0, 1) factor weights (the same expected basis size
 as all-ones factors) and zero output weights.
@@ -21,7 +22,11 @@ Factor weights are per channel because the reach is per channel: shared factors 
 channel the same R coupling maps, leaving only their output weights free. They cost nothing
 extra: the fused kernel evaluates the per-degree parts F_l on the grid once per channel and mixes
 every factor from them by one small matmul per channel, g = w F, instead of evaluating each
-factor (R corr evaluations); channels are its blocks (layout [C, ..., n]).
+factor (R corr evaluations); channels are its blocks (layout [C, ..., n]). The same argument
+holds for elements: with factors shared by the elements (``factors="channel"``, the default) a
+channel of an E-element model reaches fewer maps than E times one element's
+(`mace_grid.tp.expressivity`); ``factors="element"`` gives every (element, channel) its own, and
+the kernel runs once per element on that element's nodes.
 """
 
 import math
@@ -35,6 +40,8 @@ from mace_grid.tp.engine import PointSet
 from mace_grid.tp.gaunt import GauntProductBasis
 from mace_grid.tp.grid import gauss_legendre_points
 
+#: who owns a set of factor (and round-trip) weights: each channel, or each (element, channel)
+FACTORS = ("channel", "element")
 #: bytes of the grid-sized temporaries of one block (measured best at about two CPU L2 caches)
 _BLOCK_BYTES = 1 << 21
 
@@ -361,11 +368,18 @@ class GridRankProduct(GauntProductBasis):
         correlation: int,
         num_elements: int,
         rank: int = 2,
+        factors: str = "channel",
     ) -> None:
         super().__init__(irreps_in, irreps_out, correlation, num_elements)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise ConfigError(f"tp.options.rank must be an integer >= 1, got {rank!r}")
+        if factors not in FACTORS:
+            raise ConfigError(f"tp.options.factors must be one of {FACTORS}, got {factors!r}")
         self.rank = rank
+        self.factors = factors
+        # sets of factor weights: one per channel, or one per (element, channel)
+        self.factor_sets = num_elements if factors == "element" else 1
+        self._sets_shape = (num_elements,) if factors == "element" else ()
         l_in = self.l_in
         n_terms = correlation - 1  # products with nu = 2..correlation per rank
         self.n_terms = n_terms
@@ -380,7 +394,7 @@ class GridRankProduct(GauntProductBasis):
         repeats = torch.tensor([1] + [rank] * n_terms)
         scale = self.basis_scale / self.init_weight_std  # 0 where L > nu L_in
         self.register_buffer("term_scale", scale.repeat_interleave(repeats, 0), persistent=False)
-        factor = torch.randn(rank, correlation, l_in + 1, self.num_features)
+        factor = torch.randn(rank, correlation, l_in + 1, *self._sets_shape, self.num_features)
         factor[0] = 1.0
         self.factor = torch.nn.Parameter(factor if n_terms else factor[:, :0])
         degree_of_lm = [l for l in range(l_in + 1) for _ in range(2 * l + 1)]
@@ -408,6 +422,11 @@ class GridRankProduct(GauntProductBasis):
             "rank": self.rank,
         }
 
+    def factor_weights(self) -> torch.Tensor:
+        """``factor`` as ``[R, corr, L_in + 1, sets, C]`` (sets: 1, or one per element)."""
+        shape = self.factor.shape
+        return self.factor.view(shape[0], shape[1], shape[2], self.factor_sets, shape[-1])
+
     def check_degree(self) -> None:
         """Subclasses check that the grid integrates their intermediate products exactly."""
 
@@ -424,43 +443,75 @@ class GridRankProduct(GauntProductBasis):
         w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [T D_out, n, C]
         return w.view(self.weight.shape[0], self.dim_out, -1)
 
-    def transform_pair(self, pair: torch.Tensor) -> torch.Tensor:
-        """What the third factor multiplies: the pair product itself, ``[R, G, n C]``."""
+    def transform_pair(self, pair: torch.Tensor, species: torch.Tensor | None) -> torch.Tensor:
+        """What the third factor multiplies: the pair product itself, ``[R, G, n C]``
+        (``species [n]``: each node's element, where the weights are per element)."""
         return pair
 
-    def project_powers(self, features: torch.Tensor) -> torch.Tensor:
+    def node_species(self, node_attrs: torch.Tensor | None) -> torch.Tensor | None:
+        """Each node's element ``[n]`` where the factor weights are per element, else None."""
+        if self.factor_sets == 1:
+            return None
+        if node_attrs is None:
+            raise ValueError("factors='element' needs node_attrs to pick each node's weights")
+        return node_attrs.argmax(1)
+
+    def project_powers(
+        self, features: torch.Tensor, node_attrs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The rank products: ``[D_in, n C] -> [R (corr - 1), D_out, n C]``, rows as `weight`'s."""
         if self.n_terms == 0:
             return features.new_zeros(0, self.dim_out, features.shape[1])
+        species = self.node_species(node_attrs)
         if torch.jit.is_scripting():
-            return self._project_autograd(features)
-        return self._project_fused(features)
+            return self._project_autograd(features, species)
+        return self._project_fused(features, species)
 
     def round_trip_weight(self) -> torch.Tensor:
-        """Per-degree round-trip weights ``[R, K + 1, C]`` (none here: K + 1 = 0)."""
-        return self.factor.new_zeros(self.rank, 0, self.num_features)
+        """Per-degree round-trip weights ``[R, K + 1, sets, C]`` (none here: K + 1 = 0)."""
+        return self.factor.new_zeros(self.rank, 0, self.factor_sets, self.num_features)
 
     @torch.jit.unused
-    def _project_fused(self, features: torch.Tensor) -> torch.Tensor:
+    def _project_fused(self, features: torch.Tensor, species: torch.Tensor | None):
         dtype, columns = features.dtype, features.shape[1]
         channels = self.num_features
         nodes = columns // channels
-        a = features.view(-1, nodes, channels).permute(2, 0, 1).contiguous()
-        w = self.factor.to(dtype).permute(3, 1, 0, 2).reshape(channels, -1, self.l_in + 1)
-        d = self.round_trip_weight().to(dtype).permute(2, 0, 1)  # [C, R, K+1]
+        a = features.view(-1, nodes, channels).permute(2, 0, 1).contiguous()  # [C, D_in, n]
+        w = self.factor_weights().to(dtype).permute(4, 3, 1, 0, 2)  # [C, sets, corr, R, L_in+1]
+        w = w.reshape(channels, self.factor_sets, -1, self.l_in + 1)
+        d = self.round_trip_weight().to(dtype).permute(3, 2, 0, 1)  # [C, sets, R, K+1]
+        maps = _ProductMaps(self, dtype)
         block = self.block if features.device.type == "cpu" else None  # GPU: 1 block
-        out = _RankProduct.apply(a, w, d, _ProductMaps(self, dtype), block)
+        if species is None:
+            out = _RankProduct.apply(a, w[:, 0], d[:, 0], maps, block)
+        else:  # one kernel call per element, on its nodes
+            order = torch.argsort(species, stable=True)
+            counts = torch.bincount(species, minlength=self.factor_sets).tolist()
+            parts = a.index_select(2, order).split(counts, dim=2)
+            out = torch.cat(
+                [
+                    _RankProduct.apply(part.contiguous(), w[:, e], d[:, e], maps, block)
+                    for e, part in enumerate(parts)
+                    if counts[e]
+                ],
+                dim=4,
+            ).index_select(4, torch.argsort(order))
         # [C, corr-1, R, D_out, n] -> rows (nu - 2) R + r, columns node-major as the features
         return out.permute(1, 2, 3, 4, 0).reshape(-1, self.dim_out, columns)
 
-    def _project_autograd(self, features: torch.Tensor) -> torch.Tensor:
+    def _project_autograd(
+        self, features: torch.Tensor, species: torch.Tensor | None
+    ) -> torch.Tensor:
         """The same as `_RankProduct` with plain differentiable ops (TorchScript path)."""
         dim_in, columns = features.shape
         dtype = features.dtype
         channels = self.num_features
         rank, corr = self.rank, self.correlation
-        factor = self.factor.to(dtype).index_select(2, self.degree_of_lm)  # [R, corr, D_in, C]
-        scaled = features.view(1, dim_in, -1, channels) * factor.view(rank * corr, dim_in, 1, -1)
+        factor = self.factor_weights().to(dtype).index_select(2, self.degree_of_lm)
+        if species is not None:  # [R, corr, D_in, sets, C] -> per node
+            factor = factor.index_select(3, species)
+        factor = factor.reshape(rank * corr, dim_in, -1, channels)  # [R corr, D_in, n or 1, C]
+        scaled = features.view(1, dim_in, -1, channels) * factor
         values = self.points.to_points.to(dtype) @ scaled.view(rank * corr, dim_in, columns)
         values = values.view(rank, corr, -1, columns)  # [R, corr, G, n C]
         projector = self.points.projector.to(dtype)
@@ -468,13 +519,16 @@ class GridRankProduct(GauntProductBasis):
         out = [projector @ product]
         for k in range(2, corr):
             if k == 2:
-                product = self.transform_pair(product)
+                product = self.transform_pair(product, species)
             product = product * values[:, k]
             out.append(projector @ product)
         return torch.stack(out, dim=0).view(self.n_terms * rank, self.dim_out, columns)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, grid={self.n_beta}x{self.n_alpha}"
+        return (
+            f"{super().extra_repr()}, rank={self.rank}, factors={self.factors}, "
+            f"grid={self.n_beta}x{self.n_alpha}"
+        )
 
 
 def build_grid_rank(
@@ -483,6 +537,7 @@ def build_grid_rank(
     correlation: int,
     num_elements: int,
     rank: int = 2,
+    factors: str = "channel",
 ) -> GridRankProduct:
     """The ``grid_rank`` backend."""
-    return GridRankProduct(irreps_in, irreps_out, correlation, num_elements, rank)
+    return GridRankProduct(irreps_in, irreps_out, correlation, num_elements, rank, factors)
