@@ -1,5 +1,8 @@
 """Time the product-basis backends (cg, gaunt, grid, grid_rank, grid_chain) as training uses them.
 
+Labels name a backend, or a backend with options: gaunt-fft / gaunt-direct (tp.options.method),
+grid_rank-element / grid_chain-element (tp.options.factors=element).
+
     python scripts/benchmark_tp.py [--threads 1] [--dtype float32 float64] [--max-l 6]
         [--max-cg-l 3] [--backends cg gaunt grid grid_rank grid_chain] [--correlation 3] [--model]
         [--out results/benchmark_tp]
@@ -51,6 +54,8 @@ BACKEND_SPECS = {
     "grid": ("grid", {}),
     "grid_rank": ("grid_rank", {}),
     "grid_chain": ("grid_chain", {}),
+    "grid_rank-element": ("grid_rank", {"factors": "element"}),
+    "grid_chain-element": ("grid_chain", {"factors": "element"}),
 }
 
 
