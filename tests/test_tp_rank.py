@@ -525,6 +525,17 @@ def test_expressivity_script_counts_a_channel_over_its_elements(monkeypatch, cap
         for start in (7, 12):  # grid_rank, grid_chain: no more than their weights
             weights, _, independent, _, complete = cells[start : start + 5]
             assert int(independent) <= min(int(weights), int(complete))
+    argv = ["expressivity.py", "--max-l", "1", "--elements", "3", "--factors", "element"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--backends", "cg", "grid_chain"])
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:
+        torch.set_num_threads(num_threads)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("correlation 3; per channel, 3 elements, factors=element: ")
+    for line in lines[2:4]:  # the chain per element reaches all of cg's maps
+        cg, chain = line.split()[2:7], line.split()[7:12]
+        assert chain[2] == chain[4] == cg[2] == cg[4]
     monkeypatch.setattr(sys, "argv", ["expressivity.py", "--elements", "0"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(script, run_name="__main__")

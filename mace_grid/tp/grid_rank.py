@@ -472,7 +472,7 @@ class GridRankProduct(GauntProductBasis):
         return self.factor.new_zeros(self.rank, 0, self.factor_sets, self.num_features)
 
     @torch.jit.unused
-    def _project_fused(self, features: torch.Tensor, species: torch.Tensor | None):
+    def _project_fused(self, features: torch.Tensor, species: torch.Tensor | None) -> torch.Tensor:
         dtype, columns = features.dtype, features.shape[1]
         channels = self.num_features
         nodes = columns // channels
