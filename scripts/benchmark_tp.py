@@ -242,14 +242,11 @@ def print_work_table(rows: list[dict], backends: list[str]) -> None:
                 if r is None:
                     line += f"{'-':>44}"
                     continue
-                cell = f"{r['step_matmul_mflop']:.1f}"
+                flop = r["step_matmul_mflop"] / grid["step_matmul_mflop"] if grid else None
+                cell = f"{r['step_matmul_mflop']:.1f}" + (f" (x{flop:.2f})" if grid else "")
+                cell += f" | {r['step_pointwise_m']:.1f} | {r['step_aten_ops']}"
                 if grid:
-                    flop = r["step_matmul_mflop"] / grid["step_matmul_mflop"]
-                    time_ratio = r["step_ms"] / grid["step_ms"]
-                    cell += f" (x{flop:.2f}) | {r['step_pointwise_m']:.1f} | {r['step_aten_ops']}"
-                    cell += f" | {time_ratio / flop:.2f}"
-                else:
-                    cell += f" | {r['step_pointwise_m']:.1f} | {r['step_aten_ops']}"
+                    cell += f" | {r['step_ms'] / grid['step_ms'] / flop:.2f}"
                 line += f"{cell:>44}"
             print(line)
 

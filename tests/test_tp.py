@@ -653,20 +653,25 @@ def test_independent_is_the_local_rank_for_a_block_non_linear_in_its_weights(mon
     assert rank(weight_jacobian("grid", natural(1, range(2)), "0e", 1)) == 1
 
 
-def test_expressivity_script_prints_the_readme_table(monkeypatch, capsys):
+def run_expressivity_script(monkeypatch, capsys, *argv: str) -> list[str]:
+    """Lines ``scripts/expressivity.py argv`` prints (it sets 1 thread: restored after)."""
     import runpy
     import sys
 
     from mace_grid import PROJECT_ROOT
 
-    argv = ["--max-l", "1", "--correlation", "5", "--backends", "cg", "gaunt", "grid"]
     monkeypatch.setattr(sys, "argv", ["expressivity.py", *argv])
     num_threads = torch.get_num_threads()
     try:
         runpy.run_path(str(PROJECT_ROOT / "scripts" / "expressivity.py"), run_name="__main__")
     finally:
         torch.set_num_threads(num_threads)
-    lines = capsys.readouterr().out.splitlines()
+    return capsys.readouterr().out.splitlines()
+
+
+def test_expressivity_script_prints_the_readme_table(monkeypatch, capsys):
+    argv = ["--max-l", "1", "--correlation", "5", "--backends", "cg", "gaunt", "grid"]
+    lines = run_expressivity_script(monkeypatch, capsys, *argv)
     assert lines[0].startswith("correlation 5")
     # cg stops at correlation 4. Sym^nu(0e+1o) holds 0e nu // 2 + 1 times and 1o (nu + 1) // 2
     # times: 11 + 9 maps for nu = 1..5; gaunt/grid have 5 + 5 weights, all independent

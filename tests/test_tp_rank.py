@@ -19,6 +19,7 @@ from test_tp import (
     make,
     natural,
     relative_error,
+    run_expressivity_script,
     training_step,
 )
 
@@ -500,20 +501,8 @@ def test_rank_option_reaches_the_backend_from_the_config():
 
 
 def test_expressivity_script_counts_a_channel_over_its_elements(monkeypatch, capsys):
-    import runpy
-    import sys
-
-    from mace_grid import PROJECT_ROOT
-
-    script = str(PROJECT_ROOT / "scripts" / "expressivity.py")
-    argv = ["expressivity.py", "--max-l", "1", "--elements", "3", "--backends", "grid", *NEW]
-    monkeypatch.setattr(sys, "argv", argv)
-    num_threads = torch.get_num_threads()
-    try:
-        runpy.run_path(script, run_name="__main__")
-    finally:
-        torch.set_num_threads(num_threads)
-    lines = capsys.readouterr().out.splitlines()
+    argv = ["--max-l", "1", "--elements", "3"]
+    lines = run_expressivity_script(monkeypatch, capsys, *argv, "--backends", "grid", *NEW)
     assert lines[0] == (
         "correlation 3; per channel, 3 elements: weights / independent couplings / complete"
     )
@@ -525,19 +514,13 @@ def test_expressivity_script_counts_a_channel_over_its_elements(monkeypatch, cap
         for start in (7, 12):  # grid_rank, grid_chain: no more than their weights
             weights, _, independent, _, complete = cells[start : start + 5]
             assert int(independent) <= min(int(weights), int(complete))
-    argv = ["expressivity.py", "--max-l", "1", "--elements", "3", "--factors", "element"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--backends", "cg", "grid_chain"])
-    try:
-        runpy.run_path(script, run_name="__main__")
-    finally:
-        torch.set_num_threads(num_threads)
-    lines = capsys.readouterr().out.splitlines()
+    argv += ["--factors", "element", "--backends", "cg", "grid_chain"]
+    lines = run_expressivity_script(monkeypatch, capsys, *argv)
     assert lines[0].startswith("correlation 3; per channel, 3 elements, factors=element: ")
     for line in lines[2:4]:  # the chain per element reaches all of cg's maps
         cg, chain = line.split()[2:7], line.split()[7:12]
         assert chain[2] == chain[4] == cg[2] == cg[4]
-    monkeypatch.setattr(sys, "argv", ["expressivity.py", "--elements", "0"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(script, run_name="__main__")
+        run_expressivity_script(monkeypatch, capsys, "--elements", "0")
     assert exit_info.value.code == 2
     assert "--elements must be >= 1, got 0" in capsys.readouterr().err
