@@ -1,8 +1,10 @@
 """Entry-point plumbing: user errors become one line on stderr and exit code 2; key=value args;
 failed starts leave no run directory behind."""
 
+import csv
 import dataclasses
 import functools
+import io
 import logging
 import shutil
 import signal
@@ -11,11 +13,16 @@ import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mace_grid.errors import ConfigError, MaceGridError
+from mace_grid.utils import atomic_write_text
 
 log = logging.getLogger("mace_grid")
 
@@ -26,7 +33,9 @@ _STARTED = time.time()
 def exit_on_user_error(fn):
     """Turn a :class:`MaceGridError` raised by ``fn`` (also inside a Hydra-instantiated object)
     into ``error: <message>`` and exit 2, after removing what this failed start wrote (see
-    :func:`remove_failed_start`). SIGTERM exits through ``finally`` blocks (temporary files)."""
+    :func:`remove_failed_start`); in a multirun the member is recorded as failed instead and the
+    sweep goes on (:class:`MultirunSummary`). SIGTERM exits through ``finally`` blocks
+    (temporary files); Ctrl-C outside training exits 130 without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,6 +43,10 @@ def exit_on_user_error(fn):
             signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            remove_failed_start()
+            sys.exit(130)
         except (MaceGridError, InstantiationException) as err:
             cause = err if isinstance(err, MaceGridError) else err.__cause__
             if not isinstance(cause, MaceGridError):
@@ -41,9 +54,15 @@ def exit_on_user_error(fn):
             log.error("%s", cause)
             print(f"error: {cause}", file=sys.stderr)
             remove_failed_start()
+            if _in_multirun():
+                raise cause from None
             sys.exit(2)
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _terminate(signum, frame):
@@ -110,3 +129,61 @@ def usage(schema: type, doc: str | None = None) -> str:
             default = "???"
         lines.append(f"  {field.name}={default}")
     return "\n".join(lines).lstrip()
+
+
+class MultirunSummary(Callback):
+    """A multirun's members, status and result (``train.py -m …``): printed as a table when the
+    last member ends and written to ``<sweep dir>/members.csv``; exit 1 if any member failed.
+
+    Hydra's basic sweeper otherwise re-raises the first failure only after all members ran (and
+    a member's user error used to end the whole sweep): every member runs, one line each here.
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, str, str, str]] = []
+        self.total: int | None = None
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        if config.hydra.sweeper._target_.endswith("BasicSweeper"):
+            from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+            parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+            self.total = sum(len(b) for b in BasicSweeper.split_arguments(parsed, None))
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
+        if self.sweep_dir is None:  # a single run, not a multirun
+            return
+        value = job_return._return_value
+        if job_return.status == JobStatus.COMPLETED:
+            status, result = "ok", "-" if value is None else f"val F MAE {value:.4g} meV/Å"
+        else:
+            status, result = "failed", " ".join(str(value).split())[:160] or type(value).__name__
+        num = int(OmegaConf.select(config, "hydra.job.num", default=len(self.rows)))
+        self.rows.append((num, " ".join(job_return.overrides or []), status, result))
+        if self.total is not None and len(self.rows) >= self.total:
+            self._finish()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.rows and self.total is None:
+            self._finish()
+
+    def _finish(self) -> None:
+        rows = sorted(self.rows)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["member", "overrides", "status", "result"])
+        writer.writerows(rows)
+        atomic_write_text(self.sweep_dir / "members.csv", buffer.getvalue())
+        width = max(len(r[1]) for r in rows)
+        lines = [f"{'member':>6}  {'overrides':<{width}}  {'status':<6}  result"]
+        lines += [f"{n:>6}  {o:<{width}}  {s:<6}  {r}" for n, o, s, r in rows]
+        print("\n".join(lines))
+        failed = sum(r[2] == "failed" for r in rows)
+        if failed:
+            print(
+                f"error: {failed} of {len(rows)} members failed (members.csv in {self.sweep_dir})",
+                file=sys.stderr,
+            )
+            sys.exit(1)

@@ -85,6 +85,8 @@ class MaceLitModule(L.LightningModule):
         self.initial_val: dict[str, float] | None = None
         self.run_dir: str | None = None
         self.run_config: dict[str, Any] | None = None
+        # The same config with its interpolations (data root, run dir): what a resume restores.
+        self.run_config_unresolved: dict[str, Any] | None = None
         # Wall-clock seconds of fit() before this process (a resumed run continues the count).
         self.fit_time_offset = 0.0
         self._fit_start = 0.0
@@ -170,9 +172,16 @@ class MaceLitModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=self.hparams.lr_factor, patience=self.hparams.scheduler_patience
         )
+        # Stepped on the epochs that validate (val/loss exists only there).
+        every = getattr(self._trainer, "check_val_every_n_epoch", None) or 1
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "interval": "epoch"},
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "monitor": "val/loss",
+                "interval": "epoch",
+                "frequency": every,
+            },
         }
 
     def on_fit_start(self) -> None:
@@ -186,6 +195,7 @@ class MaceLitModule(L.LightningModule):
         checkpoint["initial_val"] = self.initial_val
         checkpoint["run_dir"] = self.run_dir
         checkpoint["run_config"] = self.run_config
+        checkpoint["run_config_unresolved"] = self.run_config_unresolved
         checkpoint["fit_time_s"] = self.fit_time_s()
         # train.py resumes this W&B run (logger id) when the run is resumed from this checkpoint.
         checkpoint["wandb_run_id"] = next(
@@ -199,8 +209,11 @@ class MaceLitModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.initial_val = checkpoint.get("initial_val")
-        self.run_dir = checkpoint.get("run_dir")
-        self.run_config = checkpoint.get("run_config")
+        # A resume sets these before fit (its overrides on top): they outlive the checkpoint's.
+        if self.run_config is None:
+            self.run_dir = checkpoint.get("run_dir")
+            self.run_config = checkpoint.get("run_config")
+            self.run_config_unresolved = checkpoint.get("run_config_unresolved")
         self.fit_time_offset = checkpoint.get("fit_time_s", 0.0)
         states = checkpoint.get("rng_states")
         if states is not None:

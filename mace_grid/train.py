@@ -15,6 +15,8 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.trainer.states import TrainerStatus
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mace_grid import tp as tp_backends
@@ -25,12 +27,10 @@ from mace_grid.errors import ConfigError
 from mace_grid.lit_module import METRIC_NAMES, MaceLitModule
 from mace_grid.loggers import ResumableCSVLogger
 from mace_grid.model import DTYPES, count_parameters, describe_products, validate_model_config
+from mace_grid.resume import RUN_DEFINING, resume_config
 from mace_grid.utils import atomic_write_text, format_metrics_table
 
 log = logging.getLogger("mace_grid.train")
-
-# Groups that define the run: a resumed run takes them from its checkpoint.
-RUN_DEFINING = ("data", "model", "tp", "seed", "dtype", "optim", "loss")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -75,35 +75,42 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
 
 
-def load_resume_checkpoint(cfg: DictConfig) -> dict[str, Any] | None:
-    """Load ``cfg.ckpt_path`` and put its run-defining config groups into ``cfg``.
-
-    Resuming continues the same run, so overriding those groups on the command line is an error.
-    """
+def load_resume_checkpoint(cfg: DictConfig) -> tuple[DictConfig, dict[str, Any] | None]:
+    """``(config, checkpoint)`` of the run; for ``ckpt_path=`` the resumed run's own config with
+    the command's overrides on top (:func:`mace_grid.resume.resume_config`), each change logged."""
     if cfg.ckpt_path is None:
-        return None
+        return cfg, None
     ckpt = read_checkpoint(cfg.ckpt_path)
-    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
-    clashing = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] in RUN_DEFINING]
-    if clashing:
-        raise ConfigError(
-            f"ckpt_path resumes a run with its own config; drop {clashing} "
-            "(to train a new model from other settings, start a new run)"
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides = list(hydra_cfg.overrides.task) if hydra_cfg else []
+    groups = list(hydra_cfg.runtime.choices) if hydra_cfg else []
+    saved = ckpt.get("run_config_unresolved")
+    if saved is None:  # written before resumes restored the whole run: its resolved config
+        saved = {
+            **OmegaConf.to_container(cfg, resolve=False),
+            **{k: ckpt["run_config"][k] for k in RUN_DEFINING},
+        }
+        log.warning(
+            "%s predates whole-run resumes: only %s come from it, the rest from this command",
+            cfg.ckpt_path,
+            ", ".join(RUN_DEFINING),
         )
-    saved = ckpt["run_config"]
-    with open_dict(cfg):
-        for key in RUN_DEFINING:
-            cfg[key] = saved[key]
-        if ckpt.get("wandb_run_id") and (cfg.get("logger") or {}).get("wandb") is not None:
-            cfg.logger.wandb.id = ckpt["wandb_run_id"]  # continue the same W&B run
-    log.info("Resuming run from %s (epoch %d)", cfg.ckpt_path, ckpt["epoch"])
-    return ckpt
+    resumed, changes = resume_config(cfg, saved, overrides, groups)
+    with open_dict(resumed):
+        if ckpt.get("wandb_run_id") and (resumed.get("logger") or {}).get("wandb") is not None:
+            resumed.logger.wandb.id = ckpt["wandb_run_id"]  # continue the same W&B run
+    log.info("Resuming run from %s (after epoch %d)", cfg.ckpt_path, ckpt["epoch"])
+    for change in changes:
+        log.info("Resume changes %s", change)
+    return resumed, ckpt
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test the best checkpoint, write and return the run summary."""
     validate_config(cfg)
-    resume = load_resume_checkpoint(cfg)
+    cfg, resume = load_resume_checkpoint(cfg)
+    if resume is not None:
+        validate_config(cfg)
     torch.set_default_dtype(DTYPES[cfg.dtype])
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
@@ -131,6 +138,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **cfg.loss,
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    module.run_config_unresolved = OmegaConf.to_container(cfg, resolve=False)
     module.run_dir = str(out_dir)
     log.info(
         "Built ScaleShiftMACE with tp=%s, conv=%s: %d parameters (%s)",
@@ -142,6 +150,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers and any(isinstance(c, LearningRateMonitor) for c in callbacks):
+        log.info("No logger: callbacks.lr_monitor is left out (the epoch line shows the lr)")
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     log.info("Instantiating trainer with callbacks %s", [type(c).__name__ for c in callbacks])
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
@@ -165,7 +176,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     budget = f" or {cfg.budget_s} s of training steps" if cfg.budget_s is not None else ""
     log.info("Training for up to %s epochs%s", cfg.trainer.max_epochs, budget)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except (SystemExit, KeyboardInterrupt) as stop:  # Ctrl-C (Lightning exits 1) or SIGTERM
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        _report_interrupt(trainer)
+        code = getattr(stop, "code", 1)
+        raise SystemExit(130 if code == 1 else code) from None
     train_time = module.fit_time_offset + time.perf_counter() - start
 
     best = _best_checkpoint(trainer)
@@ -210,6 +228,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print(format_metrics_table(rows, METRIC_NAMES))
         print(f"best checkpoint: {best}\nsummary: {out_dir / 'summary.json'}")
     return summary
+
+
+def _report_interrupt(trainer: L.Trainer) -> None:
+    """Say how to continue an interrupted run (its last completed epoch is checkpointed)."""
+    ckpt = trainer.checkpoint_callback
+    last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
+    if not trainer.is_global_zero:
+        return
+    if last is not None and last.is_file():
+        log.warning(
+            "Interrupted: resume from the last completed epoch with  python train.py ckpt_path=%s",
+            last,
+        )
+    else:
+        log.warning("Interrupted before the first checkpoint: nothing to resume")
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:

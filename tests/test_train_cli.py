@@ -140,9 +140,71 @@ def test_kill_during_epoch_3_and_resume_logs_every_epoch_once(tmp_path: Path) ->
 
 
 def test_resume_refuses_to_change_the_run(tmp_path: Path, trained: Path) -> None:
-    proc = train_cli(f"ckpt_path={trained}/checkpoints/last.ckpt", "tp=cg", check=False)
+    proc = train_cli(f"ckpt_path={trained}/checkpoints/last.ckpt", "tp=grid", check=False)
     assert proc.returncode == 2
-    assert "ckpt_path resumes a run" in proc.stderr and "Traceback" not in proc.stderr
+    assert "would change its trained function: tp.name: 'cg' -> 'grid'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _start(cmd: list[str], run: Path, until_epoch: int) -> subprocess.Popen:
+    """Start train.py and return once epoch ``until_epoch`` is validated (still running)."""
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        ckpt = run / "checkpoints" / "last.ckpt"
+        if ckpt.is_file() and until_epoch in val_epochs(run):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"run ended before it could be stopped: {proc.stderr.read()}"
+    return proc
+
+
+def test_sigterm_then_resume_continues_the_run_it_resumes(tmp_path: Path) -> None:
+    """SIGTERM stops a run cleanly with the resume command; a plain resume restores every
+    setting (trainer, callbacks), not the defaults; a resume's own change is logged and kept."""
+    run = tmp_path / "run"
+    settings = [
+        "trainer.max_epochs=4",
+        "callbacks.ema.decay=0.5",
+        "callbacks.early_stopping.patience=9",
+    ]
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *QUIET, *tiny_demo(tmp_path), *settings]
+    proc = _start([*cmd, f"hydra.run.dir={run}", "threads=1"], run, until_epoch=0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    last = run / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path={last}" in out + err and "Traceback" not in err
+
+    # Same-valued run-defining overrides (as the study passes them) are no change.
+    proc = train_cli(f"ckpt_path={last}", "tp=cg", "seed=123", "threads=1")
+    assert "Training for up to 4 epochs" in proc.stdout and "Resume changes" not in proc.stdout
+    assert val_epochs(run) == [0, 1, 2, 3]
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["run_config"]["callbacks"]["ema"]["decay"] == 0.5
+    assert ckpt["run_config"]["callbacks"]["early_stopping"]["patience"] == 9
+
+    proc = train_cli(f"ckpt_path={last}", "trainer.max_epochs=5", "threads=1")
+    assert "Resume changes trainer.max_epochs: 4 -> 5" in proc.stdout
+    assert val_epochs(run) == [0, 1, 2, 3, 4]
+    proc = train_cli(f"ckpt_path={last}", "threads=1")  # the longer run is now the run's own
+    assert "Training for up to 5 epochs" in proc.stdout
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 5
+
+
+def test_resume_after_the_data_changed_is_refused(tmp_path: Path) -> None:
+    data = _write_xyz(tmp_path / "train.xyz", "Cu", n=8)
+    run = tmp_path / "run"
+    common = [*TINY_MODEL, "data=xyz", f"data.train_file={data}", "data.batch_size=4"]
+    train_cli(*common, "trainer.max_epochs=1", f"hydra.run.dir={run}", "threads=1")
+    splits = (run / "splits.json").read_bytes()
+    _write_xyz(data, "Cu", n=9)  # the training file changed on disk: one frame more
+    proc = train_cli(f"ckpt_path={run}/checkpoints/last.ckpt", "threads=1", check=False)
+    assert proc.returncode == 2
+    _expect_one_line_error(proc, "train.xyz differs from the file the run trained on", "Restore")
+    assert (run / "splits.json").read_bytes() == splits
 
 
 def _write_xyz(path: Path, symbols: str, with_labels: bool = True, n: int = 3) -> Path:

@@ -30,7 +30,7 @@ from mace_grid.data.io import (
 from mace_grid.data.neighbours import Neighbours, compute_neighbours, file_neighbours
 from mace_grid.data.readers import LMDB_SUFFIX, LMDBFrames, ReferenceEnergies
 from mace_grid.errors import DataError
-from mace_grid.utils import atomic_write_text
+from mace_grid.utils import atomic_write_text, file_sha256
 
 log = logging.getLogger("mace_grid.data")
 
@@ -165,6 +165,48 @@ def _count(fraction: float, n: int) -> int:
 
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def record_splits(path: Path, splits: dict) -> None:
+    """Write ``splits.json``, or (a resumed run's directory) check that the data and the split
+    are the ones the run trained on: a changed training file would otherwise re-split and move
+    trained frames into validation. Files are compared by content (sha256), so a data root
+    mounted elsewhere still matches."""
+    splits = json.loads(json.dumps(splits))  # as it reads back
+    if not path.is_file():
+        _write_json(path, splits)
+        log.info("saved data splits to %s", path)
+        return
+    old = json.loads(path.read_text())
+    if "files" not in old:  # recorded before file hashes were: compare by path
+        splits = {k: v for k, v in splits.items() if k != "files"}
+    if _by_content(old) == _by_content(splits):
+        log.info("data and split match the run's %s", path)
+        return
+    old_files, new_files = old.get("files") or {}, splits.get("files") or {}
+    by_sha = {sha: p for p, sha in old_files.items()}
+    changed = [p for p, sha in new_files.items() if sha not in by_sha]
+    if changed:
+        reason = f"{changed[0]} differs from the file the run trained on (sha256)"
+    else:
+        reason = "the split differs (data settings or files changed)"
+    raise DataError(
+        f"{path.parent} was trained on other data: {reason}; resuming would re-split it and "
+        "move trained frames into validation. Restore the run's data (splits.json lists its "
+        "files) or start a new run"
+    )
+
+
+def _by_content(splits: dict) -> dict:
+    """``splits`` with each file named by its sha256 (where recorded) instead of its path."""
+    sha = splits.get("files") or {}
+    return {
+        key: {sha.get(p, p): v for p, v in value.items()}
+        if isinstance(value, dict) and key != "files"
+        else value
+        for key, value in splits.items()
+        if key != "files" or not sha
+    }
 
 
 class SplitLoaders:
@@ -582,18 +624,18 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
     def _save_splits(self, parts: dict) -> None:
         if self.output_dir is None:
             return
-        path = Path(self.output_dir) / "splits.json"
-        _write_json(
-            path,
+        files = sorted({path for part in parts.values() for path in part})
+        record_splits(
+            Path(self.output_dir) / "splits.json",
             {
                 "seed": self.seed,
                 "split_by": self.split_by,
                 "test_names": self.test_names,
                 **parts,
                 "duplicates": self.duplicates,
+                "files": {path: file_sha256(path) for path in files},
             },
         )
-        log.info("saved data splits to %s", path)
 
     # -- loaders ------------------------------------------------------------------------------
 

@@ -34,12 +34,12 @@ from mace_grid.data.datamodule import (
     SplitLoaders,
     _write_json,
     check_elements,
+    record_splits,
     to_atomic_data,
 )
 from mace_grid.data.io import expand_files, fingerprint, symbol
 from mace_grid.data.neighbours import Neighbours
 from mace_grid.errors import DataError
-from mace_grid.utils import atomic_write_text
 
 log = logging.getLogger("mace_grid.data")
 _VERSION = 2  # 2: per-atom tags
@@ -454,8 +454,8 @@ class HDF5DataModule(SplitLoaders, L.LightningDataModule):
         self.sizes, self.config_types = meta["sizes"], meta["config_types"]
         self.statistics = meta["statistics"]
         if self.output_dir is not None:  # every DDP rank does this: write atomically
-            splits = (self.path / "splits.json").read_text()
-            atomic_write_text(Path(self.output_dir) / "splits.json", splits)
+            splits = json.loads((self.path / "splits.json").read_text())
+            record_splits(Path(self.output_dir) / "splits.json", splits)
         log.info(
             "data %s (%s): sizes %s, %d shards, read lazily",
             self.name,
