@@ -6,20 +6,26 @@ into ``<out_dir>/runs/<tp>/seed<seed>``, then :func:`mace_grid.evaluate.evaluate
 by seed so that backends alternate and machine drift hits all alike. The budget is ``epochs`` or
 ``budget_s`` seconds of training steps (:class:`mace_grid.callbacks.EpochTrainTimer`).
 
-Resumable: a run's results (``resources.json``, ``summary.json``, ``evaluate/metrics.json``)
-are written when it ends; a run whose ``resources.json`` holds the same command is not trained
-again, an unfinished one starts over. The tables are rebuilt from those files every time:
-``<name>.md`` (mean ± std over seeds), ``<name>.csv`` (one row per (tp, seed, test set)) and
-the plots ``<name>_val_f_mae_vs_time.png`` and ``<name>_f_mae_vs_epoch_time.png``.
+Resumable: a run's command is recorded (``resources.json``) when it starts and its results
+(``summary.json``, ``evaluate/metrics.json``) when it ends; a finished run of the same command
+is not trained again, an interrupted one (or a finished one given a longer budget) continues
+from its ``last.ckpt`` as ``train.py ckpt_path=`` resumes it, in the same directory; a killed
+study takes its trainings down with it (SIGTERM: they exit cleanly, checkpoints kept). The
+tables are rebuilt from those files every time: ``<name>.md`` (mean ± std over seeds),
+``<name>.csv`` (one row per (tp, seed, test set)) and the plots
+``<name>_val_f_mae_vs_time.png`` and ``<name>_f_mae_vs_epoch_time.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -198,7 +204,13 @@ def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float
     log.info("%s: %s (log %s)", what, " ".join(cmd[1:]), log_path)
     start = time.perf_counter()
     with open(log_path, "a") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
         with _LIVE_LOCK:
             _LIVE.add(proc)
         # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all runs).
@@ -214,30 +226,64 @@ def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float
 
 
 def run_job(run: Run, cmd: list[str], threads: int) -> bool:
-    """Train (unless the same command finished before) and evaluate one run; True if trained."""
+    """Train (unless the same command finished before) and evaluate one run; True if trained.
+
+    An interrupted run (killed, pre-empted, Ctrl-C) of the same command, or a finished one whose
+    command differs only in its budget (a longer ``epochs=``/``budget_s=``), is resumed from its
+    ``last.ckpt`` in the same directory through ``train.py ckpt_path=``; anything else starts
+    over."""
     record_path = run.dir / "resources.json"
-    trained = False
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
     # Same train.py arguments (the interpreter, script and run dir paths may have moved).
-    finished = (
-        record_path.is_file()
-        and (run.dir / "summary.json").is_file()
-        and json.loads(record_path.read_text())["command"][2:-1] == cmd[2:-1]
-    )
-    if finished:
+    same = record is not None and record["command"][2:-1] == cmd[2:-1]
+    if same and (run.dir / "summary.json").is_file():
         log.info("tp=%s seed=%d: reusing the finished run in %s", run.tp, run.seed, run.dir)
+        trained = False
     else:
-        if run.dir.exists():  # unfinished or from another command: start over
-            shutil.rmtree(run.dir)
-        run.dir.mkdir(parents=True)
-        run.log.write_text("")
-        started = time.time()
-        wall, rss = _run_logged(cmd, run.log, f"train.py tp={run.tp} seed={run.seed}")
-        record = {"command": cmd, "started": started, "wall_time_s": wall, "peak_rss_mb": rss}
+        last = run.dir / "checkpoints" / "last.ckpt"
+        resumable = (
+            record is not None
+            and last.is_file()
+            and _without_budget(record["command"][2:-1]) == _without_budget(cmd[2:-1])
+        )
+        train_cmd = cmd
+        if resumable:
+            log.info(
+                "tp=%s seed=%d: resuming the run in %s from %s", run.tp, run.seed, run.dir, last
+            )
+            train_cmd = [*cmd, f"ckpt_path={last}"]
+            (run.dir / "summary.json").unlink(missing_ok=True)
+            shutil.rmtree(run.dir / "evaluate", ignore_errors=True)
+        else:
+            if run.dir.exists():  # no checkpoint, or another command: start over
+                shutil.rmtree(run.dir)
+            run.dir.mkdir(parents=True)
+            run.log.write_text("")
+            record = {"command": cmd, "started": time.time(), "wall_time_s": 0.0, "peak_rss_mb": 0}
+        # Recorded before training, so that an interrupted run is recognised and resumed.
+        record = {**record, "command": cmd}
+        atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+        wall, rss = _run_logged(train_cmd, run.log, f"train.py tp={run.tp} seed={run.seed}")
+        record["wall_time_s"] = record.get("wall_time_s", 0.0) + wall  # finished processes
+        record["peak_rss_mb"] = max(record.get("peak_rss_mb", 0), rss)
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
         trained = True
     if not (run.dir / "evaluate" / "metrics.json").is_file():
         evaluate_run(run.dir, threads)
     return trained
+
+
+def _without_budget(args: list[str]) -> list[str]:
+    """train.py arguments without the budget (what a longer study extends)."""
+    budget = ("trainer.max_epochs=", "budget_s=", "trainer.min_epochs=")
+    return [a for a in args if not a.startswith(budget)]
+
+
+def _die_with_parent() -> None:
+    """Linux: the training gets SIGTERM (checkpoint kept, clean exit) when the study process
+    dies, even by SIGKILL, instead of training on unwatched."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 _EVALUATING = threading.Lock()

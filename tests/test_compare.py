@@ -3,13 +3,17 @@
 import csv
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from _helpers import shared_root, tiny_args
+from test_train_cli import val_epochs
 
+from mace_grid import PROJECT_ROOT
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
 from mace_grid.compare import CompareArgs, compare, markdown, reach_table, split_args, time_to_reach
@@ -120,6 +124,47 @@ def test_study_two_backends_two_seeds(tmp_path_factory, tmp_path: Path) -> None:
         p: t for p, t in stamps.items() if p != metrics
     }
     assert [r["f_mae"] for r in again] == pytest.approx([r["f_mae"] for r in rows], rel=1e-6)
+
+
+def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tmp_path) -> None:
+    """SIGKILL of the study takes its training down (SIGTERM, clean exit); the same command
+    again continues that run from its last checkpoint through train.py ckpt_path=."""
+    out = tmp_path / "study"
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "compare_backends.py"),
+        "backends=[grid]",
+        "seeds=[1]",
+        "epochs=4",
+        "jobs=1",
+        f"out_dir={out}",
+        *tiny_args(shared_root(tmp_path_factory)),
+    ]
+    run = out / "runs" / "grid" / "seed1"
+    proc = subprocess.Popen(
+        cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "checkpoints" / "last.ckpt").is_file() and 1 in val_epochs(run):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the study ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    log = out / "runs" / "grid" / "seed1.log"
+    while time.time() < deadline and "Interrupted: resume" not in log.read_text():
+        time.sleep(0.2)
+    assert "Interrupted: resume" in log.read_text()
+    done = val_epochs(run)
+    assert done[:2] == [0, 1] and len(done) < 4
+
+    subprocess.run(cmd, cwd=PROJECT_ROOT, check=True, capture_output=True)
+    assert val_epochs(run) == [0, 1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 4
+    [resume] = (run / ".hydra").glob("resume-*/overrides.yaml")
+    assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in resume.read_text()
+    assert (out / "study.csv").is_file()
 
 
 def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
