@@ -1,12 +1,14 @@
 """Callbacks of our own; everything else in ``conf/callbacks`` is Lightning's."""
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+from tqdm import tqdm
 
 from mace_grid.utils import atomic_path
 
@@ -97,9 +99,9 @@ class EpochSummary(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        epoch = trainer.current_epoch
+        epoch = trainer.current_epoch  # 0-based, as in checkpoint names, metrics.csv, resumes
         loss = trainer.callback_metrics.get("train/loss")
-        parts = [f"epoch {epoch + 1}/{trainer.max_epochs}"]
+        parts = [f"epoch {epoch}{_progress(trainer, epoch)}"]
         parts.append(f"train loss {float(loss):.4g}" if loss is not None else "train loss -")
         row = self.history[-1] if self.history and self.history[-1]["epoch"] == epoch else None
         if row is not None:
@@ -108,7 +110,8 @@ class EpochSummary(L.Callback):
         if trainer.optimizers:
             parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.2e}")
         parts.append(f"{time.perf_counter() - self._epoch_start:.1f} s")
-        log.info(" | ".join(parts))
+        with tqdm.external_write_mode(file=sys.stdout):  # not glued to the progress bar
+            log.info(" | ".join(parts))
         if self.filename and self.history and getattr(pl_module, "run_dir", None):
             plot_learning_curve(self.history, Path(pl_module.run_dir) / self.filename)
 
@@ -119,6 +122,16 @@ class EpochSummary(L.Callback):
         self.history = list(state_dict["history"])
 
 
+def _progress(trainer: L.Trainer, epoch: int) -> str:
+    """`` (k/n done)`` epochs, or the budget's seconds used, for the per-epoch line."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTrainTimer)), None)
+    if timer is not None and timer.budget_s is not None:
+        return f" ({sum(timer.epoch_times.values()):.0f}/{timer.budget_s:g} s of budget)"
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        return f" ({epoch + 1}/{trainer.max_epochs} done)"
+    return ""
+
+
 def plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
     """Validation energy and force MAE vs epoch (top) and vs training time (bottom)."""
     import matplotlib
@@ -127,7 +140,7 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5), constrained_layout=True)
-    epochs = [r["epoch"] + 1 for r in history]
+    epochs = [r["epoch"] for r in history]
     minutes = [r["time_s"] / 60.0 for r in history]
     for col, (key, label) in enumerate(
         (("e_mae", "val energy MAE (meV/atom)"), ("f_mae", "val force MAE (meV/Å)"))

@@ -238,7 +238,7 @@ def test_energy_only_test_set_gets_energy_metrics(concurrent) -> None:
 def test_progress_per_epoch_and_learning_curve(concurrent) -> None:
     _, results, runs = concurrent
     for text in (results[0].stdout, (runs[0] / "train.log").read_text()):
-        [line] = [x for x in text.splitlines() if "epoch 1/1 | train loss" in x]
+        [line] = [x for x in text.splitlines() if "epoch 0 (1/1 done) | train loss" in x]
         for needle in ("val E MAE", "meV/atom", "F MAE", "meV/Å", "lr 1.00e-02", " s"):
             assert needle in line, line
     png = runs[0] / "learning_curve.png"

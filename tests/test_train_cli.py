@@ -146,6 +146,36 @@ def test_resume_refuses_to_change_the_run(tmp_path: Path, trained: Path) -> None
     assert "Traceback" not in proc.stderr
 
 
+def test_no_logger_and_validation_every_second_epoch(tmp_path: Path) -> None:
+    """logger=none drops the lr monitor (it needs a logger); with validation every 2nd epoch the
+    LR scheduler steps on the epochs that have val/loss. Epochs count from 0 in the log line."""
+    run = tmp_path / "run"
+    args = ["logger=none", "trainer.check_val_every_n_epoch=2", "trainer.max_epochs=2"]
+    proc = train_cli(*tiny_demo(tmp_path), *args, f"hydra.run.dir={run}", "threads=1")
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    assert not (run / "csv").exists()
+    lines = [x for x in proc.stdout.splitlines() if "| train loss" in x]
+    assert "epoch 0 (1/2 done)" in lines[0] and "val E MAE" not in lines[0]
+    assert "epoch 1 (2/2 done)" in lines[1] and "val E MAE" in lines[1]
+
+
+def test_multirun_goes_on_after_a_failing_member(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["data.batch_size=0,4", "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}"]
+    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), "-m", *QUIET, *tiny_demo(tmp_path)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: data.batch_size must be an integer >= 1" in proc.stderr
+    assert "error: 1 of 2 members failed" in proc.stderr
+    table = proc.stdout[proc.stdout.index("member  overrides") :].splitlines()
+    assert "data.batch_size=0" in table[1] and "failed" in table[1]
+    assert "data.batch_size=4" in table[2] and " ok " in table[2] and "val F MAE" in table[2]
+    assert (sweep / "1" / "summary.json").is_file() and not (sweep / "0").exists()
+    with open(sweep / "members.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+
+
 def _start(cmd: list[str], run: Path, until_epoch: int) -> subprocess.Popen:
     """Start train.py and return once epoch ``until_epoch`` is validated (still running)."""
     proc = subprocess.Popen(
