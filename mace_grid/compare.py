@@ -23,6 +23,7 @@ import csv
 import ctypes
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -128,6 +129,15 @@ class CompareArgs:
     budget_s: float | None = None
     # Trainings at a time, each with train.py's threads= (default: CPUs // jobs).
     jobs: int = 1
+    # Configurations to time, "<tp>+<conv>[+<gaunt method>]" (e.g. cg+e3nn = stock mace, cg+fast,
+    # gaunt+fast+fft, grid+fast): s/epoch measured one at a time, apart from the trainings, and
+    # combined with each function's validation curve (cg+e3nn is the stock reference).
+    configs: list[str] = field(default_factory=list)
+    # Epochs per timing run (the first is warm-up and not counted unless it is the only one).
+    timing_epochs: int = 3
+    # Equal training time T (timed seconds): each backend trains until its fastest timed
+    # configuration covers T (at least `epochs`); needs configs.
+    time_s: float | None = None
     # File stem of the table, CSV and plots in out_dir.
     name: str = "study"
     out_dir: str | None = None  # default: results/<data>
@@ -144,6 +154,44 @@ class Run:
     @property
     def log(self) -> Path:
         return self.dir.parent / f"seed{self.seed}.log"
+
+
+STOCK = "cg+e3nn"  # mace-torch as users run it: its contraction and its e3nn convolution
+
+
+@dataclass(frozen=True)
+class Config:
+    """A timed configuration: backend ``tp`` with convolution ``conv`` and (gaunt) ``method``.
+    Configurations of one backend compute the same function (exact twins), so they share the
+    backend's validation curve and differ only in seconds per epoch."""
+
+    tp: str
+    conv: str
+    method: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        from mace_grid.conv import CONVS
+        from mace_grid.tp.gaunt import METHODS
+
+        parts = text.split("+")
+        tp, conv, method = (parts + [None, None])[:3] if len(parts) <= 3 else (None, None, None)
+        if tp not in BACKENDS or conv not in CONVS or (method and tp != "gaunt"):
+            raise ConfigError(
+                f"configs: {text!r} is not <tp>+<conv>[+<method>] with tp in {list(BACKENDS)}, "
+                f"conv in {list(CONVS)} and a method for gaunt only"
+            )
+        if method is not None and method not in METHODS:
+            raise ConfigError(f"configs: {text!r}: gaunt's method is one of {list(METHODS)}")
+        return cls(tp, conv, method)
+
+    @property
+    def name(self) -> str:
+        return "+".join(p for p in (self.tp, self.conv, self.method) if p)
+
+    def overrides(self) -> list[str]:
+        method = [f"tp.options.method={self.method}"] if self.method else []
+        return [f"tp={self.tp}", f"conv={self.conv}", *method]
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -170,17 +218,28 @@ def validate_args(args, overrides: list[str]) -> None:
         raise ConfigError(f"budget_s={args.budget_s} must be a positive number of seconds")
     if args.jobs < 1:
         raise ConfigError(f"jobs={args.jobs} must be >= 1")
+    configs = [Config.parse(c) for c in args.configs]
+    missing = sorted({c.tp for c in configs} - set(args.backends))
+    if missing:
+        raise ConfigError(f"configs time backends {missing}: add them to backends=[…]")
+    if args.timing_epochs < 1:
+        raise ConfigError(f"timing_epochs={args.timing_epochs} must be >= 1")
+    if args.time_s is not None and (args.time_s <= 0 or not configs):
+        raise ConfigError(f"time_s={args.time_s} needs configs=[…] and a positive T in seconds")
+    if configs and any(o.split("=", 1)[0] in ("conv", "tp.options.method") for o in overrides):
+        raise ConfigError("configs=[…] sets conv and gaunt's method; drop conv=/tp.options.method=")
     for key, instead in STUDY_KEYS.items():
         if any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides):
             raise ConfigError(f"the study sets {key} for each run; give {instead} instead")
 
 
-def train_command(run: Run, args, overrides: list[str]) -> list[str]:
-    """train.py for one run of the study."""
+def train_command(run: Run, args, overrides: list[str], epochs: int | None = None) -> list[str]:
+    """train.py for one run of the study (``epochs``: instead of ``args.epochs``)."""
+    epochs = epochs or args.epochs
     if args.budget_s is None:
-        budget = [f"trainer.max_epochs={args.epochs or DEFAULT_EPOCHS}"]
+        budget = [f"trainer.max_epochs={epochs or DEFAULT_EPOCHS}"]
     else:  # stop at the budget, even inside the first epoch
-        cap = args.epochs if args.epochs is not None else -1
+        cap = epochs if epochs is not None else -1
         budget = [f"budget_s={args.budget_s}", f"trainer.max_epochs={cap}", "trainer.min_epochs=0"]
     return [
         sys.executable,
@@ -303,6 +362,181 @@ def evaluate_run(run_dir: Path, threads: int) -> dict[str, Any]:
         return evaluate(compose_config("evaluate", overrides))
 
 
+def time_configs(
+    configs: list[Config], args, overrides: list[str], out_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """The timing pass: ``{config name: {"s_per_epoch", "val_f_mae", "dir"}}``. Each
+    configuration trains ``timing_epochs`` epochs from the first seed in
+    ``<out_dir>/timing/<config>``, one at a time (whatever ``jobs`` is), on the same batches;
+    s/epoch is the mean over the epochs after the first (warm-up). A finished timing of the same
+    command is reused; delete ``timing/`` to re-time after a kernel change (no retraining)."""
+    timings = {}
+    for config in configs:
+        run_dir = out_dir / "timing" / config.name
+        cmd = [
+            sys.executable,
+            str(PROJECT_ROOT / "train.py"),
+            *config.overrides(),
+            f"seed={args.seeds[0]}",
+            f"trainer.max_epochs={args.timing_epochs}",
+            "callbacks.early_stopping=null",
+            "callbacks.progress_bar=null",
+            *overrides,
+            f"hydra.run.dir={run_dir}",
+        ]
+        record_path = run_dir / "resources.json"
+        done = (
+            record_path.is_file()
+            and (run_dir / "summary.json").is_file()
+            and json.loads(record_path.read_text())["command"][2:-1] == cmd[2:-1]
+        )
+        if not done:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            wall, rss = _run_logged(cmd, run_dir / "train.out", f"timing {config.name}")
+            record = {"command": cmd, "wall_time_s": wall, "peak_rss_mb": rss}
+            atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        epochs = summary["epoch_train_time_s"]
+        timings[config.name] = {
+            "s_per_epoch": statistics.fmean(epochs[1:] or epochs),
+            "val_f_mae": [h["f_mae"] for _, h in sorted(val_history(run_dir).items())],
+            "dir": run_dir,
+        }
+        log.info("timing %s: %.3g s/epoch", config.name, timings[config.name]["s_per_epoch"])
+    return timings
+
+
+def twin_agreement(configs: list[Config], timings: dict[str, dict[str, Any]]) -> list[str]:
+    """Twins (configurations of one backend) trained from one seed on the same batches in the
+    timing pass: the largest relative difference of their validation F MAE per epoch."""
+    lines = []
+    for tp in dict.fromkeys(c.tp for c in configs):
+        names = [c.name for c in configs if c.tp == tp]
+        for other in names[1:]:
+            a, b = (np.array(timings[n]["val_f_mae"]) for n in (names[0], other))
+            diff = float(np.max(np.abs(a - b) / np.abs(a))) if len(a) == len(b) else float("nan")
+            lines.append(
+                f"- `{names[0]}` vs `{other}`: validation F MAE over {len(a)} epochs from one "
+                f"seed agrees to {diff:.1e} (relative, float32)"
+            )
+    return lines
+
+
+def config_curve(curve: Curve, s_per_epoch: float) -> Curve:
+    """A backend's validation curve on a configuration's clock: epoch e ends at (e+1) s/epoch."""
+    _, values = curve
+    return [i * s_per_epoch for i in range(len(values))], list(values)
+
+
+def time_to_stock(
+    curves: dict[str, list[Curve]],
+    configs: list[Config],
+    timings: dict[str, dict[str, Any]],
+    time_s: float | None,
+) -> tuple[list[dict[str, Any]], float, float]:
+    """Per configuration, the training-step seconds to reach stock mace's accuracy: (rows,
+    level, T). T is ``time_s`` or the time stock's shortest seed covers; the level is the worst
+    stock seed's best validation F MAE within T, so every stock seed reaches it."""
+    stock_s = timings[STOCK]["s_per_epoch"]
+    stock = [config_curve(c, stock_s) for c in curves["cg"]]
+    horizon = time_s if time_s is not None else min(t[-1] for t, _ in stock)
+    level = max(min(v for t, v in zip(*c, strict=True) if t <= horizon) for c in stock)
+    rows = []
+    for config in configs:
+        s = timings[config.name]["s_per_epoch"]
+        mine = [config_curve(c, s) for c in curves[config.tp]]
+        reached = [t for t in (time_to_reach(c, level) for c in mine) if t is not None]
+        at_t = [min(v for t, v in zip(*c, strict=True) if t <= horizon) for c in mine]
+        stat = mean_std(reached)
+        rows.append(
+            {
+                "config": config.name,
+                "s_per_epoch": s,
+                "seconds_to_stock": stat[0] if stat else None,
+                "seconds_to_stock_std": stat[1] if stat else None,
+                "reached": f"{len(reached)}/{len(mine)}",
+                "covers_T": all(t[-1] >= horizon for t, _ in mine),
+                "val_f_mae_at_T": statistics.fmean(at_t),
+                "level": level,
+                "T": horizon,
+            }
+        )
+    stock_time = next(r["seconds_to_stock"] for r in rows if r["config"] == STOCK)
+    for row in rows:
+        t = row["seconds_to_stock"]
+        row["speedup_vs_stock"] = stock_time / t if t and stock_time else None
+    return rows, level, horizon
+
+
+def time_to_stock_table(rows: list[dict[str, Any]], level: float, horizon: float) -> list[str]:
+    lines = [
+        f"Training-step seconds (timed, one job at a time) until the validation F MAE is at or "
+        f"below {level:.3g} meV/Å, the worst stock seed's best within T = {horizon:.0f} s; "
+        "each configuration on its own clock (its s/epoch) along its backend's curve.",
+        "",
+        "| config | s/epoch | seconds to stock accuracy | reached | speed-up vs stock | "
+        "val F MAE at T (meV/Å) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = _cell(
+            (r["seconds_to_stock"], r["seconds_to_stock_std"]) if r["reached"][0] != "0" else None
+        )
+        speed = f"{r['speedup_vs_stock']:.2f}" if r["speedup_vs_stock"] else "-"
+        at_t = f"{r['val_f_mae_at_T']:.3g}" + ("" if r["covers_T"] else " (curve ends before T)")
+        lines.append(
+            f"| {r['config']} | {_number(r['s_per_epoch'])} | {t} | {r['reached']} | {speed} | "
+            f"{at_t} |"
+        )
+    return lines
+
+
+def plot_config_curves(
+    curves: dict[str, list[Curve]], configs: list[Config], timings, level: float, path: Path
+):
+    """Validation F MAE vs timed training time per configuration (mean over seeds)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+    for config in configs:
+        mine = [config_curve(c, timings[config.name]["s_per_epoch"]) for c in curves[config.tp]]
+        n = min(len(v) for _, v in mine)
+        times = mine[0][0][:n]
+        ax.plot(times, np.mean([v[:n] for _, v in mine], axis=0), label=config.name)
+    ax.axhline(level, color="grey", ls="--", lw=1, label="stock accuracy")
+    ax.set(
+        xlabel="training time (s, timed training steps)",
+        ylabel="validation force MAE (meV/Å)",
+        yscale="log",
+    )
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def configs_section(configs, timings, curves, args, stem: Path) -> list[str]:
+    """The study's configurations: twins' agreement, and with the stock configuration the time
+    to its accuracy (``<stem>_time_to_accuracy.csv`` and a plot); the markdown lines."""
+    lines = ["## Configurations (timing pass)", "", *twin_agreement(configs, timings)]
+    if STOCK not in timings or "cg" not in curves:
+        lines += ["", f"(no time to stock accuracy: configs lacks {STOCK})"]
+        return lines
+    rows, level, horizon = time_to_stock(curves, configs, timings, args.time_s)
+    path = (
+        stem.parent / "time_to_accuracy.csv"
+        if stem.name == "study"
+        else Path(f"{stem}_time_to_accuracy.csv")
+    )
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot = Path(f"{stem}_configs_val_f_mae_vs_time.png")
+    plot_config_curves(curves, configs, timings, level, plot)
+    lines += ["", *time_to_stock_table(rows, level, horizon), "", f"![configurations]({plot.name})"]
+    return lines
+
+
 def run_all(runs: list[Run], commands: list[list[str]], threads: int, jobs: int) -> int:
     """Run the jobs ``jobs`` at a time in the given order; the number trained. Failures are
     collected (the other runs go on) and raised together at the end."""
@@ -400,9 +634,12 @@ def run_rows(run: Run, counts: dict[str, Any], equal_epochs: int) -> list[dict[s
         "val_e_mae_equal_epochs": val.get("e_mae"),
         "val_f_mae_equal_epochs": val.get("f_mae"),
     }
+    tp_options = (summary.get("tp_options") or {}) if run.tp == "gaunt" else {}
     return [
         {
             "tp": run.tp,
+            "conv": summary.get("conv"),
+            "method": tp_options.get("method"),
             "seed": run.seed,
             "test_set": name,
             **shared,
@@ -578,7 +815,8 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """One row per (tp, seed, test set); missing values empty."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(
-            handle, fieldnames=["tp", "seed", "test_set", *RUN_COLUMNS, *SET_COLUMNS]
+            handle,
+            fieldnames=["tp", "conv", "method", "seed", "test_set", *RUN_COLUMNS, *SET_COLUMNS],
         )
         writer.writeheader()
         writer.writerows(rows)
@@ -600,7 +838,15 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         for seed in args.seeds
         for tp in args.backends
     ]
-    commands = [train_command(run, args, overrides) for run in runs]
+    configs = [Config.parse(c) for c in args.configs]
+    timings = time_configs(configs, args, overrides, out_dir) if configs else {}
+    epochs = {tp: args.epochs for tp in args.backends}
+    if args.time_s is not None:  # each backend's fastest configuration covers T
+        for tp in epochs:
+            fastest = min(timings[c.name]["s_per_epoch"] for c in configs if c.tp == tp)
+            epochs[tp] = max(args.epochs or 1, math.ceil(args.time_s / fastest))
+        log.info("epochs to cover T = %g s: %s", args.time_s, epochs)
+    commands = [train_command(run, args, overrides, epochs[run.tp]) for run in runs]
     trained = run_all(runs, commands, int(threads), args.jobs)
     log.info("%d of %d runs trained now, %d reused", trained, len(runs), len(runs) - trained)
 
@@ -653,6 +899,8 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         f"![test force MAE vs time per epoch]({stem.name}_f_mae_vs_epoch_time.png)"
     )
     table = markdown(rows, list(args.backends), header, curves, s2ef=data.startswith("oc20"))
+    if configs:
+        table += "\n" + "\n".join(configs_section(configs, timings, curves, args, stem)) + "\n"
     atomic_write_text(stem.with_suffix(".md"), table)
     print(table + f"\nwritten to {out_dir}")
     return rows

@@ -210,6 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "tp": cfg.tp.name,
         "conv": cfg.conv.name,
+        "tp_options": dict(module.hparams.tp.get("options") or {}),
         "data": cfg.data.name,
         "epochs": trainer.current_epoch,
         # Optimiser steps over steps per epoch: a budget can end an epoch early.

@@ -167,6 +167,44 @@ def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tm
     assert (out / "study.csv").is_file()
 
 
+def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_factory, tmp_path):
+    """configs: each configuration timed once (one at a time, same seed and batches), twins'
+    agreement reported, and the time to stock mace's accuracy derived from the backends'
+    validation curves on each configuration's clock."""
+    out = tmp_path / "results"
+    argv = [
+        "backends=[cg,grid]",
+        "seeds=[0]",
+        "epochs=2",
+        "configs=[cg+e3nn,cg+fast,grid+fast]",
+        "timing_epochs=2",
+        f"out_dir={out}",
+        *tiny_args(shared_root(tmp_path_factory)),
+    ]
+    rows = study(argv)
+    assert {(r["tp"], r["conv"]) for r in rows} == {("cg", "fast"), ("grid", "fast")}
+    with open(out / "time_to_accuracy.csv") as handle:
+        table = {r["config"]: r for r in csv.DictReader(handle)}
+    assert list(table) == ["cg+e3nn", "cg+fast", "grid+fast"]
+    stock, fast = table["cg+e3nn"], table["cg+fast"]
+    assert stock["reached"] == "1/1" and fast["reached"] == "1/1"
+    for row in table.values():  # timed apart: the mean of the epochs after the warm-up one
+        name = row["config"]
+        timed = json.loads((out / "timing" / name / "summary.json").read_text())
+        assert float(row["s_per_epoch"]) == pytest.approx(timed["epoch_train_time_s"][1])
+    # cg+fast is cg's function on another clock: it reaches the level after as many epochs.
+    epochs = float(stock["seconds_to_stock"]) / float(stock["s_per_epoch"])
+    assert epochs == pytest.approx(round(epochs)) and round(epochs) >= 1
+    assert float(fast["seconds_to_stock"]) == pytest.approx(epochs * float(fast["s_per_epoch"]))
+    report = (out / "study.md").read_text()
+    assert "`cg+e3nn` vs `cg+fast`: validation F MAE over 2 epochs" in report
+    assert "seconds to stock accuracy" in report
+    assert (out / "study_configs_val_f_mae_vs_time.png").read_bytes()[:4] == b"\x89PNG"
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "timing").glob("*/summary.json")}
+    study(argv)  # timings are reused, not measured again
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
 def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
     """A budget shorter than one step stops after the first step (of 3 per epoch), inside the
     first epoch, which is then validated, checkpointed and evaluated."""
@@ -209,6 +247,9 @@ def test_budget_counts_the_epochs_before_a_resume() -> None:
         (["jobs=0"], "jobs=0"),
         (["seed=3"], "seeds=[…]"),
         (["trainer.max_epochs=3"], "epochs=…"),
+        (["configs=[cg+e3nn]", "backends=[grid]"], "configs time backends ['cg']"),
+        (["configs=[grid+fast+fft]"], "a method for gaunt only"),
+        (["time_s=60"], "time_s=60.0 needs configs"),
     ],
 )
 def test_bad_arguments_are_refused_before_running(argv, message, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,28 @@ def test_multirun_goes_on_after_a_failing_member(tmp_path: Path) -> None:
     with open(sweep / "members.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["failed", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "twins"),
+    [
+        ("tp=cg", ["conv=e3nn", "conv=fast"]),
+        ("tp=gaunt", ["tp.options.method=fused", "tp.options.method=fft"]),
+    ],
+)
+def test_twins_train_the_same_curve(tmp_path: Path, backend: str, twins: list[str]) -> None:
+    """Exact twins (another convolution or Gaunt algorithm, the same function and weights)
+    train the same validation curve from one seed, float64, 2 epochs: the study times them
+    apart and shares the curve."""
+    curves = []
+    for i, twin in enumerate(twins):
+        run = tmp_path / f"run{i}"
+        args = [backend, twin, "dtype=float64", "trainer.max_epochs=2", "threads=1"]
+        train_cli(*tiny_demo(tmp_path), *args, f"hydra.run.dir={run}")
+        rows = [r for r in metric_rows(run) if r.get("val/f_mae")]
+        curves.append([float(r[k]) for r in rows for k in ("val/e_mae", "val/f_mae")])
+    assert len(curves[0]) == 4
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-9)
 
 
 def _start(cmd: list[str], run: Path, until_epoch: int) -> subprocess.Popen:
