@@ -283,7 +283,7 @@ ISOLATED_ATOM = "IsolatedAtom"  # mace's config_type of isolated-atom (E0) frame
 
 
 def split_isolated_atoms(
-    frames: Sequence[Atoms],
+    frames: Sequence[Atoms] | Mapping[int, Atoms],
     indices: Sequence[int],
     path: str,
     key: str,
