@@ -244,6 +244,13 @@ def test_isolated_atom_frames_give_e0s_as_in_mace(cli, tmp_path: Path) -> None:
     dm = AtomsDataModule(train_file=str(path), valid_fraction=0.0, r_max=4.0, e0s={"Cu": 0.0})
     dm.setup()
     assert dm.statistics["atomic_energies"] == [0.0] and dm.sizes["train"] == 6
+    # elsewhere (a test set, evaluate.py file=) such a frame is a structure with zero force
+    copy = tmp_path / "copy.xyz"
+    copy.write_bytes(path.read_bytes())
+    dm = AtomsDataModule(train_file=str(path), test_files={"copy": str(copy)}, r_max=4.0)
+    dm.setup()
+    [iso] = dm._tests[0]  # the Cu frames are dropped: also in the training file
+    assert iso.positions.shape == (1, 3) and float(iso.forces.abs().sum()) == 0
     # through the CLI, without data.e0s; an element without an isolated-atom frame is named
     args = [a for a in _xyz_args(tmp_path, path) if not a.startswith("data.e0s")]
     mixed = tmp_path / "mixed.xyz"

@@ -190,12 +190,12 @@ def to_configs(
     if a frame lacks energy or forces, or has labels that are not numbers of the right shape.
     Without ``require_forces`` (test sets) a file without any force label (no frame has
     ``forces_key`` nor another per-atom [n, 3] array or calculator forces) is an energy-only
-    set: zero forces with property weight 0. `indices`: the frames' positions in `path`
-    (default 0, 1, ...), for messages."""
+    set: zero forces with property weight 0. A single-atom frame without forces gets its exact
+    zero forces. `indices`: the frames' positions in `path` (default 0, 1, ...), for messages."""
     indices = range(len(frames)) if indices is None else indices
     where = [f"{path} ({key}): frame {i}" for i in indices]
     forces = [_forces(atoms, forces_key, w) for atoms, w in zip(frames, where, strict=True)]
-    labelled = [i for i, f in enumerate(forces) if f is not None]
+    labelled = [i for i, f in enumerate(forces) if f is not None and len(frames[i]) > 1]
     energy_only = (
         not require_forces
         and not labelled
@@ -205,6 +205,8 @@ def to_configs(
     for i, atoms in enumerate(frames):
         free = free_mask(atoms)
         energy, f = _energy(atoms, energy_key, where[i]), forces[i]
+        if f is None and len(atoms) == 1:  # an isolated atom feels no force: an exact label
+            f = np.zeros((1, 3))
         if energy is None:
             raise DataError(
                 f"{where[i]} has no energy '{energy_key}' ({_labels(atoms)}); set data.energy_key"
