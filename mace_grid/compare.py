@@ -786,29 +786,35 @@ def plot_curves(curves: dict[str, list[Curve]], path: Path, title: str):
     plt.close(fig)
 
 
-def plot_front(rows: list[dict[str, Any]], backends: list[str], path: Path, title: str):
-    """Test F MAE vs s/epoch per test set: mean ± std over seeds (the accuracy-speed front)."""
+def plot_front(
+    rows: list[dict[str, Any]], backends: list[str], path: Path, title: str
+) -> dict[str, str]:
+    """Test error vs s/epoch per test set (mean ± std over seeds; the accuracy-speed front):
+    force MAE, or energy MAE for an energy-only set. Returns the metric drawn per test set."""
     plt = _pyplot()
     sets = list(dict.fromkeys(r["test_set"] for r in rows))
+    drawn = {
+        s: "f_mae" if any(r["f_mae"] is not None for r in rows if r["test_set"] == s) else "e_mae"
+        for s in sets
+    }
     fig, axes = plt.subplots(
         1, len(sets), figsize=(5 * len(sets), 4), constrained_layout=True, squeeze=False
     )
     for ax, test_set in zip(axes[0], sets, strict=True):
+        metric = drawn[test_set]
         for tp in backends:
             mine = [r for r in rows if r["tp"] == tp and r["test_set"] == test_set]
-            x, y = (mean_std([r[k] for r in mine]) for k in ("epoch_time_s", "f_mae"))
-            if x is None or y is None:  # no run, or an energy-only test set
+            x, y = (mean_std([r[k] for r in mine]) for k in ("epoch_time_s", metric))
+            if x is None or y is None:  # no run of this backend
                 continue
             (x, dx), (y, dy) = x, y
             ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=3, label=tp)
-        ax.set(
-            xlabel="s/epoch (training steps)",
-            ylabel="test force MAE (meV/Å)",
-            title=f"{title}: {test_set}",
-        )
+        ylabel = "test force MAE (meV/Å)" if metric == "f_mae" else "test energy MAE (meV/atom)"
+        ax.set(xlabel="s/epoch (training steps)", ylabel=ylabel, title=f"{title}: {test_set}")
         ax.legend()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

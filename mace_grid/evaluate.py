@@ -243,16 +243,16 @@ def _four(de: np.ndarray, df: np.ndarray) -> dict[str, float | None]:
 
 
 def parity_plot(frames: Sequence[Atoms], path: Path, title: str) -> None:
-    """Energy-per-atom (by config type) and force-component (by element) parity plots."""
+    """Energy-per-atom (by config type) parity plot beside the force-component (by element)
+    parity plot or, for an energy-only set (a scan, a reaction path: a parity plot of nearly
+    equal energies collapses into one dot), the energy per frame along the file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labelled = _with_forces(frames)
-    n_panels = 2 if labelled else 1
-    fig, axes = plt.subplots(1, n_panels, figsize=(5 * n_panels, 4.5), constrained_layout=True)
-    ax_e, ax_f = (axes, None) if n_panels == 1 else axes
+    fig, (ax_e, ax_f) = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
     e_ref = np.array([a.info["REF_energy"] / len(a) for a in frames])
     e_pred = np.array([a.info["MACE_energy"] / len(a) for a in frames])
     types = np.array([a.info["config_type"] for a in frames])
@@ -268,6 +268,8 @@ def parity_plot(frames: Sequence[Atoms], path: Path, title: str) -> None:
         for e in np.unique(z):
             ax_f.scatter(f_ref[z == e].ravel(), f_pred[z == e].ravel(), s=4, label=symbol(e))
         panels.append((ax_f, "force component (eV/Å)", (f_ref, f_pred)))
+    else:
+        energy_path(frames, ax_f)
     for ax, unit, values in panels:
         lo, hi = min(v.min() for v in values), max(v.max() for v in values)
         pad = 0.05 * (hi - lo) or 0.01
@@ -277,10 +279,23 @@ def parity_plot(frames: Sequence[Atoms], path: Path, title: str) -> None:
         ax.legend(fontsize=8, markerscale=2)
     m = error_metrics(frames)
     ax_e.set_title(f"{title}: energy MAE {m['e_mae']:.2f} meV/atom")
-    if ax_f is not None:
+    if labelled:
         ax_f.set_title(f"force MAE {m['f_mae']:.1f} meV/Å (free atoms)")
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def energy_path(frames: Sequence[Atoms], ax) -> None:
+    """Reference and predicted energy of each frame relative to the first frame (eV), in file
+    order: the shape of a scan or reaction path, whatever the constant offset."""
+    ref = np.array([a.info["REF_energy"] for a in frames])
+    pred = np.array([a.info["MACE_energy"] for a in frames])
+    x = np.arange(len(frames))
+    ax.plot(x, ref - ref[0], "o-", ms=4, label="reference")
+    ax.plot(x, pred - pred[0], "s--", ms=4, label="predicted")
+    ax.set(xlabel="frame", ylabel="energy − energy of frame 0 (eV)")
+    ax.set_title("energy per frame (no reference forces)")
+    ax.legend(fontsize=8)
 
 
 def eval_sets(cfg: DictConfig, ckpt: dict[str, Any], out_dir: Path) -> list[EvalSet]:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -18,12 +18,14 @@ from mace.modules.utils import compute_avg_num_neighbors, compute_mean_rms_energ
 from mace.tools import AtomicNumberTable, atomic_numbers_to_indices, to_one_hot
 from mace.tools.torch_geometric.dataloader import DataLoader
 
-from mace_grid.data.checks import MIN_DISTANCE, check_distances, check_finite
+from mace_grid.data.checks import MIN_DISTANCE, check_cells, check_distances, check_finite
 from mace_grid.data.io import (
+    ISOLATED_ATOM,
     expand_files,
     fingerprint,
-    read_configs,
+    read_atoms,
     resolve_e0s,
+    split_isolated_atoms,
     symbol,
     to_configs,
 )
@@ -33,15 +35,18 @@ from mace_grid.errors import DataError
 from mace_grid.utils import atomic_write_text, file_sha256
 
 log = logging.getLogger("mace_grid.data")
+TRAIN_KEY = "data.train_file"
 
 
 @dataclass
 class Source:
-    """All frames of one file with their neighbour lists."""
+    """The frames used of one file with their neighbour lists, and the E0s (eV per Z) of its
+    isolated-atom frames when they were taken out (see `split_isolated_atoms`)."""
 
     path: str
     configs: list[Configuration]
     graphs: list[Neighbours]
+    isolated: dict[int, float] = field(default_factory=dict)
 
 
 def load_source(
@@ -54,16 +59,47 @@ def load_source(
     min_distance: float = MIN_DISTANCE,
     require_forces: bool = True,
     references: ReferenceEnergies | None = None,
+    stride: int = 1,
+    take_isolated: bool = False,
 ) -> Source:
-    """Read and check every frame of `path` (`key` = config entry to blame; see
-    `mace_grid.data.checks`) and get its neighbour lists. Every reader's frames pass here
-    (`AtomsDataModule._load_chunks` checks an .aselmdb's pieces the same way). `references`:
-    subtract per-frame reference energies (see `read_configs`)."""
-    configs = read_configs(path, key, energy_key, forces_key, require_forces, references)
-    check_finite(configs, path, key)
-    graphs = file_neighbours(path, configs, r_max, cache_dir)
-    check_distances(configs, graphs, path, key, min_distance)
-    return Source(path, configs, graphs)
+    """Read every `stride`-th frame of `path` (`key` = config entry to blame), check it (see
+    `mace_grid.data.checks`) and get its neighbour lists (only of these frames). Every reader's
+    frames pass here (`AtomsDataModule._load_chunks` checks an .aselmdb's pieces the same
+    way). `references`: subtract per-frame reference energies (see `ReferenceEnergies`);
+    `take_isolated`: isolated-atom frames among them give E0s instead (training files)."""
+    frames = read_atoms(path, key)
+    n_frames, indices = len(frames), list(range(0, len(frames), stride))
+    isolated = {}
+    if take_isolated:
+        isolated, indices = split_isolated_atoms(frames, indices, path, key, energy_key)
+    frames = [frames[i] for i in indices]
+    configs = checked_configs(
+        frames, indices, path, key, energy_key, forces_key, require_forces, references
+    )
+    selection = None if len(indices) == n_frames else indices  # cache key: the frames used
+    graphs = file_neighbours(path, configs, r_max, cache_dir, selection)
+    check_distances(configs, graphs, path, key, min_distance, indices)
+    return Source(path, configs, graphs, isolated)
+
+
+def checked_configs(
+    frames: Sequence,
+    indices: Sequence[int],
+    path: str,
+    key: str,
+    energy_key: str,
+    forces_key: str,
+    require_forces: bool,
+    references: ReferenceEnergies | None,
+) -> list[Configuration]:
+    """`to_configs` of the frames at positions `indices` of `path`, referenced and checked
+    (finite values, periodic cells) before any neighbour list is built."""
+    configs = to_configs(frames, path, key, energy_key, forces_key, require_forces, indices)
+    if references is not None:
+        references.subtract(configs, frames, path, key, indices)
+    check_finite(configs, path, key, indices)
+    check_cells(configs, path, key, indices)
+    return configs
 
 
 def to_atomic_data(
@@ -249,12 +285,16 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
     reference_energies: S2EF reference table (.txt) or folder of them: train on E_total minus
     each frame's reference (OC20 adsorption-energy targets; see `readers.ReferenceEnergies`).
     e0s: isolated-atoms file, {symbol or Z: eV}, "average" or "min_norm" (see `resolve_e0s`);
-    null: zero for every element with reference_energies (referenced targets carry no
-    per-element offset), else "average".
+    null: as mace, the energies of the training files' isolated-atom frames (one atom,
+    config_type=IsolatedAtom; never trained on, whatever e0s is) if there are any, else zero
+    for every element with reference_energies (referenced targets carry no per-element
+    offset), else "average".
     atomic_numbers: fixed z table (e.g. from a checkpoint) instead of the training elements.
     frame_stride: keep every k-th frame of each file (relaxation trajectories are highly
-    correlated frame to frame); indices in `splits.json` count the kept frames (after the stride
-    and duplicate removal; its `duplicates` lists the removed ones, counted after the stride).
+    correlated frame to frame); only those are checked and get neighbour lists. Indices in
+    `splits.json` count the kept frames (after the stride, isolated-atom frames and duplicate
+    removal; its `duplicates` lists the removed ones, counted after the stride and isolated
+    atoms).
     drop_duplicates: drop configurations that repeat an earlier one of the training pool (before
     splitting, so no validation frame is also a training frame); the log gives the count.
     min_distance: refuse frames with two atoms closer than this (Å); every frame is also checked
@@ -338,6 +378,8 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         self.test_names: list[str] = []
         self.sizes: dict[str, int] = {}
         self.config_types: list[str] = []
+        # Z -> (eV, file) from the training files' isolated-atom frames (`split_isolated_atoms`)
+        self.isolated_e0s: dict[int, tuple[float, str]] = {}
         self.z_table: AtomicNumberTable | None = (
             None if self.atomic_numbers is None else AtomicNumberTable(self.atomic_numbers)
         )
@@ -347,6 +389,8 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
 
     # -- setup -------------------------------------------------------------------------------
     def _load(self, path: str, key: str, require_forces: bool = True) -> Source:
+        """Every `frame_stride`-th frame of `path`; of a training file without its isolated-atom
+        frames (kept in `isolated_e0s`)."""
         src = load_source(
             path,
             key,
@@ -357,9 +401,11 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             self.min_distance,
             require_forces,
             self.references,
+            self.frame_stride,
+            take_isolated=key == TRAIN_KEY,
         )
-        k = self.frame_stride
-        return src if k == 1 else Source(src.path, src.configs[::k], src.graphs[::k])
+        self._add_isolated(src)
+        return src
 
     def _load_chunks(self, path: str, key: str, chunk_frames: int, require_forces: bool = True):
         """`_load(path)` in pieces of at most `chunk_frames` frames (an .aselmdb: only the kept
@@ -373,17 +419,40 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
                 raise DataError(f"data file has no configurations: {path} ({key})")
             kept = range(0, len(db), self.frame_stride)
             for start in range(0, len(kept), chunk_frames):
-                indices = kept[start : start + chunk_frames]
-                frames = [db[i] for i in indices]
-                configs = to_configs(
-                    frames, path, key, self.energy_key, self.forces_key, require_forces
+                indices = list(kept[start : start + chunk_frames])
+                frames = {i: db[i] for i in indices}
+                isolated = {}
+                if key == TRAIN_KEY:
+                    isolated, indices = split_isolated_atoms(
+                        frames, indices, path, key, self.energy_key
+                    )
+                configs = checked_configs(
+                    [frames[i] for i in indices],
+                    indices,
+                    path,
+                    key,
+                    self.energy_key,
+                    self.forces_key,
+                    require_forces,
+                    self.references,
                 )
-                if self.references is not None:
-                    self.references.subtract(configs, frames, path, key, indices)
-                check_finite(configs, path, key)
                 graphs = [compute_neighbours(c, self.r_max) for c in configs]
-                check_distances(configs, graphs, path, key, self.min_distance)
-                yield Source(path, configs, graphs)
+                check_distances(configs, graphs, path, key, self.min_distance, indices)
+                src = Source(path, configs, graphs, isolated)
+                self._add_isolated(src)
+                yield src
+
+    def _add_isolated(self, src: Source) -> None:
+        """Merge the E0s of `src`'s isolated-atom frames into `isolated_e0s` (one per element)."""
+        for z, energy in src.isolated.items():
+            known = self.isolated_e0s.get(z)
+            if known is not None and abs(known[0] - energy) > 1e-8:
+                raise DataError(
+                    f"{TRAIN_KEY}: {ISOLATED_ATOM} frames give {symbol(z)} the energy {known[0]} "
+                    f"({known[1]}) and {energy} ({src.path}): keep one isolated-atom frame per "
+                    "element"
+                )
+            self.isolated_e0s[z] = (energy, src.path)
 
     def _unique(self, src: Source, seen: set[str], offset: int = 0, warn: bool = True) -> Source:
         """`src` without the frames whose fingerprint is in `seen` (earlier training-pool
@@ -538,7 +607,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         self.prepare_data()
         train_paths = expand_files(self.train_file, "data.train_file")
         unique: set[str] = set()
-        pool = [self._unique(self._load(p, "data.train_file"), unique) for p in train_paths]
+        pool = [self._unique(self._load(p, TRAIN_KEY), unique) for p in train_paths]
         pool = [s for s in pool if s.configs]
         sources = {s.path: s for s in pool}
         rng = np.random.default_rng(self.seed)
@@ -605,10 +674,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         )
 
     def _statistics(self, train_configs) -> dict:
-        e0s = self.e0s
-        if e0s is None:
-            e0s = {z: 0.0 for z in self.z_table.zs} if self.references is not None else "average"
-        e0 = resolve_e0s(e0s, self.z_table, train_configs, self.energy_key)
+        e0 = resolve_e0s(self._e0s_spec(), self.z_table, train_configs, self.energy_key)
         atomic_energies = [float(e0[z]) for z in self.z_table.zs]
         loader = make_loader(self._train, self.batch_size)
         mean, rms = compute_mean_rms_energy_forces(loader, np.array(atomic_energies))
@@ -620,6 +686,39 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
             "std": float(np.asarray(rms).reshape(-1)[0]),
             "r_max": self.r_max,
         }
+
+    def _e0s_spec(self):
+        """`data.e0s` if given, else the isolated-atom frames' energies (as mace takes them),
+        else zero with reference_energies, else "average"."""
+        iso = self.isolated_e0s
+        if self.e0s is not None:
+            if iso:
+                log.warning(
+                    "data.e0s is set: the %d %s frames of %s are not trained on and their "
+                    "energies are not used as E0s",
+                    len(iso),
+                    ISOLATED_ATOM,
+                    TRAIN_KEY,
+                )
+            return self.e0s
+        if iso:
+            missing = [symbol(z) for z in self.z_table.zs if z not in iso]
+            if missing:
+                stride = self.frame_stride
+                read = f" (data.frame_stride={stride} reads every {stride}-th frame)" * (stride > 1)
+                raise DataError(
+                    f"{TRAIN_KEY} has {ISOLATED_ATOM} frames for "
+                    f"{', '.join(symbol(z) for z in sorted(iso))} but none for "
+                    f"{', '.join(missing)}{read}: add one per element or set data.e0s"
+                )
+            log.info(
+                "E0s from the %s frames of %s (not trained on): %s",
+                ISOLATED_ATOM,
+                TRAIN_KEY,
+                {symbol(z): iso[z][0] for z in self.z_table.zs},
+            )
+            return {z: iso[z][0] for z in self.z_table.zs}
+        return {z: 0.0 for z in self.z_table.zs} if self.references is not None else "average"
 
     def _save_splits(self, parts: dict) -> None:
         if self.output_dir is None:

@@ -2,7 +2,8 @@
 
 A preprocessed directory holds
   shard-NNNNN.h5  frames in source order. Per frame: `energy` [n], `cell` [n, 3, 3] (as mace's
-                  neighbour list returns it), `pbc` [n, 3], `config_type_id` [n], `atom_ptr` and
+                  neighbour list returns it), `pbc` [n, 3], `config_type_id` [n], `forces_weight`
+                  [n] (0: a frame of an energy-only test set, its forces zeros), `atom_ptr` and
                   `edge_ptr` [n + 1]; per atom: `atomic_numbers`, `positions` [N, 3] Å, `forces`
                   [N, 3] eV/Å, `free_mask`, `tags` (OC20); per edge: `edge_index` [E, 2]
                   (frame-local), `shifts` [E, 3] Å, `unit_shifts` [E, 3].
@@ -42,7 +43,7 @@ from mace_grid.data.neighbours import Neighbours
 from mace_grid.errors import DataError
 
 log = logging.getLogger("mace_grid.data")
-_VERSION = 2  # 2: per-atom tags
+_VERSION = 3  # 2: per-atom tags; 3: per-frame forces_weight (energy-only test sets)
 _CHUNK_ROWS = 16384  # rows per HDF5 chunk of the per-atom and per-edge arrays
 _MAX_OPEN = 64  # shard files a process keeps open
 
@@ -56,6 +57,7 @@ class _ShardWriter:
         "cell": ((3, 3), "f8"),
         "pbc": ((3,), "?"),
         "config_type_id": ((), "i4"),
+        "forces_weight": ((), "f4"),
     }
     PER_ATOM = {
         "atomic_numbers": ((), "u1"),
@@ -124,6 +126,7 @@ class _ShardWriter:
             "cell": np.stack([g.cell for g in graphs]),
             "pbc": np.array([c.pbc for c in configs], dtype=bool),
             "config_type_id": [self.config_types.index(c.config_type) for c in configs],
+            "forces_weight": [float(c.property_weights.get("forces", 1.0)) for c in configs],
             "atomic_numbers": np.concatenate([c.atomic_numbers for c in configs]),
             "positions": np.concatenate([c.positions for c in configs]),
             "forces": np.concatenate([c.properties["forces"] for c in configs]),
@@ -199,7 +202,7 @@ class ShardedFrames(torch.utils.data.Dataset):
                 "free_mask": f["free_mask"][a0:a1],
                 "tags": f["tags"][a0:a1],
             },
-            property_weights={"energy": 1.0, "forces": 1.0},
+            property_weights={"energy": 1.0, "forces": float(f["forces_weight"][j])},
             pbc=tuple(bool(p) for p in f["pbc"][j]),
         )
         graph = Neighbours(
@@ -236,9 +239,25 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
         raise DataError(f"{out} already holds a preprocessed dataset: remove it or set out=…")
     if int(shard_frames) < 1:
         raise DataError(f"shard_frames must be a positive integer, got {shard_frames}")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    dm.prepare_data()
     writer = _ShardWriter(out, int(shard_frames))
+    try:
+        return _write_dataset(dm, out, writer)
+    except BaseException:  # a refused file, Ctrl-C: leave no partial dataset behind
+        writer.close()
+        names = [shard_name(i) for i in range(len(writer.counts))]
+        for name in [*names, "index.h5", "splits.json", "meta.json"]:
+            (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _write_dataset(dm: AtomsDataModule, out: Path, writer: _ShardWriter) -> dict:
+    """`preprocess` into `out` (checked, created) through `writer`."""
+    shard_frames = writer.shard_frames
+    dm.prepare_data()
     pool: list[Source] = []  # light configs only
     pool_index: dict[str, np.ndarray] = {}  # path -> pool index of each (kept) frame
     seen: set[str] = set()
@@ -246,7 +265,7 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
     try:
         for path in expand_files(dm.train_file, "data.train_file"):
             first, light_configs, n_read = sum(writer.counts), [], 0
-            for src in dm._load_chunks(path, "data.train_file", int(shard_frames)):
+            for src in dm._load_chunks(path, "data.train_file", shard_frames):
                 n = len(src.configs)
                 src = dm._unique(src, unique, offset=n_read, warn=False)
                 n_read += n
@@ -270,7 +289,8 @@ def preprocess(dm: AtomsDataModule, out: str | Path, shard_frames: int = 1000) -
             parts[part] = {}
             for path in files:
                 keep, indices, light[path] = [], [], []
-                for src in dm._load_chunks(path, key, int(shard_frames)):
+                chunks = dm._load_chunks(path, key, shard_frames, require_forces=part == "valid")
+                for src in chunks:
                     new = [i for i, c in enumerate(src.configs) if fingerprint(c) not in seen]
                     index = np.full(len(src.configs), -1, dtype=np.int64)
                     index[new] = writer.append(

@@ -100,24 +100,60 @@ def read_atoms(path: str, key: str) -> list[Atoms]:
     return frames
 
 
-def _energy(atoms: Atoms, key: str) -> float | None:
+def _energy(atoms: Atoms, key: str, where: str) -> float | None:
     """``info[key]``; for the default key also the calculator's energy (where ASE >= 3.23 puts
-    extxyz ``energy=``). A key given explicitly never falls back to other labels."""
+    extxyz ``energy=``). A key given explicitly never falls back to other labels. `where`
+    (file, key, frame) prefixes the DataError for a label that is not a number."""
     if key in atoms.info:
-        return float(atoms.info[key])
+        value = atoms.info[key]
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"{where}: energy '{key}' is {str(value)[:40]!r}, not a number ({_labels(atoms)})"
+                "; set data.energy_key to the energy label"
+            ) from None
     if key == ENERGY and atoms.calc is not None and "energy" in atoms.calc.results:
         return float(atoms.calc.results["energy"])
     return None
 
 
-def _forces(atoms: Atoms, key: str) -> np.ndarray | None:
+def _forces(atoms: Atoms, key: str, where: str) -> np.ndarray | None:
     """``arrays[key]``; for the default key also the calculator's raw forces (FixAtoms would
-    zero the fixed atoms' forces otherwise)."""
+    zero the fixed atoms' forces otherwise). DataError (prefixed by `where`) unless the forces
+    are numbers of shape [n_atoms, 3]."""
     if key in atoms.arrays:
-        return np.array(atoms.arrays[key], dtype=float)
-    if key == FORCES and atoms.calc is not None and "forces" in atoms.calc.results:
-        return np.array(atoms.calc.results["forces"], dtype=float)
-    return None
+        value = atoms.arrays[key]
+    elif key == FORCES and atoms.calc is not None and "forces" in atoms.calc.results:
+        value = atoms.calc.results["forces"]
+    else:
+        return None
+    try:
+        forces = np.array(value, dtype=float)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{where}: forces '{key}' are not numbers ({_labels(atoms)}); set data.forces_key to "
+            "the force label"
+        ) from None
+    if forces.shape != (len(atoms), 3):
+        raise DataError(
+            f"{where}: forces '{key}' have shape {list(forces.shape)}, expected "
+            f"[{len(atoms)}, 3] (one force vector per atom): fix the frame's forces or set "
+            "data.forces_key to the force label"
+        )
+    return forces
+
+
+def _force_candidates(atoms: Atoms) -> list[str]:
+    """Labels of `atoms` that look like forces: per-atom [n, 3] arrays named ...force...,
+    calculator forces (momenta and other vectors are not)."""
+    arrays = [
+        k
+        for k, v in atoms.arrays.items()
+        if "force" in k.lower() and np.shape(v) == (len(atoms), 3)
+    ]
+    has_calc = atoms.calc is not None and "forces" in atoms.calc.results
+    return arrays + (["calculator forces"] if has_calc else [])
 
 
 def _labels(atoms: Atoms) -> str:
@@ -148,38 +184,44 @@ def to_configs(
     energy_key: str = ENERGY,
     forces_key: str = FORCES,
     require_forces: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> list[Configuration]:
     """mace Configurations with properties energy, forces, free_mask and (OC20) tags; DataError
-    if a frame lacks energy or forces. Without ``require_forces`` a file with no forces at all
-    (default key) is an energy-only set: zero forces with property weight 0."""
+    if a frame lacks energy or forces, or has labels that are not numbers of the right shape.
+    Without ``require_forces`` (test sets) a file without any force label (no frame has
+    ``forces_key`` nor another per-atom [n, 3] array or calculator forces) is an energy-only
+    set: zero forces with property weight 0. A single-atom frame without forces gets its exact
+    zero forces. `indices`: the frames' positions in `path` (default 0, 1, ...), for messages."""
+    indices = range(len(frames)) if indices is None else indices
+    where = [f"{path} ({key}): frame {i}" for i in indices]
+    forces = [_forces(atoms, forces_key, w) for atoms, w in zip(frames, where, strict=True)]
+    labelled = [i for i, f in enumerate(forces) if f is not None and len(frames[i]) > 1]
     energy_only = (
         not require_forces
-        and forces_key == FORCES
-        and all(_forces(atoms, forces_key) is None for atoms in frames)
+        and not labelled
+        and not any(_force_candidates(atoms) for atoms in frames)
     )
     configs = []
     for i, atoms in enumerate(frames):
         free = free_mask(atoms)
-        energy, forces = _energy(atoms, energy_key), _forces(atoms, forces_key)
+        energy, f = _energy(atoms, energy_key, where[i]), forces[i]
+        if f is None and len(atoms) == 1:  # an isolated atom feels no force: an exact label
+            f = np.zeros((1, 3))
         if energy is None:
             raise DataError(
-                f"{path} ({key}): frame {i} has no energy '{energy_key}' ({_labels(atoms)}); "
-                "set data.energy_key"
+                f"{where[i]} has no energy '{energy_key}' ({_labels(atoms)}); set data.energy_key"
             )
-        if forces is None and not energy_only:
-            raise DataError(
-                f"{path} ({key}): frame {i} has no forces '{forces_key}' ({_labels(atoms)}); "
-                "set data.forces_key"
-            )
+        if f is None and not energy_only:
+            raise DataError(_no_forces(frames, where, indices, i, labelled, forces_key))
         if energy_only:
-            forces = np.zeros((len(atoms), 3))
+            f = np.zeros((len(atoms), 3))
         configs.append(
             Configuration(
                 atomic_numbers=np.asarray(atoms.numbers, dtype=int),
                 positions=np.array(atoms.positions, dtype=float),
                 properties={
                     "energy": energy,
-                    "forces": forces,
+                    "forces": f,
                     "free_mask": free,
                     "tags": oc20_tags(atoms, free),
                 },
@@ -189,6 +231,8 @@ def to_configs(
                 config_type=str(atoms.info.get("config_type", "Default")),
             )
         )
+    if not frames:
+        return configs
     first = frames[0]
     forces_from = "none (energy-only set)" if energy_only else _source(first, forces_key, "arrays")
     log.info(
@@ -199,6 +243,25 @@ def to_configs(
         forces_from,
     )
     return configs
+
+
+def _no_forces(frames, where, indices, i, labelled, forces_key) -> str:
+    """Why frame `i` (position in `frames`) has no forces, and what to change."""
+    atoms = frames[i]
+    missing = f"{where[i]} has no forces '{forces_key}' ({_labels(atoms)})"
+    if labelled:
+        return (
+            f"{missing}, while frame {indices[labelled[0]]} of the file has: label every frame "
+            "with forces or remove this one"
+        )
+    candidates = _force_candidates(atoms)
+    if candidates:
+        return f"{missing}; set data.forces_key to the force label (per-atom: {candidates})"
+    return (
+        f"{missing}: no frame of the file has forces, and training and validation sets need "
+        "them (an energy-only file can be a test set, data.test_files; forces under another "
+        "label: set data.forces_key)"
+    )
 
 
 def read_configs(
@@ -218,15 +281,55 @@ def read_configs(
     return configs
 
 
+ISOLATED_ATOM = "IsolatedAtom"  # mace's config_type of isolated-atom (E0) frames
+
+
+def split_isolated_atoms(
+    frames: Sequence[Atoms] | Mapping[int, Atoms],
+    indices: Sequence[int],
+    path: str,
+    key: str,
+    energy_key: str = ENERGY,
+) -> tuple[dict[int, float], list[int]]:
+    """mace's convention for training files: single-atom frames with ``config_type=IsolatedAtom``
+    give E0s and are not trained on. Returns (E0 per Z, the other `indices`) for the frames at
+    positions `indices` of `path`; DataError for such a frame without an energy or one element
+    given two different energies."""
+    e0s: dict[int, float] = {}
+    first: dict[int, int] = {}
+    rest = []
+    for i in indices:
+        atoms = frames[i]
+        if len(atoms) != 1 or atoms.info.get("config_type") != ISOLATED_ATOM:
+            rest.append(i)
+            continue
+        where = f"{path} ({key}): frame {i} ({ISOLATED_ATOM})"
+        energy = _energy(atoms, energy_key, where)
+        if energy is None:
+            raise DataError(f"{where} has no energy '{energy_key}'; set data.energy_key")
+        z = int(atoms.numbers[0])
+        if z in e0s and abs(e0s[z] - energy) > 1e-8:
+            raise DataError(
+                f"{where}: {symbol(z)} has energy {energy} here and {e0s[z]} in frame "
+                f"{first[z]}: keep one isolated-atom frame per element"
+            )
+        e0s[z], first[z] = energy, i
+    return e0s, rest
+
+
 def has_forces(config: Configuration) -> bool:
     """False for frames of an energy-only set (see `to_configs`)."""
     return config.property_weights.get("forces", 1.0) > 0
 
 
 def fingerprint(config: Configuration) -> str:
-    """Identity of a configuration for overlap removal: species, positions (1e-5 Å), energy."""
+    """Identity of a configuration for overlap removal: species, positions and cell (1e-5 Å),
+    pbc, energy (frames that differ only in cell or pbc are different structures)."""
     h = hashlib.sha1(np.asarray(config.atomic_numbers, dtype=np.int64).tobytes())
     h.update((np.round(config.positions, 5) + 0.0).tobytes())
+    cell = np.zeros((3, 3)) if config.cell is None else np.asarray(config.cell, dtype=float)
+    h.update((np.round(cell, 5) + 0.0).tobytes())
+    h.update(np.asarray(config.pbc if config.pbc is not None else (False,) * 3, bool).tobytes())
     h.update(np.round(np.float64(config.properties["energy"]), 5).tobytes())
     return h.hexdigest()
 
@@ -273,7 +376,7 @@ def resolve_e0s(
         table = {}
         for atoms in frames:
             if len(atoms) == 1:
-                energy = _energy(atoms, energy_key)
+                energy = _energy(atoms, energy_key, f"{path} (data.e0s)")
                 if energy is not None:
                     table[int(atoms.numbers[0])] = energy
         if not table:

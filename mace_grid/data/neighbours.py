@@ -1,8 +1,10 @@
-"""Neighbour lists (mace's `get_neighborhood`) computed once per source file and r_max, cached in
-HDF5 under `cache_dir`, keyed by the file's sha256 and r_max."""
+"""Neighbour lists (mace's `get_neighborhood`) computed once per source file, r_max and selection
+of frames (e.g. a frame stride), cached in HDF5 under `cache_dir`, keyed by the file's sha256,
+r_max and the selected frames."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -41,8 +43,14 @@ def compute_neighbours(config: Configuration, r_max: float) -> Neighbours:
     return Neighbours(edge_index, shifts, unit_shifts, cell)
 
 
-def cache_path(cache_dir: str | os.PathLike, sha256: str, r_max: float) -> Path:
-    return Path(cache_dir) / f"neighbours-{sha256[:24]}-r{float(r_max):g}.h5"
+def cache_path(
+    cache_dir: str | os.PathLike, sha256: str, r_max: float, frames: Sequence[int] | None = None
+) -> Path:
+    """The cache file of a data file's neighbour lists: all its frames, or those at `frames`."""
+    name = f"neighbours-{sha256[:24]}-r{float(r_max):g}"
+    if frames is not None:
+        name += "-f" + hashlib.sha1(np.asarray(frames, dtype=np.int64).tobytes()).hexdigest()[:12]
+    return Path(cache_dir) / f"{name}.h5"
 
 
 def _load(path: Path, sha256: str, r_max: float, configs: Sequence[Configuration]):
@@ -95,13 +103,15 @@ def file_neighbours(
     configs: Sequence[Configuration],
     r_max: float,
     cache_dir: str | os.PathLike | None,
+    frames: Sequence[int] | None = None,
 ) -> list[Neighbours]:
-    """Neighbour lists of all frames of `path` (as read into `configs`), from the cache when a
-    valid entry exists; otherwise computed and cached (atomically). Never fails on the cache."""
-    if cache_dir is None:
+    """Neighbour lists of the frames of `path` read into `configs` (all of them, or those at
+    positions `frames`), from the cache when a valid entry exists; otherwise computed and
+    cached (atomically). Never fails on the cache."""
+    if cache_dir is None or not configs:
         return [compute_neighbours(c, r_max) for c in configs]
     sha256 = file_sha256(path)
-    cached = cache_path(cache_dir, sha256, r_max)
+    cached = cache_path(cache_dir, sha256, r_max, frames)
     if cached.exists():
         try:
             graphs = _load(cached, sha256, r_max, configs)
