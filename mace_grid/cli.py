@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -38,12 +39,18 @@ def exit_on_user_error(fn):
             cause = err if isinstance(err, MaceGridError) else err.__cause__
             if not isinstance(cause, MaceGridError):
                 raise
-            log.error("%s", cause)
-            print(f"error: {cause}", file=sys.stderr)
             remove_failed_start()
-            sys.exit(2)
+            exit_with_error(cause)
 
     return wrapper
+
+
+def exit_with_error(err: MaceGridError) -> NoReturn:
+    """Log ``err``, print ``error: <message>`` on stderr and exit 2. The exit carries ``err`` as
+    its cause, so that a sweeper running the task in-process can record the message."""
+    log.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2) from err
 
 
 def _terminate(signum, frame):
