@@ -120,11 +120,13 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
     except HydraException as err:
         raise ConfigError(f"hydra.sweeper.params: {str(err).splitlines()[0]}") from None
     space: dict[str, Any] = {}
-    fixed: list[str] = []
-    for override in parsed:
+    fixed: dict[str, str] = {}
+    for override in parsed:  # a later override of a key replaces an earlier one
         name = override.get_key_element()
+        space.pop(name, None)
+        fixed.pop(name, None)
         if not override.is_sweep_override():
-            fixed.append(f"{name}={override.get_value_element_as_str()}")
+            fixed[name] = f"{name}={override.get_value_element_as_str()}"
         elif override.is_interval_sweep():
             value = override.value()
             log_scale = "log" in value.tags
@@ -134,7 +136,7 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], list[str]]:
                 space[name] = FloatDistribution(value.start, value.end, log=log_scale)
         else:  # choice or range: the listed values
             space[name] = CategoricalDistribution(_choices(override))
-    return space, fixed
+    return space, list(fixed.values())
 
 
 def _choices(override: Override) -> list[Any]:
