@@ -253,7 +253,7 @@ class OptunaSweep:
                     *(f"{k}={v}" for k, v in t.params.items()),
                     *fixed,
                     f"hydra.sweep.subdir={t.number}",  # job dir = trial number, unique per study
-                    f"+hydra.job.env_set.{TRIAL_ENV}={t.number}",
+                    f"++hydra.job.env_set.{TRIAL_ENV}={t.number}",
                 )
                 for t in trials
             ]
