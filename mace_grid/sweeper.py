@@ -14,7 +14,6 @@ the sweep directory gets ``optimization_results.yaml`` (best parameters and valu
 import logging
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +55,7 @@ def open_storage(spec: str | None, study_name: str | None = None) -> optuna.stor
         return optuna.storages.RDBStorage(spec)
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(spec)))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(Path(spec).expanduser())))
 
 
 def current_trial() -> optuna.Trial | None:
@@ -356,5 +355,5 @@ def write_results(study: optuna.Study, sweep_dir: Path) -> None:
             with atomic_path(sweep_dir / name) as tmp:
                 figure.savefig(tmp, format="png", dpi=120)
             plt.close(figure)
-    print(f"best value {best.value:.6g} (trial {best.number}): {best.params}", file=sys.stdout)
-    print(f"sweep results: {sweep_dir}", file=sys.stdout)
+    print(f"best value {best.value:.6g} (trial {best.number}): {best.params}")
+    print(f"sweep results: {sweep_dir}")
