@@ -12,6 +12,7 @@ import optuna
 import pytest
 import yaml
 from _helpers import run, shared_root, tiny_args, trained_runs
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mace_grid import PROJECT_ROOT
@@ -148,6 +149,24 @@ def test_optuna_refuses_an_in_memory_study_for_other_processes(
     ], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pruner"),
+    [
+        ([], optuna.pruners.MedianPruner),
+        (["hydra/sweeper/pruner=hyperband"], optuna.pruners.HyperbandPruner),
+        (["hydra.sweeper.pruner=null"], optuna.pruners.NopPruner),
+    ],
+    ids=["median", "hyperband", "none"],
+)
+def test_pruner_options(overrides: list[str], pruner: type) -> None:
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["hparams_search=optuna", *overrides], return_hydra_config=True
+        )
+    assert cfg.hydra.sweeper._target_.endswith("mace_grid_optuna.optuna_sweeper.OptunaSweeper")
+    assert type(build_pruner(cfg.hydra.sweeper.pruner)) is pruner
 
 
 def test_bad_pruner_is_a_config_error() -> None:
