@@ -1,15 +1,19 @@
-# `make train` / `make test` set up .venv on first use (pinned torch CPU wheel, then the package).
+# `make train` / `make test` set up .venv on first use (torch as TORCH below, then the package).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TORCH ?= torch==2.13.0
+# The newest torch the suite passes on. PyPI's Linux x86_64 wheel is the CUDA build (~5 GB
+# installed with its nvidia-* wheels); TORCH_INDEX=https://download.pytorch.org/whl/cpu installs
+# the CPU-only build where that index is reachable.
+TORCH ?= torch==2.14.1
+TORCH_INDEX ?=
 
 .PHONY: install train test lint format
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -12,9 +12,11 @@ from omegaconf import OmegaConf
 # e3nn 0.4.4 loads its constants with torch.load; torch >= 2.6 needs `slice` allow-listed first.
 torch.serialization.add_safe_globals([slice])
 
-# e3nn/mace script their modules while a model is built; torch then warns about every module.
+# e3nn/mace script their modules while a model is built, and e3nn's code-generated modules copy
+# themselves (EMA, checkpoints) through torch.jit.save/load; torch >= 2.14 warns at each call
+# that TorchScript is deprecated. These are the libraries' internals, not the user's to act on.
 warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support")
-warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 
 __version__ = "0.1.0"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

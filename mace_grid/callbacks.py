@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from tqdm import tqdm
 
+from mace_grid.errors import ConfigError
 from mace_grid.utils import atomic_path
 
 log = logging.getLogger("mace_grid.train")
@@ -155,3 +156,39 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
+
+
+class OptunaPruning(L.Callback):
+    """Report ``monitor`` after every validation epoch to this job's Optuna trial and stop the
+    run when the study's pruner gives up on it, by raising ``optuna.TrialPruned`` (recorded by
+    the sweeper as PRUNED, not failed). Does nothing outside a trial of ``hparams_search=optuna``
+    (:func:`mace_grid.sweeper.current_trial`)."""
+
+    def __init__(self, monitor: str = "val/f_mae") -> None:
+        self.monitor = monitor
+        self._trial = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from mace_grid.sweeper import current_trial
+
+        self._trial = current_trial()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._trial is None or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        import optuna
+
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise ConfigError(
+                f"callbacks.optuna_pruning.monitor={self.monitor} is not logged; one of "
+                f"{sorted(k for k in trainer.callback_metrics if k.startswith('val/'))}"
+            )
+        epoch = trainer.current_epoch
+        prune = False
+        if trainer.is_global_zero:
+            self._trial.report(float(value), epoch)
+            prune = self._trial.should_prune()
+        # Every DDP rank stops at the same epoch.
+        if trainer.strategy.reduce_boolean_decision(prune, all=False):
+            raise optuna.TrialPruned(f"after epoch {epoch + 1}, {self.monitor} {float(value):.4g}")

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -51,18 +52,26 @@ def exit_on_user_error(fn):
             cause = err if isinstance(err, MaceGridError) else err.__cause__
             if not isinstance(cause, MaceGridError):
                 raise
-            log.error("%s", cause)
-            print(f"error: {cause}", file=sys.stderr)
             remove_failed_start()
-            if _in_multirun():
+            if _in_multirun():  # Hydra records the member as failed; the sweep goes on
+                log.error("%s", cause)
+                print(f"error: {cause}", file=sys.stderr)
                 raise cause from None
-            sys.exit(2)
+            exit_with_error(cause)
 
     return wrapper
 
 
 def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def exit_with_error(err: MaceGridError) -> NoReturn:
+    """Log ``err``, print ``error: <message>`` on stderr and exit 2. The exit carries ``err`` as
+    its cause, so that a sweeper running the task in-process can record the message."""
+    log.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2) from err
 
 
 def _terminate(signum, frame):
@@ -145,15 +154,16 @@ class MultirunSummary(Callback):
         self.sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self.sweep_dir = Path(config.hydra.sweep.dir)
-        if config.hydra.sweeper._target_.endswith("BasicSweeper"):
-            from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        if not config.hydra.sweeper._target_.endswith("BasicSweeper"):
+            return  # a search (hparams_search=optuna) records its trials itself
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-            parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-            self.total = sum(len(b) for b in BasicSweeper.split_arguments(parsed, None))
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        self.total = sum(len(b) for b in BasicSweeper.split_arguments(parsed, None))
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
-        if self.sweep_dir is None:  # a single run, not a multirun
+        if self.sweep_dir is None:  # a single run, or a search
             return
         value = job_return._return_value
         if job_return.status == JobStatus.COMPLETED:
@@ -162,11 +172,7 @@ class MultirunSummary(Callback):
             status, result = "failed", " ".join(str(value).split())[:160] or type(value).__name__
         num = int(OmegaConf.select(config, "hydra.job.num", default=len(self.rows)))
         self.rows.append((num, " ".join(job_return.overrides or []), status, result))
-        if self.total is not None and len(self.rows) >= self.total:
-            self._finish()
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if self.rows and self.total is None:
+        if len(self.rows) == self.total:
             self._finish()
 
     def _finish(self) -> None:
