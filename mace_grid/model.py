@@ -80,10 +80,11 @@ def validate_model_config(model: Mapping[str, Any], tp: Mapping[str, Any] | None
     if pseudo:
         natural = dict.fromkeys(f"{mul}x{ir.l}{'eo'[ir.l % 2]}" for mul, ir in hidden)
         raise ConfigError(
-            f"model.hidden_irreps={model['hidden_irreps']}: {', '.join(pseudo)} is a pseudo-tensor; "
-            "MACE's product basis has no linear path to it from its natural-parity features, so "
-            "no tp backend (cg included) builds it: use natural-parity irreps (0e, 1o, 2e, 3o, "
-            f"...), e.g. model.hidden_irreps={'+'.join(natural)}"
+            f"model.hidden_irreps={model['hidden_irreps']}: {', '.join(pseudo)} is a "
+            "pseudo-tensor; MACE's product basis has no linear path to it from its "
+            "natural-parity features, so no tp backend (cg included) builds it: use "
+            "natural-parity irreps (0e, 1o, 2e, 3o, ...), e.g. "
+            f"model.hidden_irreps={'+'.join(natural)}"
         )
     if len({mul for mul, _ in hidden}) != 1:
         raise ConfigError(

@@ -54,6 +54,8 @@ def check_factors(factors: str) -> None:
     """`ConfigError` unless ``factors`` (``tp.options.factors``) is one of `FACTORS`."""
     if factors not in FACTORS:
         raise ConfigError(f"tp.options.factors must be one of {FACTORS}, got {factors!r}")
+
+
 #: bytes of the grid-sized temporaries of one block (measured best at about two CPU L2 caches)
 _BLOCK_BYTES = 1 << 21
 
