@@ -78,6 +78,31 @@ def _new(path: Path) -> bool:
     return path.stat().st_mtime >= _STARTED
 
 
+def refuse_overwriting_inputs(
+    inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]
+) -> None:
+    """ConfigError if an output path (``key: path``; None: not written) is an input's or an
+    earlier output's file: writing it would destroy what the tool reads or has just written."""
+    taken: list[tuple[str, Path]] = []
+    for key, path in [*inputs.items(), *outputs.items()]:
+        if path is None:
+            continue
+        path = Path(path)
+        clash = next((k for k, p in taken if _same_file(p, path)), None)
+        if clash is not None and key in outputs:
+            raise ConfigError(
+                f"{key}={path} is the file of {clash}=: writing it would overwrite "
+                f"{'what it reads' if clash in inputs else 'that output'}; give {key}= another path"
+            )
+        taken.append((key, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return a.samefile(b)  # also through hard links
+    return a.resolve() == b.resolve()
+
+
 def parse_cli(schema: type, argv: list[str] | None = None, doc: str | None = None) -> DictConfig:
     """``key=value`` arguments (OmegaConf dotlist, e.g. ``steps=100 out=m.model``) merged into
     the dataclass ``schema``; unknown keys, wrong types and missing values raise ConfigError.
