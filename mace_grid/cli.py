@@ -2,8 +2,10 @@
 failed starts leave no run directory behind."""
 
 import dataclasses
+import errno
 import functools
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,16 +37,67 @@ def exit_on_user_error(fn):
             signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
-        except (MaceGridError, InstantiationException) as err:
-            cause = err if isinstance(err, MaceGridError) else err.__cause__
-            if not isinstance(cause, MaceGridError):
+        except (MaceGridError, InstantiationException, OSError) as err:
+            cause = err if isinstance(err, (MaceGridError, OSError)) else err.__cause__
+            if isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE and cause.filename:
+                cause = f"cannot write {cause.filename}: {cause.strerror}{_write_hint(args)}"
+            elif not isinstance(cause, MaceGridError):
                 raise
-            log.error("%s", cause)
+            if log.hasHandlers():  # else logging's last resort would print it a second time
+                log.error("%s", cause)
             print(f"error: {cause}", file=sys.stderr)
             remove_failed_start()
             sys.exit(2)
 
     return wrapper
+
+
+# A path the user chose cannot be written: read-only, someone else's, or under a regular file.
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
+def _write_hint(args: tuple) -> str:
+    """What to change for a run that cannot write: the work dir (demo data, neighbour caches)
+    or the run's output dir, as the entry point's Hydra config names them."""
+    cfg = args[0] if args and isinstance(args[0], DictConfig) else None
+    if cfg is None or OmegaConf.select(cfg, "paths") is None:
+        return ""
+    return (
+        "; point the demo data and neighbour caches to a writable place with "
+        "MACE_GRID_WORK_DIR=<dir> (or paths.cache_dir=), and this run's outputs with "
+        "hydra.run.dir=<dir>"
+    )
+
+
+class WritableOutputDir(Callback):
+    """Hydra callback (``hydra.callbacks``): before Hydra creates the run (or sweep) directory,
+    refuse one that cannot be created or written (read-only ``outputs/``, a shared run's
+    checkpoint folder) with one ``error:`` line naming the override that moves it; exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _check_writable(path: str, key: str) -> None:
+    target = Path(path).absolute()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    print(
+        f"error: cannot create the output directory {target}: {problem}; give a writable one "
+        f"with {key}=<dir>",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def _terminate(signum, frame):
