@@ -40,7 +40,7 @@ def exit_on_user_error(fn):
         except (MaceGridError, InstantiationException, OSError) as err:
             cause = err if isinstance(err, (MaceGridError, OSError)) else err.__cause__
             if isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE and cause.filename:
-                cause = f"cannot write {cause.filename}: {cause.strerror}{_write_hint(args)}"
+                cause = f"cannot access {cause.filename}: {cause.strerror}{_write_hint(args)}"
             elif not isinstance(cause, MaceGridError):
                 raise
             if log.hasHandlers():  # else logging's last resort would print it a second time

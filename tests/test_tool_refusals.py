@@ -218,7 +218,9 @@ def test_unwritable_work_dir_names_mace_grid_work_dir(cli, monkeypatch, tmp_path
     args = ["data=demo", "data.n_frames=6", f"paths.log_dir={tmp_path}/out", "threads=1"]
     proc = cli("train.py", *args)
     assert proc.returncode == 2
-    _expect_one_line_error(proc, f"cannot write {blocker}", "MACE_GRID_WORK_DIR=", "hydra.run.dir=")
+    _expect_one_line_error(
+        proc, f"cannot access {blocker}", "MACE_GRID_WORK_DIR=", "hydra.run.dir="
+    )
     assert _runs(tmp_path) == []
 
 
