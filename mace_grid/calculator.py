@@ -6,6 +6,8 @@ and carries the EMA weights; ``MaceGridCalculator`` is mace's own ``MACECalculat
 
 from __future__ import annotations
 
+import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,14 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 from mace.calculators import MACECalculator
+from mace.data.utils import Configuration
 from mace.modules import ScaleShiftMACE
 from mace.tools.torch_tools import default_dtype
 
-from mace_grid.errors import ConfigError, DataError
+from mace_grid.cli import refuse_overwriting_inputs
+from mace_grid.data.checks import MIN_DISTANCE, check_distances
+from mace_grid.data.neighbours import compute_neighbours
+from mace_grid.errors import ConfigError, DataError, DivergedError
 from mace_grid.model import DTYPES, build_model
 from mace_grid.utils import atomic_path
 
@@ -97,7 +103,9 @@ class MaceGridCalculator(MACECalculator):
         super().__init__(models=[model], device=device, default_dtype=dtype_name, **kwargs)
 
     def calculate(self, atoms=None, properties=None, system_changes=None) -> None:
-        """mace's calculation, after a one-line error for an element the model lacks."""
+        """mace's calculation, after a one-line `DataError` for what would give NaN or nonsense:
+        an element the model lacks, a non-finite position, or two atoms closer than
+        `MIN_DISTANCE` (the check training applies to every frame)."""
         if atoms is not None:
             missing = sorted(set(atoms.numbers.tolist()) - set(self.z_table.zs))
             if missing:
@@ -106,6 +114,18 @@ class MaceGridCalculator(MACECalculator):
                     f"element(s) {', '.join(chemical_symbols[z] for z in missing)} not among "
                     f"the model's elements [{known}]"
                 )
+            if not np.isfinite(atoms.positions).all():
+                raise DataError("the structure has non-finite (NaN or inf) atom positions")
+            config = Configuration(
+                atomic_numbers=atoms.numbers,
+                positions=atoms.positions,
+                properties={},
+                property_weights={},
+                cell=np.array(atoms.cell),
+                pbc=tuple(bool(p) for p in atoms.pbc),
+            )
+            graph = compute_neighbours(config, MIN_DISTANCE)
+            check_distances([config], [graph], "the structure", "MaceGridCalculator")
         super().calculate(atoms, properties, system_changes)
 
 
@@ -118,6 +138,7 @@ def export_model(ckpt_path: str | Path, out: str | Path, dtype: str | None = "fl
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"out={out} is a directory: give a file name, e.g. {out}/model.model")
+    refuse_overwriting_inputs({"ckpt_path": ckpt_path}, {"out": out})
     model = load_model(ckpt_path, "cpu", dtype, conv="e3nn")
     with atomic_path(out) as tmp:
         torch.save(model, tmp)
@@ -130,9 +151,37 @@ def export_torchscript(model: torch.nn.Module, out: str | Path) -> Path:
     from e3nn.util import jit
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(jit.compile(model), str(out))
+    scripted = jit.compile(model)
+    with atomic_path(out) as tmp:
+        torch.jit.save(scripted, str(tmp))
     return out
+
+
+def check_md_settings(
+    steps: int,
+    timestep_fs: float,
+    temperature_K: float,
+    langevin_steps: int = 0,
+    friction_per_fs: float = 0.01,
+) -> None:
+    """`ConfigError` for MD settings that give no trajectory or a meaningless one (checked
+    before anything is read): at least one NVE step, a positive timestep, a temperature >= 0."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps} must be an integer >= 1 (NVE steps to run)")
+    if not (isinstance(timestep_fs, (int, float)) and 0 < timestep_fs < math.inf):
+        raise ConfigError(f"timestep_fs={timestep_fs} must be a positive number (fs), e.g. 0.5")
+    if not (isinstance(temperature_K, (int, float)) and 0 <= temperature_K < math.inf):
+        raise ConfigError(f"temperature_K={temperature_K} must be >= 0 (K), e.g. 300")
+    if (
+        isinstance(langevin_steps, bool)
+        or not isinstance(langevin_steps, int)
+        or langevin_steps < 0
+    ):
+        raise ConfigError(f"langevin_steps={langevin_steps} must be an integer >= 0")
+    if langevin_steps and not (
+        isinstance(friction_per_fs, (int, float)) and 0 < friction_per_fs < math.inf
+    ):
+        raise ConfigError(f"friction_per_fs={friction_per_fs} must be positive (1/fs), e.g. 0.01")
 
 
 def run_md(
@@ -151,35 +200,47 @@ def run_md(
 
     Returns the NVE total energy per atom at t = 0 and every step, its drift (slope of a linear fit,
     meV/atom/ps), max |E(t) - E(0)| and the potential energy's standard deviation (meV/atom).
+    Bad settings raise `ConfigError` (`check_md_settings`); a non-finite energy stops the run with
+    `DivergedError` (no drift is reported, no trajectory file is left).
     """
+    check_md_settings(steps, timestep_fs, temperature_K, langevin_steps, friction_per_fs)
     atoms = atoms.copy()
     atoms.calc = calc
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
     dt = timestep_fs * units.fs
-    traj = Trajectory(str(trajectory), "w", atoms) if trajectory else None
-    if langevin_steps > 0:
-        thermostat = Langevin(
-            atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng
-        )
-        thermostat.run(langevin_steps)
-    nve = VelocityVerlet(atoms, dt)
     energies, potential, temperatures = [], [], []
 
     def record() -> None:
-        energies.append(atoms.get_total_energy() / len(atoms))
+        total = atoms.get_total_energy() / len(atoms)
+        if not math.isfinite(total):
+            raise DivergedError(
+                f"MD diverged: non-finite total energy after {len(energies)} NVE steps of "
+                f"{timestep_fs} fs; no drift to report (try a smaller timestep_fs=)"
+            )
+        energies.append(total)
         potential.append(atoms.get_potential_energy() / len(atoms))
         temperatures.append(atoms.get_temperature())
 
-    nve.attach(record, interval=1)
-    if traj is not None:
-        nve.attach(traj.write, interval=10)
-    nve.run(steps)
-    if traj is not None:
-        traj.close()
+    with ExitStack() as stack:
+        traj = None
+        if trajectory:  # moved into place only once the run has finished
+            traj = stack.enter_context(
+                Trajectory(str(stack.enter_context(atomic_path(trajectory))), "w", atoms)
+            )
+        if langevin_steps > 0:
+            thermostat = Langevin(
+                atoms, dt, temperature_K=temperature_K, friction=friction_per_fs / units.fs, rng=rng
+            )
+            thermostat.run(langevin_steps)
+        nve = VelocityVerlet(atoms, dt)
+        nve.attach(record, interval=1)
+        if traj is not None:
+            nve.attach(traj.write, interval=10)
+        nve.run(steps)
     e = np.asarray(energies) * 1000.0  # meV/atom
     time_ps = np.arange(len(e)) * timestep_fs / 1000.0
-    slope = float(np.polyfit(time_ps, e, 1)[0]) if len(e) > 1 else 0.0
+    slope = float(np.polyfit(time_ps, e, 1)[0])  # t = 0 and steps >= 1 more points
     return {
         "n_atoms": len(atoms),
         "steps": steps,

@@ -3,9 +3,11 @@ failed starts leave no run directory behind."""
 
 import csv
 import dataclasses
+import errno
 import functools
 import io
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -48,14 +50,16 @@ def exit_on_user_error(fn):
             print("interrupted", file=sys.stderr)
             remove_failed_start()
             sys.exit(130)
-        except (MaceGridError, InstantiationException) as err:
-            cause = err if isinstance(err, MaceGridError) else err.__cause__
-            if not isinstance(cause, MaceGridError):
+        except (MaceGridError, InstantiationException, OSError) as err:
+            cause = err if isinstance(err, (MaceGridError, OSError)) else err.__cause__
+            if isinstance(cause, OSError) and cause.errno in _NOT_WRITABLE and cause.filename:
+                hint = _write_hint(args)
+                cause = ConfigError(f"cannot access {cause.filename}: {cause.strerror}{hint}")
+            elif not isinstance(cause, MaceGridError):
                 raise
             remove_failed_start()
             if _in_multirun():  # Hydra records the member as failed; the sweep goes on
-                log.error("%s", cause)
-                print(f"error: {cause}", file=sys.stderr)
+                _report(cause)
                 raise cause from None
             exit_with_error(cause)
 
@@ -66,12 +70,65 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _report(err: MaceGridError) -> None:
+    if log.hasHandlers():  # else logging's last resort would print it a second time
+        log.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+
+
 def exit_with_error(err: MaceGridError) -> NoReturn:
     """Log ``err``, print ``error: <message>`` on stderr and exit 2. The exit carries ``err`` as
     its cause, so that a sweeper running the task in-process can record the message."""
-    log.error("%s", err)
-    print(f"error: {err}", file=sys.stderr)
+    _report(err)
     raise SystemExit(2) from err
+
+
+# A path the user chose cannot be written: read-only, someone else's, or under a regular file.
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
+def _write_hint(args: tuple) -> str:
+    """What to change for a run that cannot write: the work dir (demo data, neighbour caches)
+    or the run's output dir, as the entry point's Hydra config names them."""
+    cfg = args[0] if args and isinstance(args[0], DictConfig) else None
+    if cfg is None or OmegaConf.select(cfg, "paths") is None:
+        return ""
+    return (
+        "; point the demo data and neighbour caches to a writable place with "
+        "MACE_GRID_WORK_DIR=<dir> (or paths.cache_dir=), and this run's outputs with "
+        "hydra.run.dir=<dir>"
+    )
+
+
+class WritableOutputDir(Callback):
+    """Hydra callback (``hydra.callbacks``): before Hydra creates the run (or sweep) directory,
+    refuse one that cannot be created or written (read-only ``outputs/``, a shared run's
+    checkpoint folder) with one ``error:`` line naming the override that moves it; exit 2."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _check_writable(path: str, key: str) -> None:
+    target = Path(path).absolute()
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    print(
+        f"error: cannot create the output directory {target}: {problem}; give a writable one "
+        f"with {key}=<dir>",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def _terminate(signum, frame):
@@ -104,6 +161,31 @@ def remove_failed_start() -> None:
 
 def _new(path: Path) -> bool:
     return path.stat().st_mtime >= _STARTED
+
+
+def refuse_overwriting_inputs(
+    inputs: dict[str, str | Path | None], outputs: dict[str, str | Path | None]
+) -> None:
+    """ConfigError if an output path (``key: path``; None: not written) is an input's or an
+    earlier output's file: writing it would destroy what the tool reads or has just written."""
+    taken: list[tuple[str, Path]] = []
+    for key, path in [*inputs.items(), *outputs.items()]:
+        if path is None:
+            continue
+        path = Path(path)
+        clash = next((k for k, p in taken if _same_file(p, path)), None)
+        if clash is not None and key in outputs:
+            raise ConfigError(
+                f"{key}={path} is the file of {clash}=: writing it would overwrite "
+                f"{'what it reads' if clash in inputs else 'that output'}; give {key}= another path"
+            )
+        taken.append((key, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return a.samefile(b)  # also through hard links
+    return a.resolve() == b.resolve()
 
 
 def parse_cli(schema: type, argv: list[str] | None = None, doc: str | None = None) -> DictConfig:

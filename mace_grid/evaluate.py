@@ -28,6 +28,7 @@ from mace.tools.torch_tools import default_dtype
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mace_grid.calculator import model_from_checkpoint, read_checkpoint, trained_conv
+from mace_grid.config import CONF_DIR
 from mace_grid.data.checks import MIN_DISTANCE
 from mace_grid.data.datamodule import check_elements, load_source, make_loader, to_atomic_data
 from mace_grid.data.io import free_mask, symbol
@@ -336,13 +337,67 @@ def eval_sets(cfg: DictConfig, ckpt: dict[str, Any], out_dir: Path) -> list[Eval
     return data_sets(data)
 
 
+def evaluate_keys() -> list[str]:
+    """The top-level keys evaluate reads: ``conf/evaluate.yaml``'s own and its config groups."""
+    conf = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "evaluate.yaml"))
+    groups = [
+        next(iter(d)).removeprefix("optional ") for d in conf["defaults"] if isinstance(d, dict)
+    ]
+    return [k for k in conf if k not in ("defaults", "hydra")] + groups
+
+
+def refuse_other_keys(cfg: DictConfig, ckpt: dict[str, Any]) -> None:
+    """`ConfigError` for a key evaluate does not read (``+tp=cg``, ``+trainer.…``): the model
+    is rebuilt from the checkpoint, so the override would be silently ignored. The message
+    names what the checkpoint holds there."""
+    known = evaluate_keys()
+    run_config = OmegaConf.create(ckpt["run_config"])
+    for key in cfg:
+        if key in known:
+            continue
+        given = dict(_leaves(key, cfg[key]))
+        differ = {p: v for p, v in given.items() if OmegaConf.select(run_config, p) != v}
+        given = differ or given
+        held = []
+        for path in given:
+            value = OmegaConf.select(run_config, path)
+            if value is None:  # e.g. +tp.options.rank=3 on tp=grid: name the whole setting
+                path, value = key, OmegaConf.select(run_config, key)
+            if value is not None:
+                held += [f"{p}={v}" for p, v in _leaves(path, value)][:1]
+        holds = f"it holds {_first(dict.fromkeys(held))}" if held else f"it has no {key}"
+        raise ConfigError(
+            f"{_first(f'{p}={v}' for p, v in given.items())} cannot apply to a checkpoint "
+            f"({holds}): evaluate rebuilds the model from the checkpoint; drop the override "
+            "(scripts/evaluate.py --help lists what it reads)"
+        )
+
+
+def _first(items, n: int = 2) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def _leaves(path: str, value: Any):
+    """(dotted path, value) of each setting in ``value``; a group entry with a ``name`` (tp,
+    conv, data) is one setting, named by it."""
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, dict) and value and "name" not in value:
+        for k, v in value.items():
+            yield from _leaves(f"{path}.{k}", v)
+    else:
+        yield path, value["name"] if isinstance(value, dict) and "name" in value else value
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` (see ``conf/evaluate.yaml``); write and return the metrics."""
     if cfg.ckpt_path is None:
         raise ConfigError("missing ckpt_path=<run>/checkpoints/best-epochNNN.ckpt")
+    ckpt = read_checkpoint(cfg.ckpt_path)
+    refuse_other_keys(cfg, ckpt)
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
-    ckpt = read_checkpoint(cfg.ckpt_path)
     model = model_from_checkpoint(ckpt, cfg.device, cfg.dtype, cfg.conv)
     for p in model.parameters():
         p.requires_grad_(False)

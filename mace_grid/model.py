@@ -63,6 +63,7 @@ def validate_model_config(model: Mapping[str, Any], tp: Mapping[str, Any] | None
             tp_backends.validate_correlation(tp["name"], model["correlation"])
         except ConfigError as err:
             raise ConfigError(f"model.{err}") from None
+        tp_backends.validate_options(tp["name"], tp.get("options"))
     if model["gate"] not in GATES:
         raise ConfigError(f"model.gate={model['gate']!r}; choose one of {sorted(GATES)}")
     for key in ("interaction", "interaction_first"):
@@ -75,6 +76,16 @@ def validate_model_config(model: Mapping[str, Any], tp: Mapping[str, Any] | None
         o3.Irreps(model["MLP_irreps"])
     except (ValueError, AssertionError) as err:
         raise ConfigError(f"model irreps: {err}") from None
+    pseudo = [str(ir) for _, ir in hidden if ir.p != (-1) ** ir.l]
+    if pseudo:
+        natural = dict.fromkeys(f"{mul}x{ir.l}{'eo'[ir.l % 2]}" for mul, ir in hidden)
+        raise ConfigError(
+            f"model.hidden_irreps={model['hidden_irreps']}: {', '.join(pseudo)} is a "
+            "pseudo-tensor; MACE's product basis has no linear path to it from its "
+            "natural-parity features, so no tp backend (cg included) builds it: use "
+            "natural-parity irreps (0e, 1o, 2e, 3o, ...), e.g. "
+            f"model.hidden_irreps={'+'.join(natural)}"
+        )
     if len({mul for mul, _ in hidden}) != 1:
         raise ConfigError(
             f"model.hidden_irreps={model['hidden_irreps']} must use one multiplicity for every "
@@ -106,11 +117,7 @@ def build_model(
     # basis wherever cuequivariance is installed
     reduced_cg = False
     if tp["name"] == "cg":
-        options = dict(tp.get("options") or {})
-        unknown = sorted(set(options) - {"reduced_cg"})
-        if unknown:
-            raise ConfigError(f"tp.options: unknown key(s) {unknown} for tp=cg; valid: reduced_cg")
-        reduced_cg = use_reduced_cg(options.get("reduced_cg", False))
+        reduced_cg = use_reduced_cg((tp.get("options") or {}).get("reduced_cg", False))
     with product_backend(tp):
         net = ScaleShiftMACE(
             r_max=float(model["r_max"]),

@@ -15,7 +15,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerStatus
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -66,6 +66,12 @@ def validate_config(cfg: DictConfig) -> None:
     if max_epochs is not None and max_epochs < 1 and (max_epochs != -1 or cfg.budget_s is None):
         raise ConfigError(
             f"trainer.max_epochs={max_epochs} must be >= 1 (or -1 with a budget_s=<seconds>)"
+        )
+    batches = cfg.trainer.get("limit_train_batches")
+    if batches is not None and not batches > 0:
+        raise ConfigError(
+            f"trainer.limit_train_batches={batches} trains nothing: give a fraction in (0, 1] or "
+            "a number of batches >= 1 (or drop it)"
         )
     if not isinstance(cfg.compile, bool):
         raise ConfigError(f"compile={cfg.compile!r} must be true or false")
@@ -187,7 +193,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_time = module.fit_time_offset + time.perf_counter() - start
 
     best = _best_checkpoint(trainer)
-    log.info("Evaluating best checkpoint %s (EMA weights)", best)
+    # announce what is there: callbacks=none has Lightning's own last-epoch checkpoint, no EMA
+    monitored = trainer.checkpoint_callback.monitor is not None
+    which = "best" if monitored and trainer.checkpoint_callback.best_model_path else "last"
+    weights = "EMA" if any(isinstance(c, WeightAveraging) for c in callbacks) else "trained"
+    log.info("Evaluating %s checkpoint %s (%s weights)", which, best, weights)
     module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     val = _metrics(evaluator.validate(module, datamodule, verbose=False), "val")
     test_results = evaluator.test(module, datamodule, verbose=False)
@@ -227,7 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows = {"initial val": module.initial_val, "val (best)": val}
         rows.update({f"test {name}": m for name, m in test.items()})
         print(format_metrics_table(rows, METRIC_NAMES))
-        print(f"best checkpoint: {best}\nsummary: {out_dir / 'summary.json'}")
+        print(f"{which} checkpoint: {best}\nsummary: {out_dir / 'summary.json'}")
     return summary
 
 
@@ -253,8 +263,16 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
 
 def _best_checkpoint(trainer: L.Trainer) -> str:
     ckpt = trainer.checkpoint_callback
-    if ckpt is None or not (ckpt.best_model_path or ckpt.last_model_path):
-        raise ConfigError("no checkpoint was written: keep callbacks.model_checkpoint enabled")
+    if ckpt is None:
+        raise ConfigError(
+            "no checkpoint to test: trainer.enable_checkpointing=false without "
+            "callbacks.model_checkpoint; keep one of them"
+        )
+    if not (ckpt.best_model_path or ckpt.last_model_path):
+        raise ConfigError(
+            f"no checkpoint was written after {trainer.global_step} training steps: check "
+            "trainer.limit_train_batches / min_epochs and callbacks.model_checkpoint's settings"
+        )
     return ckpt.best_model_path or ckpt.last_model_path
 
 

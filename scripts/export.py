@@ -12,7 +12,7 @@ import torch
 from omegaconf import MISSING
 
 from mace_grid.calculator import export_model, export_torchscript
-from mace_grid.cli import exit_on_user_error, parse_cli
+from mace_grid.cli import exit_on_user_error, parse_cli, refuse_overwriting_inputs
 
 
 @dataclass
@@ -26,6 +26,9 @@ class ExportArgs:
 @exit_on_user_error
 def main() -> None:
     args = parse_cli(ExportArgs, doc=__doc__)
+    refuse_overwriting_inputs(
+        {"ckpt_path": args.ckpt_path}, {"out": args.out, "torchscript": args.torchscript}
+    )
     out = export_model(args.ckpt_path, args.out, args.dtype)
     print(f"mace model: {out}")
     if args.torchscript:

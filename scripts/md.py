@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from mace_grid.calculator import MaceGridCalculator, run_md
-from mace_grid.cli import exit_on_user_error, parse_cli
+from mace_grid.calculator import MaceGridCalculator, check_md_settings, run_md
+from mace_grid.cli import exit_on_user_error, parse_cli, refuse_overwriting_inputs
 from mace_grid.data.io import read_atoms
 from mace_grid.errors import ConfigError
+from mace_grid.utils import atomic_write_text
 
 
 @dataclass
@@ -35,6 +36,13 @@ class MDArgs:
 @exit_on_user_error
 def main() -> None:
     args = parse_cli(MDArgs, doc=__doc__)
+    check_md_settings(
+        args.steps, args.timestep_fs, args.temperature_K, args.langevin_steps, args.friction_per_fs
+    )
+    refuse_overwriting_inputs(
+        {"ckpt_path": args.ckpt_path, "file": args.file},
+        {"out": args.out, "trajectory": args.trajectory},
+    )
     frames = read_atoms(args.file, "file")
     if not -len(frames) <= args.index < len(frames):
         raise ConfigError(
@@ -55,8 +63,7 @@ def main() -> None:
         trajectory=args.trajectory,
     )
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=1)
+        atomic_write_text(args.out, json.dumps(result, indent=1))
     print(
         f"{result['n_atoms']} atoms, {result['steps']} NVE steps of {result['timestep_fs']} fs, "
         f"mean T {result['mean_temperature_K']:.0f} K\n"

@@ -5,7 +5,8 @@ Every backend module has ``forward(x, node_attrs)`` with ``x: [n_nodes, channels
 ``[n_nodes, irreps_out.dim]`` in mace-torch's ``SymmetricContraction`` layout.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from e3nn import o3
@@ -13,12 +14,12 @@ from e3nn import o3
 from mace_grid.errors import ConfigError
 from mace_grid.tp import gaunt
 from mace_grid.tp.cg import MAX_CORRELATION as CG_MAX_CORRELATION
-from mace_grid.tp.cg import build_cg
+from mace_grid.tp.cg import build_cg, use_reduced_cg
 from mace_grid.tp.expressivity import Expressivity, expressivity  # noqa: F401  (re-exported)
-from mace_grid.tp.gaunt import build_gaunt
+from mace_grid.tp.gaunt import build_gaunt, check_method
 from mace_grid.tp.grid import build_grid
 from mace_grid.tp.grid_chain import build_grid_chain
-from mace_grid.tp.grid_rank import build_grid_rank
+from mace_grid.tp.grid_rank import build_grid_rank, check_factors, check_rank
 
 _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "cg": build_cg,
@@ -28,6 +29,26 @@ _BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "grid_chain": build_grid_chain,
 }
 BACKENDS: tuple[str, ...] = tuple(_BUILDERS)
+#: every ``tp.options`` key of each backend (its builder's keyword arguments) and its check
+OPTIONS: dict[str, dict[str, Callable[[Any], object]]] = {
+    "cg": {"reduced_cg": use_reduced_cg},
+    "gaunt": {"method": check_method},
+    "grid": {},
+    "grid_rank": {"rank": check_rank, "factors": check_factors},
+    "grid_chain": {"rank": check_rank, "factors": check_factors},
+}
+
+
+def validate_options(name: str, options: Mapping[str, Any] | None) -> None:
+    """`ConfigError` for an unknown key or a bad value of backend ``name``'s ``tp.options``:
+    checked from the config alone, before any data are read."""
+    checks = OPTIONS[name]
+    unknown = sorted(set(options or {}) - set(checks))
+    if unknown:
+        valid = ", ".join(checks) or "none"
+        raise ConfigError(f"tp.options: unknown key(s) {unknown} for tp={name}; valid: {valid}")
+    for key, value in (options or {}).items():
+        checks[key](value)
 
 
 def max_correlation(name: str) -> int:

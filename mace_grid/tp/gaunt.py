@@ -303,6 +303,14 @@ def _fourier_sizes(l_in: int, correlation: int, l_out: int) -> tuple[int, int]:
 METHODS = ("fused", "fft", "direct")
 
 
+def check_method(method: str) -> None:
+    """`ConfigError` unless ``method`` (``tp.options.method``) is one of `METHODS`."""
+    if method not in METHODS:
+        raise ConfigError(
+            f"tp.options.method must be one of {', '.join(METHODS)} for tp=gaunt, got {method!r}"
+        )
+
+
 def torus_points(
     l_in: int, correlation: int, l_out: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -355,11 +363,7 @@ class FourierGauntProduct(GauntProductBasis):
         num_elements: int,
         method: str = METHODS[0],
     ) -> None:
-        if method not in METHODS:
-            raise ConfigError(
-                f"tp.options.method must be one of {', '.join(METHODS)} for tp=gaunt, "
-                f"got {method!r}"
-            )
+        check_method(method)
         super().__init__(irreps_in, irreps_out, correlation, num_elements)
         self.method = method
         l_in, l_max = self.l_in, self.l_out_max

@@ -42,6 +42,20 @@ from mace_grid.tp.grid import gauss_legendre_points
 
 #: who owns a set of factor (and round-trip) weights: each channel, or each (element, channel)
 FACTORS = ("channel", "element")
+
+
+def check_rank(rank: int) -> None:
+    """`ConfigError` unless ``rank`` (``tp.options.rank``) is an integer >= 1."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"tp.options.rank must be an integer >= 1, got {rank!r}")
+
+
+def check_factors(factors: str) -> None:
+    """`ConfigError` unless ``factors`` (``tp.options.factors``) is one of `FACTORS`."""
+    if factors not in FACTORS:
+        raise ConfigError(f"tp.options.factors must be one of {FACTORS}, got {factors!r}")
+
+
 #: bytes of the grid-sized temporaries of one block (measured best at about two CPU L2 caches)
 _BLOCK_BYTES = 1 << 21
 
@@ -370,11 +384,9 @@ class GridRankProduct(GauntProductBasis):
         rank: int = 2,
         factors: str = "channel",
     ) -> None:
+        check_rank(rank)
+        check_factors(factors)
         super().__init__(irreps_in, irreps_out, correlation, num_elements)
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ConfigError(f"tp.options.rank must be an integer >= 1, got {rank!r}")
-        if factors not in FACTORS:
-            raise ConfigError(f"tp.options.factors must be one of {FACTORS}, got {factors!r}")
         self.rank = rank
         self.factors = factors
         # sets of factor weights: one per channel, or one per (element, channel)
