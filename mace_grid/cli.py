@@ -4,6 +4,7 @@ failed starts leave no run directory behind."""
 import dataclasses
 import functools
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -39,11 +40,18 @@ def exit_on_user_error(fn):
             if not isinstance(cause, MaceGridError):
                 raise
             log.error("%s", cause)
-            print(f"error: {cause}", file=sys.stderr)
+            if _global_rank_zero():  # every DDP rank raises it; one line is printed
+                print(f"error: {cause}", file=sys.stderr)
             remove_failed_start()
             sys.exit(2)
 
     return wrapper
+
+
+def _global_rank_zero() -> bool:
+    """False in the other processes of a distributed run (Lightning's launcher, torchrun and
+    SLURM set these variables; a plain run has none of them)."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _terminate(signum, frame):

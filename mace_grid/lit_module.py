@@ -19,6 +19,9 @@ from mace_grid.errors import DivergedError
 from mace_grid.model import build_compiled_model, build_model
 
 METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
+#: training steps between finiteness checks (each one host sync and, under DDP, one all-reduce);
+#: the last step of every epoch is checked too, so no checkpoint holds a diverged state
+FINITE_CHECK_STEPS = 50
 
 
 class ErrorMetrics(torch.nn.Module):
@@ -88,6 +91,8 @@ class MaceLitModule(L.LightningModule):
         # Wall-clock seconds of fit() before this process (a resumed run continues the count).
         self.fit_time_offset = 0.0
         self._fit_start = 0.0
+        # per stage: non-finite losses since the last check, on the device (no per-step sync)
+        self._non_finite: dict[str, torch.Tensor] = {}
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         data = batch.to_dict()
@@ -114,19 +119,29 @@ class MaceLitModule(L.LightningModule):
                 add_dataloader_idx=False,
             )
 
-    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
-        """Stop the run on a non-finite loss, before a checkpoint of this state is written."""
-        if not torch.isfinite(loss):
+    def _flag_non_finite(self, loss: torch.Tensor, stage: str) -> None:
+        """Count a non-finite loss on the device (no host sync); `_raise_if_diverged` reads it."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.int64)
+        previous = self._non_finite.get(stage)
+        self._non_finite[stage] = bad if previous is None else previous + bad
+
+    def _raise_if_diverged(self, stage: str) -> None:
+        """Stop the run if any rank saw a non-finite ``stage`` loss since the last check, before
+        a checkpoint of this state is written. Every rank takes the same decision (all-reduced),
+        so under DDP all of them raise together instead of the others waiting in a collective."""
+        count = self._non_finite.pop(stage, None)
+        local = count is not None and bool(count)  # the one host sync of a check
+        if self.trainer.strategy.reduce_boolean_decision(local, all=False):
             raise DivergedError(
-                f"non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, step "
-                f"{self.global_step}: training diverged (try a lower optim.lr or "
+                f"non-finite {stage} loss at epoch {self.current_epoch} (by step "
+                f"{self.global_step}): training diverged (try a lower optim.lr or "
                 "trainer.gradient_clip_val); no checkpoint of this state was saved"
             )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         pred = self(batch)
         loss = self.loss(pred, batch)
-        self._check_finite(loss, "training")
+        self._flag_non_finite(loss, "training")
         # The running loss in the progress bar only (loggers get the epoch mean below).
         self.log("loss", loss.detach(), on_step=True, prog_bar=True, logger=False)
         self.train_metrics.update(pred, batch)
@@ -141,16 +156,31 @@ class MaceLitModule(L.LightningModule):
         self._log_metrics("train", self.train_metrics, batch.num_graphs)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Finiteness check every `FINITE_CHECK_STEPS` steps and at the epoch's last step (the
+        last batch, or a budget stop): the same steps on every rank."""
+        step, trainer = batch_idx + 1, self.trainer
+        if (
+            step % FINITE_CHECK_STEPS == 0
+            or step == trainer.num_training_batches
+            or trainer.should_stop
+        ):
+            self._raise_if_diverged("training")
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.enable_grad():
             pred = self(batch)
         self.val_metrics.update(pred, batch)
         loss = self.loss(pred, batch).detach()
-        self._check_finite(loss, "validation")
+        self._flag_non_finite(loss, "validation")
         # sync_dist: under DDP every rank's LR scheduler, checkpoint and early stopping must see
         # the same val/loss (the mean over ranks), or their learning rates drift apart.
         self.log("val/loss", loss, batch_size=batch.num_graphs, sync_dist=True)
         self._log_metrics("val", self.val_metrics, batch.num_graphs)
+
+    def on_validation_epoch_end(self) -> None:
+        # before ModelCheckpoint and EarlyStopping read val/loss (their on_validation_end)
+        self._raise_if_diverged("validation")
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         with torch.enable_grad():

@@ -307,7 +307,7 @@ def training_step(module, x, attrs):
     x = x.clone().requires_grad_(True)
     module.zero_grad()
     y = module(x, attrs)
-    energy = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum()
+    energy = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum()
     (forces,) = torch.autograd.grad(energy, x, create_graph=True)
     (energy + forces.square().sum()).backward()
     return y, forces, x.grad, [p.grad.clone() for p in module.parameters() if p.grad is not None]
