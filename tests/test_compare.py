@@ -8,7 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from _helpers import shared_root, tiny_args
+from lightning.pytorch.trainer.states import TrainerFn
 
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
@@ -145,14 +147,44 @@ def test_budget_counts_the_epochs_before_a_resume() -> None:
     timer.load_state_dict({"epoch_times": {"0": 0.6, "1": 0.3}})
     strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
     trainer = SimpleNamespace(current_epoch=2, should_stop=False, strategy=strategy)
-    timer.on_train_epoch_start(trainer, None)
-    timer.on_train_batch_start(trainer, None, None, 0)
-    timer.on_train_batch_end(trainer, None, None, None, 0)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    timer.on_train_epoch_start(trainer, module)
+    timer.on_train_batch_start(trainer, module, None, 0)
+    timer.on_train_batch_end(trainer, module, None, None, 0)
     assert not trainer.should_stop  # 0.9 s + one instant step
-    timer.on_train_batch_start(trainer, None, None, 1)
+    timer.on_train_batch_start(trainer, module, None, 1)
     time.sleep(0.15)
-    timer.on_train_batch_end(trainer, None, None, None, 1)
+    timer.on_train_batch_end(trainer, module, None, None, 1)
     assert trainer.should_stop
+
+
+def test_epoch_timer_waits_for_the_gpu(monkeypatch) -> None:
+    """On CUDA the step's kernels are still running when the host reaches the step's end: the
+    timer synchronises the device (here a fake sync that takes 0.2 s) before reading the
+    clock, and before starting it (earlier queued work is not the step's)."""
+    calls = []
+
+    def fake_sync(device):
+        calls.append(device)
+        time.sleep(0.2 if len(calls) % 2 == 0 else 0.0)  # the step's queued kernels
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fake_sync)
+    gpu = torch.device("cuda", 0)
+    timer = EpochTrainTimer()
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+    fitting = SimpleNamespace(fn=TrainerFn.FITTING)
+    trainer = SimpleNamespace(
+        current_epoch=0, should_stop=False, strategy=strategy, state=fitting, sanity_checking=False
+    )
+    module = SimpleNamespace(device=gpu)
+    timer.on_train_epoch_start(trainer, module)
+    timer.on_train_batch_start(trainer, module, None, 0)
+    timer.on_train_batch_end(trainer, module, None, None, 0)
+    timer.on_train_epoch_end(trainer, module)
+    assert calls == [gpu, gpu]
+    assert timer.per_epoch[0] >= 0.2
+    timer.on_train_batch_start(trainer, SimpleNamespace(device=torch.device("cpu")), None, 1)
+    assert len(calls) == 2  # nothing to wait for on the CPU
 
 
 @pytest.mark.parametrize(
