@@ -24,6 +24,34 @@ METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
 FINITE_CHECK_STEPS = 50
 
 
+class MaskedError(torchmetrics.Metric):
+    """Mean absolute (or root mean square) error over the entries where ``mask`` is 1.
+
+    Masked sums, not boolean indexing: indexing by a mask asks the device how many entries it
+    holds (a host sync every step). Synced in DDP; NaN when no entry was seen (an energy-only
+    test set's forces).
+    """
+
+    full_state_update = False
+
+    def __init__(self, squared: bool = False) -> None:
+        super().__init__()
+        self.squared = squared
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> None:
+        diff = (pred - ref).double()
+        error = diff.square() if self.squared else diff.abs()
+        mask = mask.double().expand_as(error)
+        self.total += (error * mask).sum()
+        self.count += mask.sum()
+
+    def compute(self) -> torch.Tensor:
+        mean = self.total / self.count
+        return mean.sqrt() if self.squared else mean
+
+
 class ErrorMetrics(torch.nn.Module):
     """Energy-per-atom (meV/atom) and force-component (meV/Å) MAE/RMSE, free atoms only.
 
@@ -32,24 +60,22 @@ class ErrorMetrics(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.e_mae = torchmetrics.MeanAbsoluteError()
-        self.e_rmse = torchmetrics.MeanSquaredError(squared=False)
-        self.f_mae = torchmetrics.MeanAbsoluteError()
-        self.f_rmse = torchmetrics.MeanSquaredError(squared=False)
+        self.e_mae = MaskedError()
+        self.e_rmse = MaskedError(squared=True)
+        self.f_mae = MaskedError()
+        self.f_rmse = MaskedError(squared=True)
 
     def update(self, pred: Mapping[str, torch.Tensor], batch: Any) -> None:
         n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(pred["energy"].dtype)
-        e_pred, e_ref = pred["energy"] / n_atoms, batch.energy / n_atoms
+        e_pred = pred["energy"].detach() / n_atoms * 1000.0
+        e_ref = batch.energy / n_atoms * 1000.0
         # Free atoms of frames with reference forces (not those of an energy-only test set).
-        free = batch.free_mask.bool() & (batch.forces_weight[batch.batch] > 0)
-        f_pred, f_ref = pred["forces"][free], batch.forces[free]
-        for metric, (p, r) in (
-            (self.e_mae, (e_pred, e_ref)),
-            (self.e_rmse, (e_pred, e_ref)),
-            (self.f_mae, (f_pred, f_ref)),
-            (self.f_rmse, (f_pred, f_ref)),
-        ):
-            metric.update(p.detach() * 1000.0, r * 1000.0)
+        free = (batch.free_mask * (batch.forces_weight[batch.batch] > 0)).unsqueeze(-1)
+        f_pred, f_ref = pred["forces"].detach() * 1000.0, batch.forces * 1000.0
+        for metric in (self.e_mae, self.e_rmse):
+            metric.update(e_pred, e_ref, torch.ones_like(e_ref))
+        for metric in (self.f_mae, self.f_rmse):
+            metric.update(f_pred, f_ref, free)
 
     def metrics(self) -> dict[str, torchmetrics.Metric]:
         return {name: getattr(self, name) for name in METRIC_NAMES}
@@ -93,6 +119,14 @@ class MaceLitModule(L.LightningModule):
         self._fit_start = 0.0
         # per stage: non-finite losses since the last check, on the device (no per-step sync)
         self._non_finite: dict[str, torch.Tensor] = {}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
+        """One non-blocking copy per attribute on a GPU (from the pinned batches of
+        ``loader_options``: they overlap compute); Lightning copies a batch that is not a tensor
+        blocking."""
+        if device.type == "cuda" and hasattr(batch, "apply"):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         data = batch.to_dict()
