@@ -19,6 +19,7 @@ import csv
 import json
 import logging
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -193,12 +194,48 @@ _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float]:
-    """Run ``cmd`` with output appended to ``log_path``; (wall seconds, peak RSS in MB)."""
+def gpu_slots(jobs: int, overrides: list[str], gpus: int) -> queue.Queue | None:
+    """For ``trainer=gpu`` with ``jobs`` > 1: one GPU index per concurrent run, round-robin over
+    the ``gpus`` visible ones (a run takes one, `_run_logged`, and gives it back), so parallel runs
+    don't all land on cuda:0. None otherwise (CUDA_VISIBLE_DEVICES left as it is)."""
+    if jobs < 2 or _override(overrides, "trainer") != "gpu" or gpus < 1:
+        return None
+    slots: queue.Queue = queue.Queue()
+    for job in range(jobs):
+        slots.put(job % gpus)
+    return slots
+
+
+def _run_logged(
+    cmd: list[str], log_path: Path, what: str, slots: queue.Queue | None = None
+) -> tuple[float, float]:
+    """Run ``cmd`` with output appended to ``log_path`` (on a GPU of ``slots``, if given);
+    (wall seconds, peak RSS in MB)."""
+    env, gpu = None, None
+    if slots is not None:
+        gpu = slots.get()
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": _visible_gpu(gpu)}
+        what = f"{what} on GPU {env['CUDA_VISIBLE_DEVICES']}"
     log.info("%s: %s (log %s)", what, " ".join(cmd[1:]), log_path)
     start = time.perf_counter()
+    try:
+        return _wait_logged(cmd, log_path, what, env, start)
+    finally:
+        if gpu is not None:
+            slots.put(gpu)
+
+
+def _visible_gpu(index: int) -> str:
+    """The ``index``-th GPU this process sees, as a CUDA_VISIBLE_DEVICES entry."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
+def _wait_logged(cmd, log_path: Path, what: str, env, start: float) -> tuple[float, float]:
     with open(log_path, "a") as handle:
-        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT, env=env
+        )
         with _LIVE_LOCK:
             _LIVE.add(proc)
         # wait4 gives this child's own rusage (RUSAGE_CHILDREN would be the max over all runs).
@@ -213,7 +250,7 @@ def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float
     return wall, usage.ru_maxrss / 1024.0
 
 
-def run_job(run: Run, cmd: list[str], threads: int) -> bool:
+def run_job(run: Run, cmd: list[str], threads: int, slots: queue.Queue | None = None) -> bool:
     """Train (unless the same command finished before) and evaluate one run; True if trained."""
     record_path = run.dir / "resources.json"
     trained = False
@@ -231,7 +268,7 @@ def run_job(run: Run, cmd: list[str], threads: int) -> bool:
         run.dir.mkdir(parents=True)
         run.log.write_text("")
         started = time.time()
-        wall, rss = _run_logged(cmd, run.log, f"train.py tp={run.tp} seed={run.seed}")
+        wall, rss = _run_logged(cmd, run.log, f"train.py tp={run.tp} seed={run.seed}", slots)
         record = {"command": cmd, "started": started, "wall_time_s": wall, "peak_rss_mb": rss}
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
         trained = True
@@ -257,14 +294,21 @@ def evaluate_run(run_dir: Path, threads: int) -> dict[str, Any]:
         return evaluate(compose_config("evaluate", overrides))
 
 
-def run_all(runs: list[Run], commands: list[list[str]], threads: int, jobs: int) -> int:
-    """Run the jobs ``jobs`` at a time in the given order; the number trained. Failures are
-    collected (the other runs go on) and raised together at the end."""
+def run_all(
+    runs: list[Run],
+    commands: list[list[str]],
+    threads: int,
+    jobs: int,
+    slots: queue.Queue | None = None,
+) -> int:
+    """Run the jobs ``jobs`` at a time in the given order (each on a GPU of ``slots``, if
+    given); the number trained. Failures are collected (the other runs go on) and raised
+    together at the end."""
     failures, trained = [], 0
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         futures = {
-            pool.submit(run_job, run, cmd, threads): run
+            pool.submit(run_job, run, cmd, threads, slots): run
             for run, cmd in zip(runs, commands, strict=True)
         }
         for future in as_completed(futures):
@@ -555,7 +599,8 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         for tp in args.backends
     ]
     commands = [train_command(run, args, overrides) for run in runs]
-    trained = run_all(runs, commands, int(threads), args.jobs)
+    slots = gpu_slots(args.jobs, overrides, torch.cuda.device_count())
+    trained = run_all(runs, commands, int(threads), args.jobs, slots)
     log.info("%d of %d runs trained now, %d reused", trained, len(runs), len(runs) - trained)
 
     summaries = {run: json.loads((run.dir / "summary.json").read_text()) for run in runs}

@@ -120,14 +120,6 @@ class MaceLitModule(L.LightningModule):
         # per stage: non-finite losses since the last check, on the device (no per-step sync)
         self._non_finite: dict[str, torch.Tensor] = {}
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int):
-        """One non-blocking copy per attribute on a GPU (from the pinned batches of
-        ``loader_options``: they overlap compute); Lightning copies a batch that is not a tensor
-        blocking."""
-        if device.type == "cuda" and hasattr(batch, "apply"):
-            return batch.to(device, non_blocking=True)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         data = batch.to_dict()
         data["positions"].requires_grad_(True)  # here, not in the model: torch.compile needs it

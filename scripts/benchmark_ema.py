@@ -4,10 +4,10 @@
 
 Both in one process, on the default model and data (``train.py``'s config with the overrides):
 Lightning's ``EMAWeightAveraging`` (every parameter and buffer, one tensor at a time) and
-``ParameterEMA`` (parameters only, multi-tensor), in alternating rounds of ``--epochs`` epochs
-each (one validation batch), the same seed and initial weights. Reports s/epoch of the training steps
-(`mace_grid.callbacks.EpochTrainTimer`) per variant, the after/before ratio, and the time of
-the EMA update alone (median of 200 interleaved updates).
+``ParameterEMA`` (parameters only, multi-tensor), in alternating rounds of ``--epochs``
+epochs each (one validation batch), the same seed and initial weights. Reports s/epoch of the
+training steps (`mace_grid.callbacks.EpochTrainTimer`) per variant, the after/before ratio, and
+the time of the EMA update alone (median of 200 interleaved updates).
 """
 
 import argparse

@@ -3,6 +3,7 @@
 import csv
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,16 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
-from mace_grid.compare import CompareArgs, compare, markdown, reach_table, split_args, time_to_reach
+from mace_grid.compare import (
+    CompareArgs,
+    _run_logged,
+    compare,
+    gpu_slots,
+    markdown,
+    reach_table,
+    split_args,
+    time_to_reach,
+)
 from mace_grid.errors import ConfigError
 
 
@@ -236,3 +246,18 @@ def test_s2ef_metrics_are_tabled_for_oc20_only() -> None:
     oc20 = markdown([row], ["grid"], "# t", s2ef=True)
     assert table_row(oc20, "## Test set `test`", "grid")[-3:] == ["0.25", "0.5", "0"]
     assert "EFwT" in oc20 and "EFwT" not in markdown([row], ["grid"], "# t")
+
+
+def test_parallel_gpu_runs_get_their_own_gpu(tmp_path: Path, monkeypatch) -> None:
+    """trainer=gpu jobs=3 on 2 GPUs: slots 0, 1, 0 (round-robin); a run sees only its GPU
+    (CUDA_VISIBLE_DEVICES, mapped through the one this process was given) and gives it back."""
+    assert gpu_slots(3, ["trainer=cpu"], 2) is None and gpu_slots(1, ["trainer=gpu"], 2) is None
+    slots = gpu_slots(3, ["data=3bpa", "trainer=gpu"], 2)
+    assert [slots.get() for _ in range(3)] == [0, 1, 0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    slots.put(1)
+    log_file = tmp_path / "run.log"
+    show = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+    _run_logged([sys.executable, "-c", show], log_file, "probe", slots)
+    assert log_file.read_text().strip() == "6"
+    assert slots.get_nowait() == 1  # returned

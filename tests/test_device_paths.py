@@ -8,7 +8,7 @@ import torch
 import torchmetrics
 
 from mace_grid.data.datamodule import GPU_WORKERS, SplitLoaders
-from mace_grid.lit_module import MaceLitModule, MaskedError
+from mace_grid.lit_module import MaskedError
 
 
 class Loaders(SplitLoaders):
@@ -47,7 +47,7 @@ def test_gpu_batches_are_copied_without_blocking() -> None:
     calls = []
     batch = SimpleNamespace(apply=None, to=lambda device, **kw: calls.append((device, kw)) or "b")
     gpu = torch.device("cuda", 0)
-    assert MaceLitModule.transfer_batch_to_device(None, batch, gpu, 0) == "b"
+    assert SplitLoaders.transfer_batch_to_device(None, batch, gpu, 0) == "b"
     assert calls == [(gpu, {"non_blocking": True})]
 
 

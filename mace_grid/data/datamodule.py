@@ -183,8 +183,8 @@ class SplitLoaders:
             raise RuntimeError("call setup() first")
 
     def loader_options(self) -> dict:
-        """Chosen per trainer: on a GPU pinned batches (copied without blocking, see
-        ``MaceLitModule.transfer_batch_to_device``) and, for ``num_workers`` null, `GPU_WORKERS`
+        """Chosen per trainer: on a GPU pinned batches (copied without blocking,
+        `transfer_batch_to_device`) and, for ``num_workers`` null, `GPU_WORKERS`
         persistent worker processes (collation off the GPU's critical path); on the CPU no
         pinning and, for null, no workers (collation in the training process, as before)."""
         trainer = getattr(self, "trainer", None)  # set by Lightning's fit/validate/test
@@ -193,6 +193,13 @@ class SplitLoaders:
         if workers is None:
             workers = min(GPU_WORKERS, os.cpu_count() or 1) if gpu else 0
         return {"num_workers": workers, "pin_memory": gpu}
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """One non-blocking copy per attribute on a GPU (the pinned batches of `loader_options`
+        overlap compute); Lightning copies a batch that is not a tensor blocking."""
+        if device.type == "cuda" and hasattr(batch, "apply"):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self):
         self._ready()

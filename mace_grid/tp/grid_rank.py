@@ -62,8 +62,7 @@ class _ProductMaps:
         self.n_points = to_points.shape[0]
         self.n_degrees = module.l_in + 1
         width = 2 * module.l_in + 1
-        lm = [(l, m) for l in range(self.n_degrees) for m in range(-l, l + 1)]
-        self.pad_index = torch.tensor([l * width + m + l for l, m in lm], device=to_points.device)
+        self.pad_index = module.degree_pad_index
         padded = to_points.new_zeros(self.n_degrees * width, self.n_points)
         padded.index_copy_(0, self.pad_index, to_points.T)
         self.degree_points_t = padded.view(self.n_degrees, width, -1)  # [L_in+1, M, G]
@@ -402,6 +401,10 @@ class GridRankProduct(GauntProductBasis):
             self.register_buffer("factor", factor[:, :0])
         degree_of_lm = [l for l in range(l_in + 1) for _ in range(2 * l + 1)]
         self.register_buffer("degree_of_lm", torch.tensor(degree_of_lm), persistent=False)
+        # (l, m) -> row of the kernel's [L_in+1, 2 L_in+1] padding: a buffer, not rebuilt from a
+        # Python list (a host-to-device copy) in every forward
+        pad = [l * (2 * l_in + 1) + m + l for l in range(l_in + 1) for m in range(-l, l + 1)]
+        self.register_buffer("degree_pad_index", torch.tensor(pad), persistent=False)
 
         # `grid`'s point set; subclasses whose intermediate steps need more raise in check_degree
         self.points = PointSet(
