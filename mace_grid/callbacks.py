@@ -147,6 +147,7 @@ class SyncCounter(L.Callback):
         self.counts: list[int] = []
         self._catcher: warnings.catch_warnings | None = None
         self._caught: list[warnings.WarningMessage] = []
+        self._warn_always = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.device.type != "cuda":
@@ -154,13 +155,15 @@ class SyncCounter(L.Callback):
         self._catcher = warnings.catch_warnings(record=True)
         self._caught = self._catcher.__enter__()
         warnings.simplefilter("always")
-        torch.set_warn_always(True)
+        self._warn_always = torch.is_warn_always_enabled()
+        torch.set_warn_always(True)  # every synchronising call, not the first of each kind
         torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._catcher is None:
             return
         torch.cuda.set_sync_debug_mode("default")
+        torch.set_warn_always(self._warn_always)
         self._catcher.__exit__(None, None, None)
         self._catcher = None
         self.counts.append(sum("synchroniz" in str(w.message) for w in self._caught))

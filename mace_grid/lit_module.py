@@ -1,7 +1,8 @@
 """LightningModule: energy-per-atom + forces loss, Adam + ReduceLROnPlateau, error metrics.
 
-EMA of the weights is Lightning's ``EMAWeightAveraging`` callback (``conf/callbacks``): it swaps
-the averaged weights in for validation and stores them as the checkpoint's ``state_dict``.
+EMA of the weights is the ``ParameterEMA`` callback (Lightning's ``WeightAveraging``,
+``conf/callbacks``): it swaps the averaged weights in for validation and stores them as the
+checkpoint's ``state_dict``.
 """
 
 import random

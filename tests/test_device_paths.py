@@ -68,3 +68,30 @@ def test_masked_error_equals_the_error_of_the_selected_entries(squared) -> None:
     empty = MaskedError(squared=squared)
     empty.update(torch.ones(4, 3), torch.zeros(4, 3), torch.zeros(4, 1))
     assert torch.isnan(empty.compute())  # no labelled entries: NaN, reported as None
+
+
+def test_sync_counter_counts_sync_warnings_per_step(monkeypatch, tmp_path) -> None:
+    """On CUDA, torch.cuda.set_sync_debug_mode("warn") warns once per synchronising call; the
+    counter records them per step (faked here: the mode switch is a no-op, the step warns)."""
+    import json
+    import warnings
+
+    from mace_grid.callbacks import SyncCounter
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter = SyncCounter()
+    module = SimpleNamespace(device=torch.device("cuda"), run_dir=str(tmp_path))
+    for syncs in (3, 0, 2, 2):
+        counter.on_train_batch_start(None, module, None, 0)
+        for _ in range(syncs):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+        counter.on_train_batch_end(None, module, None, None, 0)
+    assert counter.counts == [3, 0, 2, 2] and modes == ["warn", "default"] * 4
+    counter.on_train_end(SimpleNamespace(is_global_zero=True), module)
+    result = json.loads((tmp_path / "sync_counts.json").read_text())
+    assert result["per_step_median"] == 2 and result["steps"] == 4  # first 2 steps: warm-up
+    cpu = SyncCounter()
+    cpu.on_train_batch_start(None, SimpleNamespace(device=torch.device("cpu")), None, 0)
+    assert cpu._catcher is None  # nothing to count on the CPU
