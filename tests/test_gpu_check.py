@@ -31,8 +31,7 @@ def test_cuda_without_a_gpu_is_one_line_error(tmp_path: Path) -> None:
         return
     cmd = [sys.executable, str(PROJECT_ROOT / "scripts" / "gpu_check.py"), "--device", "cuda"]
     proc = subprocess.run([*cmd, "--out", str(tmp_path / "r.md")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert (
-        proc.stderr.strip().startswith("error: --device cuda") and "\n" not in proc.stderr.strip()
-    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: --device cuda"), proc.stderr
     assert not (tmp_path / "r.md").exists()
