@@ -83,6 +83,10 @@ def load_model(
     return model_from_checkpoint(read_checkpoint(ckpt_path), device, dtype, conv)
 
 
+#: MACECalculator options that convert the model's contraction to mace's own kernels (cg only)
+STOCK_CONTRACTION_ONLY = ("compile_mode", "enable_cueq", "enable_oeq")
+
+
 class MaceGridCalculator(MACECalculator):
     """ASE calculator of a train.py checkpoint (any tp backend): energy, free_energy, node
     energies, forces and stress (periodic cells; zero for non-periodic ones), via mace's
@@ -98,7 +102,15 @@ class MaceGridCalculator(MACECalculator):
         conv: str | None = None,
         **kwargs,
     ) -> None:
-        model = load_model(ckpt_path, device, dtype, conv)
+        ckpt = read_checkpoint(ckpt_path)
+        tp = ckpt["hyper_parameters"]["tp"]["name"]
+        stock = [f"{key}={kwargs[key]!r}" for key in STOCK_CONTRACTION_ONLY if kwargs.get(key)]
+        if tp != "cg" and stock:
+            raise ConfigError(
+                f"{', '.join(stock)}: mace rebuilds its stock symmetric contraction for these, "
+                f"which a tp={tp} model does not have; drop them (they apply to tp=cg only)"
+            )
+        model = model_from_checkpoint(ckpt, device, dtype, conv)
         dtype_name = {v: k for k, v in DTYPES.items()}[next(model.parameters()).dtype]
         super().__init__(models=[model], device=device, default_dtype=dtype_name, **kwargs)
 

@@ -1,19 +1,81 @@
 """Callbacks of our own; everything else in ``conf/callbacks`` is Lightning's."""
 
+import json
 import logging
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from tqdm import tqdm
 
 from mace_grid.errors import ConfigError
-from mace_grid.utils import atomic_path
+from mace_grid.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger("mace_grid.train")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has run the work queued on it: CUDA kernels run asynchronously, so
+    a host clock alone would time their launch. Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ParameterEMA(WeightAveraging):
+    """Exponential moving average of the parameters after every optimiser step, used for
+    validation and test and saved as the checkpoint's ``state_dict`` (Lightning's
+    `WeightAveraging` does the swapping and the checkpoint layout).
+
+    The same average as Lightning's ``EMAWeightAveraging(decay)`` (``ema = decay ema + (1 -
+    decay) p``; the first step copies), but over the parameters only, not the buffers (MACE has
+    no running statistics: its buffers are constants, int64 index tensors among them), and as
+    two multi-tensor operations per step (``torch._foreach_*``) instead of one small update per
+    tensor; the update count stays on the host, so a step does not wait for the device.
+    """
+
+    def __init__(self, decay: float = 0.99) -> None:
+        if not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"callbacks.ema.decay={decay} must be in [0, 1]")
+        super().__init__(use_buffers=False)
+        self.decay = decay
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._updates: int | None = None  # host copy of the AveragedModel's n_averaged
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None  # after every optimiser step, not at epoch ends
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > self._latest_update_step:
+            self._update(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def _update(self, pl_module: L.LightningModule) -> None:
+        average = self._average_model
+        if self._pairs is None:
+            averaged = [p.detach() for p in average.module.parameters()]
+            current = [p.detach() for p in pl_module.parameters()]
+            self._pairs = averaged, current
+            self._updates = int(average.n_averaged)  # restored by a resume; read once
+        averaged, current = self._pairs
+        if self._updates == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_mul_(averaged, self.decay)
+            torch._foreach_add_(averaged, current, alpha=1.0 - self.decay)
+        self._updates += 1
+        average.n_averaged += 1
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._pairs = self._updates = None  # re-read n_averaged from the restored state
 
 
 class EpochTrainTimer(L.Callback):
@@ -26,7 +88,8 @@ class EpochTrainTimer(L.Callback):
     used that many seconds; the epoch in progress ends there, is validated and checkpointed
     (Lightning's ``trainer.should_stop``, so after ``trainer.min_epochs`` at the earliest).
     Unlike ``trainer.max_time`` it ignores data loading, validation and start-up, so runs of
-    different speed get the same optimisation time.
+    different speed get the same optimisation time. On a GPU it synchronises the device at the
+    start and end of every step (`synchronize`: two waits per step, the cost of timing steps).
     """
 
     def __init__(self, budget_s: float | None = None) -> None:
@@ -39,9 +102,11 @@ class EpochTrainTimer(L.Callback):
         self._epoch = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        synchronize(pl_module.device)  # work queued before the step (EMA, validation) is not its
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        synchronize(pl_module.device)  # the step's kernels have run, not only been launched
         self._epoch += time.perf_counter() - self._start
         if self.budget_s is not None:
             spent = self._epoch + sum(
@@ -70,6 +135,53 @@ class EpochTrainTimer(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_times = {int(k): float(v) for k, v in state_dict["epoch_times"].items()}
+
+
+class SyncCounter(L.Callback):
+    """Host-device synchronisations per training step on CUDA, counted by
+    ``torch.cuda.set_sync_debug_mode`` (one warning per synchronising call) between the step's
+    first and last callback hook; written to ``<run dir>/sync_counts.json`` when training ends
+    (``scripts/gpu_check.py`` adds it; ``per_step_median`` is null on the CPU: nothing to count).
+    Add it last (``+callbacks.sync_counter._target_=mace_grid.callbacks.SyncCounter``) so that
+    the other callbacks' step hooks are counted."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._catcher: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._warn_always = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type != "cuda":
+            return
+        self._catcher = warnings.catch_warnings(record=True)
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        self._warn_always = torch.is_warn_always_enabled()
+        torch.set_warn_always(True)  # every synchronising call, not the first of each kind
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._catcher is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        torch.set_warn_always(self._warn_always)
+        self._catcher.__exit__(None, None, None)
+        self._catcher = None
+        self.counts.append(sum("synchroniz" in str(w.message) for w in self._caught))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        run_dir = getattr(pl_module, "run_dir", None)
+        if not trainer.is_global_zero or not run_dir:
+            return
+        steady = self.counts[2:] or self.counts  # the first steps warm up (allocations, caches)
+        result = {
+            "steps": len(self.counts),
+            "per_step_median": statistics.median(steady) if steady else None,
+            "per_step_max": max(steady) if steady else None,
+            "counts": self.counts,
+        }
+        atomic_write_text(Path(run_dir) / "sync_counts.json", json.dumps(result, indent=1) + "\n")
 
 
 class EpochSummary(L.Callback):

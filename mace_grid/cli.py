@@ -73,7 +73,8 @@ def _in_multirun() -> bool:
 def _report(err: MaceGridError) -> None:
     if log.hasHandlers():  # else logging's last resort would print it a second time
         log.error("%s", err)
-    print(f"error: {err}", file=sys.stderr)
+    if _global_rank_zero():  # every DDP rank raises it; one line is printed
+        print(f"error: {err}", file=sys.stderr)
 
 
 def exit_with_error(err: MaceGridError) -> NoReturn:
@@ -129,6 +130,12 @@ def _check_writable(path: str, key: str) -> None:
         file=sys.stderr,
     )
     sys.exit(2)
+
+
+def _global_rank_zero() -> bool:
+    """False in the other processes of a distributed run (Lightning's launcher, torchrun and
+    SLURM set these variables; a plain run has none of them)."""
+    return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _terminate(signum, frame):

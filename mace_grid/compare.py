@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
 import signal
 import statistics
@@ -258,16 +259,51 @@ _LIVE: set[subprocess.Popen] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float]:
-    """Run ``cmd`` with output appended to ``log_path``; (wall seconds, peak RSS in MB)."""
+def gpu_slots(jobs: int, overrides: list[str], gpus: int) -> queue.Queue | None:
+    """For ``trainer=gpu`` with ``jobs`` > 1: one GPU index per concurrent run, round-robin over
+    the ``gpus`` visible ones (a run takes one, `_run_logged`, and gives it back), so parallel runs
+    don't all land on cuda:0. None otherwise (CUDA_VISIBLE_DEVICES left as it is)."""
+    if jobs < 2 or _override(overrides, "trainer") != "gpu" or gpus < 1:
+        return None
+    slots: queue.Queue = queue.Queue()
+    for job in range(jobs):
+        slots.put(job % gpus)
+    return slots
+
+
+def _run_logged(
+    cmd: list[str], log_path: Path, what: str, slots: queue.Queue | None = None
+) -> tuple[float, float]:
+    """Run ``cmd`` with output appended to ``log_path`` (on a GPU of ``slots``, if given);
+    (wall seconds, peak RSS in MB)."""
+    env, gpu = None, None
+    if slots is not None:
+        gpu = slots.get()
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": _visible_gpu(gpu)}
+        what = f"{what} on GPU {env['CUDA_VISIBLE_DEVICES']}"
     log.info("%s: %s (log %s)", what, " ".join(cmd[1:]), log_path)
     start = time.perf_counter()
+    try:
+        return _wait_logged(cmd, log_path, what, env, start)
+    finally:
+        if gpu is not None:
+            slots.put(gpu)
+
+
+def _visible_gpu(index: int) -> str:
+    """The ``index``-th GPU this process sees, as a CUDA_VISIBLE_DEVICES entry."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
+def _wait_logged(cmd, log_path: Path, what: str, env, start: float) -> tuple[float, float]:
     with open(log_path, "a") as handle:
         proc = subprocess.Popen(
             cmd,
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=PROJECT_ROOT,
+            env=env,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         with _LIVE_LOCK:
@@ -284,7 +320,7 @@ def _run_logged(cmd: list[str], log_path: Path, what: str) -> tuple[float, float
     return wall, usage.ru_maxrss / 1024.0
 
 
-def run_job(run: Run, cmd: list[str], threads: int) -> bool:
+def run_job(run: Run, cmd: list[str], threads: int, slots: queue.Queue | None = None) -> bool:
     """Train (unless the same command finished before) and evaluate one run; True if trained.
 
     An interrupted run (killed, pre-empted, Ctrl-C) of the same command, or a finished one whose
@@ -322,7 +358,7 @@ def run_job(run: Run, cmd: list[str], threads: int) -> bool:
         # Recorded before training, so that an interrupted run is recognised and resumed.
         record = {**record, "command": cmd}
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
-        wall, rss = _run_logged(train_cmd, run.log, f"train.py tp={run.tp} seed={run.seed}")
+        wall, rss = _run_logged(train_cmd, run.log, f"train.py tp={run.tp} seed={run.seed}", slots)
         record["wall_time_s"] = record.get("wall_time_s", 0.0) + wall  # finished processes
         record["peak_rss_mb"] = max(record.get("peak_rss_mb", 0), rss)
         atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
@@ -537,14 +573,21 @@ def configs_section(configs, timings, curves, args, stem: Path) -> list[str]:
     return lines
 
 
-def run_all(runs: list[Run], commands: list[list[str]], threads: int, jobs: int) -> int:
-    """Run the jobs ``jobs`` at a time in the given order; the number trained. Failures are
-    collected (the other runs go on) and raised together at the end."""
+def run_all(
+    runs: list[Run],
+    commands: list[list[str]],
+    threads: int,
+    jobs: int,
+    slots: queue.Queue | None = None,
+) -> int:
+    """Run the jobs ``jobs`` at a time in the given order (each on a GPU of ``slots``, if
+    given); the number trained. Failures are collected (the other runs go on) and raised
+    together at the end."""
     failures, trained = [], 0
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         futures = {
-            pool.submit(run_job, run, cmd, threads): run
+            pool.submit(run_job, run, cmd, threads, slots): run
             for run, cmd in zip(runs, commands, strict=True)
         }
         for future in as_completed(futures):
@@ -853,7 +896,8 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
             epochs[tp] = max(args.epochs or 1, math.ceil(args.time_s / fastest))
         log.info("epochs to cover T = %g s: %s", args.time_s, epochs)
     commands = [train_command(run, args, overrides, epochs[run.tp]) for run in runs]
-    trained = run_all(runs, commands, int(threads), args.jobs)
+    slots = gpu_slots(args.jobs, overrides, torch.cuda.device_count())
+    trained = run_all(runs, commands, int(threads), args.jobs, slots)
     log.info("%d of %d runs trained now, %d reused", trained, len(runs), len(runs) - trained)
 
     summaries = {run: json.loads((run.dir / "summary.json").read_text()) for run in runs}

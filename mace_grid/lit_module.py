@@ -1,7 +1,8 @@
 """LightningModule: energy-per-atom + forces loss, Adam + ReduceLROnPlateau, error metrics.
 
-EMA of the weights is Lightning's ``EMAWeightAveraging`` callback (``conf/callbacks``): it swaps
-the averaged weights in for validation and stores them as the checkpoint's ``state_dict``.
+EMA of the weights is the ``ParameterEMA`` callback (Lightning's ``WeightAveraging``,
+``conf/callbacks``): it swaps the averaged weights in for validation and stores them as the
+checkpoint's ``state_dict``.
 """
 
 import random
@@ -19,6 +20,37 @@ from mace_grid.errors import DivergedError
 from mace_grid.model import build_compiled_model, build_model
 
 METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
+#: training steps between finiteness checks (each one host sync and, under DDP, one all-reduce);
+#: the last step of every epoch is checked too, so no checkpoint holds a diverged state
+FINITE_CHECK_STEPS = 50
+
+
+class MaskedError(torchmetrics.Metric):
+    """Mean absolute (or root mean square) error over the entries where ``mask`` is 1.
+
+    Masked sums, not boolean indexing: indexing by a mask asks the device how many entries it
+    holds (a host sync every step). Synced in DDP; NaN when no entry was seen (an energy-only
+    test set's forces).
+    """
+
+    full_state_update = False
+
+    def __init__(self, squared: bool = False) -> None:
+        super().__init__()
+        self.squared = squared
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> None:
+        diff = (pred - ref).double()
+        error = diff.square() if self.squared else diff.abs()
+        mask = mask.double().expand_as(error)
+        self.total += (error * mask).sum()
+        self.count += mask.sum()
+
+    def compute(self) -> torch.Tensor:
+        mean = self.total / self.count
+        return mean.sqrt() if self.squared else mean
 
 
 class ErrorMetrics(torch.nn.Module):
@@ -29,24 +61,22 @@ class ErrorMetrics(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.e_mae = torchmetrics.MeanAbsoluteError()
-        self.e_rmse = torchmetrics.MeanSquaredError(squared=False)
-        self.f_mae = torchmetrics.MeanAbsoluteError()
-        self.f_rmse = torchmetrics.MeanSquaredError(squared=False)
+        self.e_mae = MaskedError()
+        self.e_rmse = MaskedError(squared=True)
+        self.f_mae = MaskedError()
+        self.f_rmse = MaskedError(squared=True)
 
     def update(self, pred: Mapping[str, torch.Tensor], batch: Any) -> None:
         n_atoms = (batch.ptr[1:] - batch.ptr[:-1]).to(pred["energy"].dtype)
-        e_pred, e_ref = pred["energy"] / n_atoms, batch.energy / n_atoms
+        e_pred = pred["energy"].detach() / n_atoms * 1000.0
+        e_ref = batch.energy / n_atoms * 1000.0
         # Free atoms of frames with reference forces (not those of an energy-only test set).
-        free = batch.free_mask.bool() & (batch.forces_weight[batch.batch] > 0)
-        f_pred, f_ref = pred["forces"][free], batch.forces[free]
-        for metric, (p, r) in (
-            (self.e_mae, (e_pred, e_ref)),
-            (self.e_rmse, (e_pred, e_ref)),
-            (self.f_mae, (f_pred, f_ref)),
-            (self.f_rmse, (f_pred, f_ref)),
-        ):
-            metric.update(p.detach() * 1000.0, r * 1000.0)
+        free = (batch.free_mask * (batch.forces_weight[batch.batch] > 0)).unsqueeze(-1)
+        f_pred, f_ref = pred["forces"].detach() * 1000.0, batch.forces * 1000.0
+        for metric in (self.e_mae, self.e_rmse):
+            metric.update(e_pred, e_ref, torch.ones_like(e_ref))
+        for metric in (self.f_mae, self.f_rmse):
+            metric.update(f_pred, f_ref, free)
 
     def metrics(self) -> dict[str, torchmetrics.Metric]:
         return {name: getattr(self, name) for name in METRIC_NAMES}
@@ -90,6 +120,8 @@ class MaceLitModule(L.LightningModule):
         # Wall-clock seconds of fit() before this process (a resumed run continues the count).
         self.fit_time_offset = 0.0
         self._fit_start = 0.0
+        # per stage: non-finite losses since the last check, on the device (no per-step sync)
+        self._non_finite: dict[str, torch.Tensor] = {}
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         data = batch.to_dict()
@@ -116,19 +148,29 @@ class MaceLitModule(L.LightningModule):
                 add_dataloader_idx=False,
             )
 
-    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
-        """Stop the run on a non-finite loss, before a checkpoint of this state is written."""
-        if not torch.isfinite(loss):
+    def _flag_non_finite(self, loss: torch.Tensor, stage: str) -> None:
+        """Count a non-finite loss on the device (no host sync); `_raise_if_diverged` reads it."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.int64)
+        previous = self._non_finite.get(stage)
+        self._non_finite[stage] = bad if previous is None else previous + bad
+
+    def _raise_if_diverged(self, stage: str) -> None:
+        """Stop the run if any rank saw a non-finite ``stage`` loss since the last check, before
+        a checkpoint of this state is written. Every rank takes the same decision (all-reduced),
+        so under DDP all of them raise together instead of the others waiting in a collective."""
+        count = self._non_finite.pop(stage, None)
+        local = count is not None and bool(count)  # the one host sync of a check
+        if self.trainer.strategy.reduce_boolean_decision(local, all=False):
             raise DivergedError(
-                f"non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, step "
-                f"{self.global_step}: training diverged (try a lower optim.lr or "
+                f"non-finite {stage} loss at epoch {self.current_epoch} (by step "
+                f"{self.global_step}): training diverged (try a lower optim.lr or "
                 "trainer.gradient_clip_val); no checkpoint of this state was saved"
             )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         pred = self(batch)
         loss = self.loss(pred, batch)
-        self._check_finite(loss, "training")
+        self._flag_non_finite(loss, "training")
         # The running loss in the progress bar only (loggers get the epoch mean below).
         self.log("loss", loss.detach(), on_step=True, prog_bar=True, logger=False)
         self.train_metrics.update(pred, batch)
@@ -143,16 +185,31 @@ class MaceLitModule(L.LightningModule):
         self._log_metrics("train", self.train_metrics, batch.num_graphs)
         return loss
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Finiteness check every `FINITE_CHECK_STEPS` steps and at the epoch's last step (the
+        last batch, or a budget stop): the same steps on every rank."""
+        step, trainer = batch_idx + 1, self.trainer
+        if (
+            step % FINITE_CHECK_STEPS == 0
+            or step == trainer.num_training_batches
+            or trainer.should_stop
+        ):
+            self._raise_if_diverged("training")
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         with torch.enable_grad():
             pred = self(batch)
         self.val_metrics.update(pred, batch)
         loss = self.loss(pred, batch).detach()
-        self._check_finite(loss, "validation")
+        self._flag_non_finite(loss, "validation")
         # sync_dist: under DDP every rank's LR scheduler, checkpoint and early stopping must see
         # the same val/loss (the mean over ranks), or their learning rates drift apart.
         self.log("val/loss", loss, batch_size=batch.num_graphs, sync_dist=True)
         self._log_metrics("val", self.val_metrics, batch.num_graphs)
+
+    def on_validation_epoch_end(self) -> None:
+        # before ModelCheckpoint and EarlyStopping read val/loss (their on_validation_end)
+        self._raise_if_diverged("validation")
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         with torch.enable_grad():

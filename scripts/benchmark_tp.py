@@ -80,7 +80,9 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
 
 def op_timers(module, x, attrs):
     """(step, forward) closures; see the module docstring for what each one times."""
-    coeff = torch.linspace(-1, 1, module(x[:1], attrs[:1]).shape[-1], dtype=x.dtype)
+    coeff = torch.linspace(
+        -1, 1, module(x[:1], attrs[:1]).shape[-1], dtype=x.dtype, device=x.device
+    )
     x = x.clone().requires_grad_(True)
 
     def step():

@@ -13,6 +13,7 @@ from _helpers import best_checkpoint, one_thread, shared_root, trained_runs  # n
 from mace_grid import PROJECT_ROOT
 from mace_grid.calculator import MaceGridCalculator, run_md
 from mace_grid.data.io import read_atoms
+from mace_grid.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,14 @@ def test_md_script(ckpt, tmp_path_factory, tmp_path: Path, monkeypatch, capsys) 
     result = json.loads(out.read_text())
     assert len(result["energy_per_atom_meV"]) == 11  # t = 0 and 10 steps
     assert (tmp_path / "md.traj").is_file()
+
+
+@pytest.mark.parametrize(
+    "option", [{"compile_mode": "default"}, {"enable_cueq": True}, {"enable_oeq": True}]
+)
+def test_stock_kernel_options_are_refused_for_gaunt_backends(ckpt, option) -> None:
+    """mace would rebuild a stock contraction (and fail) for a tp=grid model: one clear line."""
+    (key,) = option
+    with pytest.raises(ConfigError, match=rf"{key}=.*tp=grid model.*tp=cg only") as err:
+        MaceGridCalculator(ckpt, **option)
+    assert "\n" not in str(err.value)

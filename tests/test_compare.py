@@ -10,13 +10,24 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from _helpers import shared_root, tiny_args
+from lightning.pytorch.trainer.states import TrainerFn
 from test_train_cli import val_epochs
 
 from mace_grid import PROJECT_ROOT
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
-from mace_grid.compare import CompareArgs, compare, markdown, reach_table, split_args, time_to_reach
+from mace_grid.compare import (
+    CompareArgs,
+    _run_logged,
+    compare,
+    gpu_slots,
+    markdown,
+    reach_table,
+    split_args,
+    time_to_reach,
+)
 from mace_grid.errors import ConfigError
 
 
@@ -228,14 +239,44 @@ def test_budget_counts_the_epochs_before_a_resume() -> None:
     timer.load_state_dict({"epoch_times": {"0": 0.6, "1": 0.3}})
     strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
     trainer = SimpleNamespace(current_epoch=2, should_stop=False, strategy=strategy)
-    timer.on_train_epoch_start(trainer, None)
-    timer.on_train_batch_start(trainer, None, None, 0)
-    timer.on_train_batch_end(trainer, None, None, None, 0)
+    module = SimpleNamespace(device=torch.device("cpu"))
+    timer.on_train_epoch_start(trainer, module)
+    timer.on_train_batch_start(trainer, module, None, 0)
+    timer.on_train_batch_end(trainer, module, None, None, 0)
     assert not trainer.should_stop  # 0.9 s + one instant step
-    timer.on_train_batch_start(trainer, None, None, 1)
+    timer.on_train_batch_start(trainer, module, None, 1)
     time.sleep(0.15)
-    timer.on_train_batch_end(trainer, None, None, None, 1)
+    timer.on_train_batch_end(trainer, module, None, None, 1)
     assert trainer.should_stop
+
+
+def test_epoch_timer_waits_for_the_gpu(monkeypatch) -> None:
+    """On CUDA the step's kernels are still running when the host reaches the step's end: the
+    timer synchronises the device (here a fake sync that takes 0.2 s) before reading the
+    clock, and before starting it (earlier queued work is not the step's)."""
+    calls = []
+
+    def fake_sync(device):
+        calls.append(device)
+        time.sleep(0.2 if len(calls) % 2 == 0 else 0.0)  # the step's queued kernels
+
+    monkeypatch.setattr(torch.cuda, "synchronize", fake_sync)
+    gpu = torch.device("cuda", 0)
+    timer = EpochTrainTimer()
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision)
+    fitting = SimpleNamespace(fn=TrainerFn.FITTING)
+    trainer = SimpleNamespace(
+        current_epoch=0, should_stop=False, strategy=strategy, state=fitting, sanity_checking=False
+    )
+    module = SimpleNamespace(device=gpu)
+    timer.on_train_epoch_start(trainer, module)
+    timer.on_train_batch_start(trainer, module, None, 0)
+    timer.on_train_batch_end(trainer, module, None, None, 0)
+    timer.on_train_epoch_end(trainer, module)
+    assert calls == [gpu, gpu]
+    assert timer.per_epoch[0] >= 0.2
+    timer.on_train_batch_start(trainer, SimpleNamespace(device=torch.device("cpu")), None, 1)
+    assert len(calls) == 2  # nothing to wait for on the CPU
 
 
 @pytest.mark.parametrize(
@@ -290,3 +331,18 @@ def test_s2ef_metrics_are_tabled_for_oc20_only() -> None:
     oc20 = markdown([row], ["grid"], "# t", s2ef=True)
     assert table_row(oc20, "## Test set `test`", "grid")[-3:] == ["0.25", "0.5", "0"]
     assert "EFwT" in oc20 and "EFwT" not in markdown([row], ["grid"], "# t")
+
+
+def test_parallel_gpu_runs_get_their_own_gpu(tmp_path: Path, monkeypatch) -> None:
+    """trainer=gpu jobs=3 on 2 GPUs: slots 0, 1, 0 (round-robin); a run sees only its GPU
+    (CUDA_VISIBLE_DEVICES, mapped through the one this process was given) and gives it back."""
+    assert gpu_slots(3, ["trainer=cpu"], 2) is None and gpu_slots(1, ["trainer=gpu"], 2) is None
+    slots = gpu_slots(3, ["data=3bpa", "trainer=gpu"], 2)
+    assert [slots.get() for _ in range(3)] == [0, 1, 0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    slots.put(1)
+    log_file = tmp_path / "run.log"
+    show = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+    _run_logged([sys.executable, "-c", show], log_file, "probe", slots)
+    assert log_file.read_text().strip() == "6"
+    assert slots.get_nowait() == 1  # returned

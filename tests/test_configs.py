@@ -65,7 +65,7 @@ def test_callbacks_and_loggers_instantiate(tmp_path: Path) -> None:
     cfg = compose_train(["logger=csv"], tmp_path)
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
     names = {type(c).__name__ for c in callbacks}
-    assert {"ModelCheckpoint", "EarlyStopping", "EMAWeightAveraging"} <= names
+    assert {"ModelCheckpoint", "EarlyStopping", "ParameterEMA"} <= names
     (logger,) = [hydra.utils.instantiate(c) for c in cfg.logger.values()]
     assert Path(logger.save_dir) == tmp_path
 

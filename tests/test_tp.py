@@ -17,7 +17,7 @@ from mace.modules.blocks import EquivariantProductBasisBlock
 
 from mace_grid.errors import ConfigError
 from mace_grid.tp import BACKENDS, build, expressivity
-from mace_grid.tp.engine import PointSet
+from mace_grid.tp.engine import DEVICE_BLOCK_BYTES, PointSet, block_size
 from mace_grid.tp.expressivity import equivariant_maps, rank, weight_jacobian
 from mace_grid.tp.gaunt import INIT_MOMENT_LINEAR, INIT_MOMENT_POWER, METHODS
 from mace_grid.tp.grid import gauss_legendre_points
@@ -307,7 +307,7 @@ def training_step(module, x, attrs):
     x = x.clone().requires_grad_(True)
     module.zero_grad()
     y = module(x, attrs)
-    energy = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum()
+    energy = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype, device=y.device)).sum()
     (forces,) = torch.autograd.grad(energy, x, create_graph=True)
     (energy + forces.square().sum()).backward()
     return y, forces, x.grad, [p.grad.clone() for p in module.parameters() if p.grad is not None]
@@ -677,3 +677,47 @@ def test_expressivity_script_prints_the_readme_table(monkeypatch, capsys):
     # times: 11 + 9 maps for nu = 1..5; gaunt/grid have 5 + 5 weights, all independent
     assert lines[2].split() == ["1", "0e+1o", "-", *["10", "/", "10", "/", "20"] * 2]
     assert lines[3].split() == ["1", "0e", "-", *["5", "/", "5", "/", "11"] * 2]
+
+
+# --- what a GPU or DDP run needs ------------------------------------------------------------
+
+ALL_VARIANTS = [
+    *GAUNT_VARIANTS,
+    *(
+        (name, {"factors": f})
+        for name in ("grid_rank", "grid_chain")
+        for f in ("channel", "element")
+    ),
+]
+
+
+@pytest.mark.parametrize("name,options", ALL_VARIANTS)
+def test_no_nodes_gives_empty_outputs(name, options):
+    """An empty batch runs (a GPU block of 0 columns or an empty per-element split crashed)."""
+    module = make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2, **options)
+    x, attrs = inputs(4, 3, 2, 2)
+    y, forces, x_grad, _ = training_step(module, x[:0], attrs[:0])
+    assert y.shape == (0, module.irreps_out.dim)
+    assert forces.shape == x_grad.shape == (0, 3, 9)
+
+
+def test_device_block_is_capped_by_memory_and_never_empty():
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert block_size(0, cuda, 128, 1000) == 1
+    assert block_size(5000, cuda, 128, 1000) == 5000  # small batch: one block
+    assert block_size(10**7, cuda, 128, 1 << 20) == DEVICE_BLOCK_BYTES >> 20
+    assert block_size(10**7, torch.device("cpu"), 128, 1 << 20) == 128
+
+
+@pytest.mark.parametrize("correlation", [1, 2, 3])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_every_parameter_gets_a_gradient(name, correlation):
+    """DDP (find_unused_parameters=False) fails on a parameter no forward uses."""
+    if name == "cg":
+        module = cached_cg(str(natural(2, range(3))), str(natural(2, [0, 1])), correlation, 2)
+    else:
+        module = make(name, natural(2, range(3)), natural(2, [0, 1]), correlation, 2)
+    x, attrs = inputs(4, 2, 2, 2)
+    training_step(module, x, attrs)
+    unused = [n for n, p in module.named_parameters() if p.grad is None]
+    assert not unused, unused

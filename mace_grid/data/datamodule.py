@@ -154,7 +154,13 @@ def check_elements(configs: Sequence[Configuration], z_table: AtomicNumberTable,
                 )
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0):
+#: loader worker processes per training process on a GPU when ``data.num_workers`` is null
+GPU_WORKERS = 4
+
+
+def make_loader(
+    dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0, pin_memory: bool = False
+):
     """mace's torch_geometric DataLoader over a list of AtomicData."""
     return DataLoader(
         dataset=dataset,
@@ -163,6 +169,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool = False, num_workers: in
         drop_last=False,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 
@@ -253,21 +260,39 @@ class SplitLoaders:
         if self.statistics is None:
             raise RuntimeError("call setup() first")
 
+    def loader_options(self) -> dict:
+        """Chosen per trainer: on a GPU pinned batches (copied without blocking,
+        `transfer_batch_to_device`) and, for ``num_workers`` null, `GPU_WORKERS`
+        persistent worker processes (collation off the GPU's critical path); on the CPU no
+        pinning and, for null, no workers (collation in the training process, as before)."""
+        trainer = getattr(self, "trainer", None)  # set by Lightning's fit/validate/test
+        gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        if workers is None:
+            workers = min(GPU_WORKERS, os.cpu_count() or 1) if gpu else 0
+        return {"num_workers": workers, "pin_memory": gpu}
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """One non-blocking copy per attribute on a GPU (the pinned batches of `loader_options`
+        overlap compute); Lightning copies a batch that is not a tensor blocking."""
+        if device.type == "cuda" and hasattr(batch, "apply"):
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self):
         self._ready()
-        return make_loader(self._train, self.batch_size, True, self.num_workers)
+        return make_loader(self._train, self.batch_size, True, **self.loader_options())
 
     def val_dataloader(self):
         self._ready()
         if not len(self._valid):
             return []
-        return make_loader(self._valid, self.valid_batch_size, num_workers=self.num_workers)
+        return make_loader(self._valid, self.valid_batch_size, **self.loader_options())
 
     def test_dataloader(self):
         self._ready()
-        return [
-            make_loader(d, self.valid_batch_size, num_workers=self.num_workers) for d in self._tests
-        ]
+        options = self.loader_options()
+        return [make_loader(d, self.valid_batch_size, **options) for d in self._tests]
 
 
 class AtomsDataModule(SplitLoaders, L.LightningDataModule):
@@ -320,7 +345,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         r_max: float = 5.0,
         batch_size: int = 8,
         valid_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
         output_dir: str | None = None,
@@ -333,7 +358,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         for key, value, least in (
             ("batch_size", batch_size, 1),
             ("valid_batch_size", valid_batch_size or batch_size, 1),
-            ("num_workers", num_workers, 0),
+            ("num_workers", 0 if num_workers is None else num_workers, 0),
         ):
             if int(value) != value or value < least:
                 raise DataError(f"data.{key} must be an integer >= {least}, got {value}")
@@ -369,7 +394,7 @@ class AtomsDataModule(SplitLoaders, L.LightningDataModule):
         self.r_max = float(r_max)
         self.batch_size = int(batch_size)
         self.valid_batch_size = int(valid_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = None if num_workers is None else int(num_workers)  # None: per trainer
         self.seed = int(seed)
         self.cache_dir = cache_dir
         self.output_dir = output_dir

@@ -416,7 +416,7 @@ class HDF5DataModule(SplitLoaders, L.LightningDataModule):
         r_max: float = 5.0,
         batch_size: int = 8,
         valid_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = 2,
         output_dir: str | None = None,
         atomic_numbers: Sequence[int] | None = None,
     ):
@@ -426,7 +426,7 @@ class HDF5DataModule(SplitLoaders, L.LightningDataModule):
         self.r_max = float(r_max)
         self.batch_size = int(batch_size)
         self.valid_batch_size = int(valid_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = None if num_workers is None else int(num_workers)  # None: per trainer
         self.output_dir = output_dir
         self.atomic_numbers = None if atomic_numbers is None else sorted(map(int, atomic_numbers))
         self.statistics: dict | None = None

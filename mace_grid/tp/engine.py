@@ -28,6 +28,18 @@ from mace_grid.tp import sphere
 _BLOCK_BYTES = 1 << 19
 #: evaluate separably when that needs less than this fraction of the dense matmul's flops
 _SEPARABLE_BELOW = 0.45
+#: bytes of a kernel call's temporaries off the CPU (GPU): one block up to this size, so a large
+#: batch of a large model is split instead of running out of memory
+DEVICE_BLOCK_BYTES = 1 << 31
+
+
+def block_size(columns: int, device: torch.device, cpu_block: int, column_bytes: int) -> int:
+    """Columns per kernel block: ``cpu_block`` (cache-sized) on the CPU; elsewhere the whole
+    batch, capped so that its temporaries (``column_bytes`` per column) fit
+    `DEVICE_BLOCK_BYTES`; at least 1, also for an empty batch."""
+    if device.type == "cpu":
+        return cpu_block
+    return max(1, min(columns, DEVICE_BLOCK_BYTES // max(column_bytes, 1)))
 
 
 def blocks(n: int, size: int) -> list[tuple[int, int]]:
@@ -68,14 +80,18 @@ class PointMaps:
         c = a.shape[1]
         padded = a.new_zeros(self.n_m * self.n_l, c).index_copy_(0, self.pad_index, a)
         per_m = torch.bmm(self.legendre, padded.view(self.n_m, self.n_l, c))  # [M, polar, c]
-        return (self.azimuth @ per_m.view(self.n_m, -1)).view(-1, c)
+        return (self.azimuth @ per_m.view(self.n_m, self.n_polar * c)).view(
+            self.n_azimuth * self.n_polar, c
+        )
 
     def adjoint(self, g: torch.Tensor) -> torch.Tensor:
         if not self.separable:
             return self.to_points_t @ g
         c = g.shape[1]
-        per_m = (self.azimuth_t @ g.view(self.n_azimuth, -1)).view(self.n_m, self.n_polar, c)
-        return torch.bmm(self.legendre_t, per_m).view(-1, c).index_select(0, self.pad_index)
+        per_m = self.azimuth_t @ g.view(self.n_azimuth, self.n_polar * c)
+        per_m = per_m.view(self.n_m, self.n_polar, c)
+        per_lm = torch.bmm(self.legendre_t, per_m).view(self.n_m * self.n_l, c)
+        return per_lm.index_select(0, self.pad_index)
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         return self.projector @ g
@@ -225,7 +241,9 @@ class PointSet(torch.nn.Module):
     @torch.jit.unused
     def _project_fused(self, features: torch.Tensor) -> torch.Tensor:
         ops = PointMaps(self, features.dtype)
-        block = self.block if features.device.type == "cpu" else features.shape[1]  # GPU: 1 block
+        # ~6 point-sized temporaries per column in the double backward
+        column_bytes = 6 * self.n_points * features.element_size()
+        block = block_size(features.shape[1], features.device, self.block, column_bytes)
         return PowerProjection.apply(features, ops, self.correlation, block)
 
     def project_autograd(self, features: torch.Tensor) -> torch.Tensor:

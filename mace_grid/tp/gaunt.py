@@ -205,7 +205,7 @@ class GauntProductBasis(torch.nn.Module):
         w = self.weight.to(dtype) * scale[:, None, :, None]
         w = w.index_select(2, self.col_irrep).transpose(1, 2)  # [nu, D_out, E, C]
         w = node_attrs @ w.reshape(-1, self.num_elements, self.num_features)  # [nu D_out, n, C]
-        return w.view(self.correlation, self.dim_out, -1)
+        return w.view(self.correlation, self.dim_out, node_attrs.shape[0] * self.num_features)
 
     def contract(
         self, features: torch.Tensor, node_attrs: torch.Tensor, powers: torch.Tensor
@@ -218,7 +218,10 @@ class GauntProductBasis(torch.nn.Module):
         first = features.index_select(0, self.col_in).unsqueeze(0)
         basis = torch.cat([first, powers], dim=0)  # [nu, D_out, n C]
         out = (basis * self.node_weights(node_attrs.to(features.dtype))).sum(0)  # [D_out, n C]
-        out = out.view(self.dim_out, n, -1).transpose(0, 1).reshape(n, -1)
+        channels = self.num_features
+        out = (
+            out.view(self.dim_out, n, channels).transpose(0, 1).reshape(n, self.dim_out * channels)
+        )
         return out.index_select(1, self.out_perm)
 
     def project_powers(
@@ -231,7 +234,7 @@ class GauntProductBasis(torch.nn.Module):
     def forward(self, x: torch.Tensor, node_attrs: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             _refuse_autocast(x.device.type)
-        features = x.reshape(-1, x.shape[2]).t().contiguous()  # [D_in, n * C]
+        features = x.reshape(x.shape[0] * x.shape[1], x.shape[2]).t().contiguous()  # [D_in, n C]
         return self.contract(features, node_attrs, self.project_powers(features, node_attrs))
 
     def extra_repr(self) -> str:
@@ -425,6 +428,8 @@ class FourierGauntProduct(GauntProductBasis):
             return self.points(features)
         rows = features.shape[1]
         k = self.correlation - 1
+        if rows == 0:  # no nodes (an empty FFT is an error)
+            return features.new_zeros(k, self.dim_out, 0)
         l_in, v_out = self.l_in, self.l_out_max + 1
         coeff = features.t() @ self.to_fourier.to(features.dtype)  # [rows, Fourier coefficients]
         from_fourier = self.from_fourier.to(features.dtype)

@@ -46,7 +46,10 @@ class GridChainProduct(GridRankProduct):
         super().__init__(irreps_in, irreps_out, correlation, num_elements, rank, factors)
         trip = torch.randn(rank, self.trip_degree + 1, *self._sets_shape, self.num_features)
         trip[0] = 1.0
-        self.trip = torch.nn.Parameter(trip if correlation >= 3 else trip[:, :0])
+        if correlation >= 3:
+            self.trip = torch.nn.Parameter(trip)
+        else:  # no round trip: an empty state entry, but no parameter that no forward uses
+            self.register_buffer("trip", trip[:, :0])
 
     @torch.jit.unused
     def function_constants(self) -> dict:

@@ -36,7 +36,7 @@ from e3nn import o3
 from e3nn.util.jit import compile_mode
 
 from mace_grid.errors import ConfigError
-from mace_grid.tp.engine import PointSet
+from mace_grid.tp.engine import PointSet, block_size
 from mace_grid.tp.gaunt import GauntProductBasis
 from mace_grid.tp.grid import gauss_legendre_points
 
@@ -76,8 +76,7 @@ class _ProductMaps:
         self.n_points = to_points.shape[0]
         self.n_degrees = module.l_in + 1
         width = 2 * module.l_in + 1
-        lm = [(l, m) for l in range(self.n_degrees) for m in range(-l, l + 1)]
-        self.pad_index = torch.tensor([l * width + m + l for l, m in lm], device=to_points.device)
+        self.pad_index = module.degree_pad_index
         padded = to_points.new_zeros(self.n_degrees * width, self.n_points)
         padded.index_copy_(0, self.pad_index, to_points.T)
         self.degree_points_t = padded.view(self.n_degrees, width, -1)  # [L_in+1, M, G]
@@ -408,9 +407,16 @@ class GridRankProduct(GauntProductBasis):
         self.register_buffer("term_scale", scale.repeat_interleave(repeats, 0), persistent=False)
         factor = torch.randn(rank, correlation, l_in + 1, *self._sets_shape, self.num_features)
         factor[0] = 1.0
-        self.factor = torch.nn.Parameter(factor if n_terms else factor[:, :0])
+        if n_terms:
+            self.factor = torch.nn.Parameter(factor)
+        else:  # no products: an empty state entry, but no parameter that no forward uses (DDP)
+            self.register_buffer("factor", factor[:, :0])
         degree_of_lm = [l for l in range(l_in + 1) for _ in range(2 * l + 1)]
         self.register_buffer("degree_of_lm", torch.tensor(degree_of_lm), persistent=False)
+        # (l, m) -> row of the kernel's [L_in+1, 2 L_in+1] padding: a buffer, not rebuilt from a
+        # Python list (a host-to-device copy) in every forward
+        pad = [l * (2 * l_in + 1) + m + l for l in range(l_in + 1) for m in range(-l, l + 1)]
+        self.register_buffer("degree_pad_index", torch.tensor(pad), persistent=False)
 
         # `grid`'s point set; subclasses whose intermediate steps need more raise in check_degree
         self.points = PointSet(
@@ -488,12 +494,19 @@ class GridRankProduct(GauntProductBasis):
         dtype, columns = features.dtype, features.shape[1]
         channels = self.num_features
         nodes = columns // channels
-        a = features.view(-1, nodes, channels).permute(2, 0, 1).contiguous()  # [C, D_in, n]
+        a = features.view(features.shape[0], nodes, channels).permute(2, 0, 1).contiguous()
         w = self.factor_weights().to(dtype).permute(4, 3, 1, 0, 2)  # [C, sets, corr, R, L_in+1]
         w = w.reshape(channels, self.factor_sets, -1, self.l_in + 1)
         d = self.round_trip_weight().to(dtype).permute(3, 2, 0, 1)  # [C, sets, R, K+1]
+        if nodes == 0:  # an empty batch: nothing to compute (the kernels' views need nodes)
+            return features.new_zeros(self.n_terms * self.rank, self.dim_out, 0)
         maps = _ProductMaps(self, dtype)
-        block = self.block if features.device.type == "cpu" else None  # GPU: 1 block
+        # off the CPU one block unless its temporaries (~6 corr R grid-sized ones per column in
+        # the double backward, primal and tangent) exceed engine.DEVICE_BLOCK_BYTES
+        column_bytes = 6 * self.correlation * self.rank * maps.n_points * features.element_size()
+        block = block_size(columns, features.device, self.block, column_bytes)
+        if features.device.type != "cpu" and block >= columns:
+            block = None  # one block
         if species is None:
             out = _RankProduct.apply(a, w[:, 0], d[:, 0], maps, block)
         else:  # one kernel call per element, on its nodes
