@@ -13,7 +13,7 @@ import pytest
 import torch
 from _helpers import shared_root, tiny_args
 from lightning.pytorch.trainer.states import TrainerFn
-from test_train_cli import val_epochs
+from test_train_cli import start_until_epoch, val_epochs
 
 from mace_grid import PROJECT_ROOT
 from mace_grid.callbacks import EpochTrainTimer
@@ -152,15 +152,9 @@ def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tm
         *tiny_args(shared_root(tmp_path_factory)),
     ]
     run = out / "runs" / "grid" / "seed1"
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = start_until_epoch(cmd, run, epoch=1, **quiet)
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "checkpoints" / "last.ckpt").is_file() and 1 in val_epochs(run):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the study ended before it could be killed"
     proc.kill()
     proc.wait()
     log = out / "runs" / "grid" / "seed1.log"

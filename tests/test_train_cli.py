@@ -114,15 +114,7 @@ def test_kill_during_epoch_3_and_resume_logs_every_epoch_once(tmp_path: Path) ->
         "trainer.max_epochs=5",
         f"hydra.run.dir={run}",
     ]
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (run / "csv" / "metrics.csv").is_file() and 2 in val_epochs(run):
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc = start_until_epoch(cmd, run, epoch=2, stdout=subprocess.DEVNULL)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert val_epochs(run) == [0, 1, 2]
@@ -199,18 +191,18 @@ def test_twins_train_the_same_curve(tmp_path: Path, backend: str, twins: list[st
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-9)
 
 
-def _start(cmd: list[str], run: Path, until_epoch: int) -> subprocess.Popen:
-    """Start train.py and return once epoch ``until_epoch`` is validated (still running)."""
-    proc = subprocess.Popen(
-        cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def start_until_epoch(cmd: list[str], run: Path, epoch: int, **popen) -> subprocess.Popen:
+    """Start ``cmd`` (train.py, or a study training ``run``) and return once ``run`` has
+    validated and checkpointed ``epoch``, still running (text mode, output piped)."""
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, text=True, **popen)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         ckpt = run / "checkpoints" / "last.ckpt"
-        if ckpt.is_file() and until_epoch in val_epochs(run):
+        if ckpt.is_file() and epoch in val_epochs(run):
             break
         time.sleep(0.2)
-    assert proc.poll() is None, f"run ended before it could be stopped: {proc.stderr.read()}"
+    assert proc.poll() is None, f"{cmd[1]} ended before it could be stopped"
     return proc
 
 
@@ -224,7 +216,7 @@ def test_sigterm_then_resume_continues_the_run_it_resumes(tmp_path: Path) -> Non
         "callbacks.early_stopping.patience=9",
     ]
     cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *QUIET, *tiny_demo(tmp_path), *settings]
-    proc = _start([*cmd, f"hydra.run.dir={run}", "threads=1"], run, until_epoch=0)
+    proc = start_until_epoch([*cmd, f"hydra.run.dir={run}", "threads=1"], run, epoch=0)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
