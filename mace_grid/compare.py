@@ -44,10 +44,12 @@ import torch
 from mace_grid import PROJECT_ROOT
 from mace_grid.calculator import model_from_checkpoint, read_checkpoint
 from mace_grid.config import compose_config
+from mace_grid.conv import CONVS
 from mace_grid.errors import ConfigError, MaceGridError
 from mace_grid.evaluate import evaluate
 from mace_grid.model import count_parameters, product_expressivity
 from mace_grid.tp import BACKENDS
+from mace_grid.tp.gaunt import METHODS
 from mace_grid.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger("mace_grid.compare")
@@ -172,9 +174,6 @@ class Config:
 
     @classmethod
     def parse(cls, text: str) -> Config:
-        from mace_grid.conv import CONVS
-        from mace_grid.tp.gaunt import METHODS
-
         parts = text.split("+")
         tp, conv, method = (parts + [None, None])[:3] if len(parts) <= 3 else (None, None, None)
         if tp not in BACKENDS or conv not in CONVS or (method and tp != "gaunt"):
@@ -329,9 +328,7 @@ def run_job(run: Run, cmd: list[str], threads: int, slots: queue.Queue | None = 
     over."""
     record_path = run.dir / "resources.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    # Same train.py arguments (the interpreter, script and run dir paths may have moved).
-    same = record is not None and record["command"][2:-1] == cmd[2:-1]
-    if same and (run.dir / "summary.json").is_file():
+    if _finished(run.dir, record, cmd):
         log.info("tp=%s seed=%d: reusing the finished run in %s", run.tp, run.seed, run.dir)
         trained = False
     else:
@@ -366,6 +363,13 @@ def run_job(run: Run, cmd: list[str], threads: int, slots: queue.Queue | None = 
     if not (run.dir / "evaluate" / "metrics.json").is_file():
         evaluate_run(run.dir, threads)
     return trained
+
+
+def _finished(run_dir: Path, record: dict[str, Any] | None, cmd: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run of ``cmd``: its ``resources.json`` ``record``
+    has the same train.py arguments (the interpreter, script and run dir may have moved)."""
+    same = record is not None and record["command"][2:-1] == cmd[2:-1]
+    return same and (run_dir / "summary.json").is_file()
 
 
 def _without_budget(args: list[str]) -> list[str]:
@@ -421,12 +425,8 @@ def time_configs(
             f"hydra.run.dir={run_dir}",
         ]
         record_path = run_dir / "resources.json"
-        done = (
-            record_path.is_file()
-            and (run_dir / "summary.json").is_file()
-            and json.loads(record_path.read_text())["command"][2:-1] == cmd[2:-1]
-        )
-        if not done:
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if not _finished(run_dir, record, cmd):
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True)
             wall, rss = _run_logged(cmd, run_dir / "train.out", f"timing {config.name}")
@@ -465,6 +465,11 @@ def config_curve(curve: Curve, s_per_epoch: float) -> Curve:
     return [i * s_per_epoch for i in range(len(values))], list(values)
 
 
+def best_within(curve: Curve, horizon: float) -> float:
+    """The best validation F MAE of ``curve`` up to time ``horizon`` (the start included)."""
+    return min(v for t, v in zip(*curve, strict=True) if t <= horizon)
+
+
 def time_to_stock(
     curves: dict[str, list[Curve]],
     configs: list[Config],
@@ -477,13 +482,13 @@ def time_to_stock(
     stock_s = timings[STOCK]["s_per_epoch"]
     stock = [config_curve(c, stock_s) for c in curves["cg"]]
     horizon = time_s if time_s is not None else min(t[-1] for t, _ in stock)
-    level = max(min(v for t, v in zip(*c, strict=True) if t <= horizon) for c in stock)
+    level = max(best_within(c, horizon) for c in stock)
     rows = []
     for config in configs:
         s = timings[config.name]["s_per_epoch"]
         mine = [config_curve(c, s) for c in curves[config.tp]]
         reached = [t for t in (time_to_reach(c, level) for c in mine) if t is not None]
-        at_t = [min(v for t, v in zip(*c, strict=True) if t <= horizon) for c in mine]
+        at_t = [best_within(c, horizon) for c in mine]
         stat = mean_std(reached)
         rows.append(
             {
@@ -516,9 +521,8 @@ def time_to_stock_table(rows: list[dict[str, Any]], level: float, horizon: float
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        t = _cell(
-            (r["seconds_to_stock"], r["seconds_to_stock_std"]) if r["reached"][0] != "0" else None
-        )
+        reached = r["seconds_to_stock"] is not None
+        t = _cell((r["seconds_to_stock"], r["seconds_to_stock_std"]) if reached else None)
         speed = f"{r['speedup_vs_stock']:.2f}" if r["speedup_vs_stock"] else "-"
         at_t = f"{r['val_f_mae_at_T']:.3g}" + ("" if r["covers_T"] else " (curve ends before T)")
         lines.append(

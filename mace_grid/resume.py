@@ -90,15 +90,15 @@ def _delete(cfg: DictConfig, path: str) -> None:
         del node[leaf]
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted key: leaf} of nested dicts (lists are leaves)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf} of nested dicts (lists and empty dicts are leaves)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else prefix + key))
-        if isinstance(value, dict) and not value:
-            out[prefix + str(key)] = {}
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
     return out
 
 

@@ -1,5 +1,6 @@
 """Small shared helpers: atomic file writes, file hashes and metric tables."""
 
+import functools
 import glob
 import hashlib
 import os
@@ -57,7 +58,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks; computed once per process for a file
+    whose size and modification time have not changed (the neighbour cache and ``splits.json``
+    both key on it)."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
