@@ -385,6 +385,22 @@ def test_per_element_fused_derivatives_match_plain_autograd(name, block):
 
 
 @pytest.mark.parametrize("name", NEW)
+def test_per_element_factors_run_one_kernel_call(name, monkeypatch):
+    """Per-element factor weights are gathered per node on the device: one kernel call for a
+    batch of three elements (no per-element split, which needs the counts on the host)."""
+    from mace_grid.tp import grid_rank
+
+    calls = []
+    apply = grid_rank._RankProduct.apply
+    monkeypatch.setattr(grid_rank._RankProduct, "apply", lambda *a: calls.append(1) or apply(*a))
+    module = randomise(
+        make(name, natural(2, range(3)), natural(2, [0, 1]), 3, 3, factors="element")
+    )
+    module(*inputs(6, 2, 2, 3))
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name", NEW)
 def test_per_element_factors_are_equivariant_and_script(name):
     irreps_in, irreps_out = natural(2, range(3)), natural(2, [0, 1, 2])
     module = randomise(make(name, irreps_in, irreps_out, 3, 2, factors="element"))

@@ -25,8 +25,9 @@ every factor from them by one small matmul per channel, g = w F, instead of eval
 factor (R corr evaluations); channels are its blocks (layout [C, ..., n]). The same argument
 holds for elements: with factors shared by the elements (``factors="channel"``, the default) a
 channel of an E-element model reaches fewer maps than E times one element's
-(`mace_grid.tp.expressivity`); ``factors="element"`` gives every (element, channel) its own, and
-the kernel runs once per element on that element's nodes.
+(`mace_grid.tp.expressivity`); ``factors="element"`` gives every (element, channel) its own,
+gathered per node on the device (no host sync, one kernel call), where the factors are mixed
+elementwise per node instead of by one matmul per channel.
 """
 
 import math
@@ -95,6 +96,9 @@ class _ProductMaps:
             self.trip_synthesis_t = self.trip_synthesis.T.contiguous()
             self.trip_filters = module.trip_filters.to(dtype).flatten(1)  # [K+1, M_K n_b n_b]
             self.trip_filters_t = self.trip_filters.T.contiguous()
+            terms = module.trip_filters.to(dtype)  # [K+1, M_K, n_b, n_b]
+            self.trip_terms = list(terms.unbind(0))
+            self.trip_terms_t = list(terms.transpose(-1, -2).unbind(0))
 
     def _to_frequencies(self, matrix: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """``matrix [M_K, n_alpha]`` along the azimuths: ``[c, R, G, b] -> [c, R, M_K, n_b, b]``."""
@@ -125,9 +129,30 @@ class _ProductMaps:
         c, r, _ = d.shape
         return (d @ self.trip_filters).view(c, r, -1, self.n_beta, self.n_beta)
 
-    def filters_t(self, grad: torch.Tensor) -> torch.Tensor:
-        c, r = grad.shape[:2]
-        return grad.reshape(c, r, -1) @ self.trip_filters_t
+    def filter_terms(self, x: torch.Tensor, transpose: bool = False) -> list[torch.Tensor]:
+        """Each term B_k (or B_k^T) applied to ``x [c, R, M_K, n_b, b]``, k = 0..K."""
+        terms = self.trip_terms_t if transpose else self.trip_terms
+        return [term @ x for term in terms]
+
+    def apply_filters(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """sum_k d_k B_k x, bilinear in (d, x): ``d [c, R, K+1]`` (per node: ``[c, R, K+1, b]``)."""
+        if d.dim() == 3:
+            return self.filters(d) @ x
+        return _weighted_sum(d, self.filter_terms(x))
+
+    def apply_filters_t(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """sum_k d_k B_k^T x (the transpose of `apply_filters` in x)."""
+        if d.dim() == 3:
+            return self.filters(d).transpose(-1, -2) @ x
+        return _weighted_sum(d, self.filter_terms(x, transpose=True))
+
+    def filters_grad(self, t: torch.Tensor, x: torch.Tensor, per_node: bool) -> torch.Tensor:
+        """d <t, apply_filters(d, x)> / d d: ``[c, R, K+1]``, summed over nodes unless
+        ``per_node`` (``[c, R, K+1, b]``)."""
+        if not per_node:
+            c, r = t.shape[:2]
+            return (t @ x.transpose(-1, -2)).reshape(c, r, -1) @ self.trip_filters_t
+        return torch.stack([(t * bx).sum((2, 3)) for bx in self.filter_terms(x)], 2)
 
     def evaluate_degrees(self, a: torch.Tensor) -> torch.Tensor:
         """``[c, D_in, b] -> [c, L_in+1, G b]``: F_l = sum_m A_lm Y_lm at the points, per l."""
@@ -195,13 +220,58 @@ def _stack(xs, dim: int):
     return p, torch.stack([torch.zeros_like(like) if x[1] is None else x[1] for x in xs], dim)
 
 
+def _weighted_sum(weights: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+    """sum_k weights[:, :, k] * terms[k], per node: ``weights [c, R, K, b]``, terms
+    ``[c, R, ..., b]``."""
+    shape = (*weights.shape[:2], *(1,) * (terms[0].dim() - 3), weights.shape[3])
+    out = terms[0] * weights[:, :, 0].view(shape)
+    for k in range(1, len(terms)):
+        out.addcmul_(terms[k], weights[:, :, k].view(shape))
+    return out
+
+
+def _mix(w: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The factors g_j = sum_l w_jl F_l: ``w [c, J, L_in+1]`` (per node ``[c, J, L_in+1, b]``),
+    ``values [c, L_in+1, G b] -> [c, J, G b]``."""
+    if w.dim() == 3:
+        return torch.bmm(w, values)
+    c, j, degrees, b = w.shape
+    f = values.view(c, degrees, -1, b)
+    out = w[:, :, 0, None] * f[:, None, 0]
+    for l in range(1, degrees):
+        out.addcmul_(w[:, :, l, None], f[:, None, l])
+    return out.view(c, j, -1)
+
+
+def _mix_grad_w(grad_g: torch.Tensor, values: torch.Tensor, b: int | None) -> torch.Tensor:
+    """d <grad_g, _mix(w, values)> / d w, summed over nodes (``b`` None) or per node."""
+    if b is None:
+        return grad_g @ values.transpose(1, 2)
+    c, j = grad_g.shape[:2]
+    g = grad_g.view(c, j, -1, b)
+    f = values.view(c, values.shape[1], -1, b)
+    return torch.stack([(g * f[:, None, l]).sum(2) for l in range(f.shape[1])], 2)
+
+
+def _mix_t(w: torch.Tensor, grad_g: torch.Tensor) -> torch.Tensor:
+    """The transpose of `_mix` in ``values``: ``[c, J, G b] -> [c, L_in+1, G b]``."""
+    if w.dim() == 3:
+        return w.transpose(1, 2) @ grad_g
+    c, j, degrees, b = w.shape
+    g = grad_g.view(c, j, -1, b)
+    parts = [(g * w[:, :, l, None]).sum(1) for l in range(degrees)]
+    return torch.stack(parts, 1).view(c, degrees, -1)
+
+
 def _products(maps: _ProductMaps, a, w, d, grad=None, primal: bool = True, need_out: bool = True):
     """The rank products of one block of c channels x b nodes, and with ``grad`` their VJP.
 
     Arguments and results are (primal, tangent) pairs. ``a [c, D_in, b]`` features,
     ``w [c, corr R, L_in+1]`` factor weights (factor-major), ``d [c, R, K+1]`` round-trip
     weights (chain) -> ``out [c, corr-1, R, D_out, b]``; with ``grad`` (shaped as ``out``) also
-    ``(grad_a, grad_w, grad_d)``, the weights' summed over the block's nodes. The per-degree
+    ``(grad_a, grad_w, grad_d)``, the weights' summed over the block's nodes. Per-node weights
+    (``w [c, corr R, L_in+1, b]``, ``d [c, R, K+1, b]``: factors per element, gathered) get
+    per-node gradients. The per-degree
     parts F_l are evaluated once; factor j is g_j = sum_l w_jl F_l (one small matmul per
     channel, instead of one evaluation per factor); p_k = left_k g_k is the product of the
     first k + 1, with left_1 = g_0, left_k = p_{k-1}, except the chain's
@@ -210,19 +280,20 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, primal: bool = True, need_
     rank, corr = d[0].shape[1], maps.correlation
     c, b, n_points = a[0].shape[0], a[0].shape[2], maps.n_points
     tangents = any(x[1] is not None for x in (a, w, d))
+    nodes = b if w[0].dim() == 4 else None  # per-node weights
 
     values = _linear(maps.evaluate_degrees, a)  # [c, L_in+1, G b]
-    g = _linear(lambda t: t.view(c, corr, rank, n_points, b), _bilinear(torch.bmm, w, values))
+    g = _linear(lambda t: t.view(c, corr, rank, n_points, b), _bilinear(_mix, w, values))
 
     def factor(k: int):
         return _linear(lambda t: t[:, k], g)  # [c, R, G, b]
 
     left, products = [factor(0)], []  # left[k - 1] multiplies factor k into p_k
-    pair = filters = None
+    pair = None
     for k in range(1, corr):
         if k == 2 and maps.chain:  # synthesise(filters(d) analyse(p_1)), per azimuthal m
-            pair, filters = _linear(maps.analyse, products[0]), _linear(maps.filters, d)
-            left.append(_linear(maps.synthesise, _bilinear(torch.matmul, filters, pair)))
+            pair = _linear(maps.analyse, products[0])
+            left.append(_linear(maps.synthesise, _bilinear(maps.apply_filters, d, pair)))
         elif k >= 2:
             left.append(products[-1])
         if k < corr - 1:
@@ -252,14 +323,14 @@ def _products(maps: _ProductMaps, a, w, d, grad=None, primal: bool = True, need_
         adj_left = _mul(adjoint, factor(k))
         if k == 2 and maps.chain:
             t = _linear(maps.synthesise_t, adj_left)
-            grad_filters = _bilinear(lambda x, y: x @ y.transpose(-1, -2), t, pair, primal)
-            grad_d = _linear(maps.filters_t, grad_filters, primal)
-            transposed = _bilinear(lambda f, x: f.transpose(-1, -2) @ x, filters, t)
-            adj_left = _linear(maps.analyse_t, transposed)
+            grad_d = _bilinear(
+                lambda x, y: maps.filters_grad(x, y, nodes is not None), t, pair, primal
+            )
+            adj_left = _linear(maps.analyse_t, _bilinear(maps.apply_filters_t, d, t))
         adjoint = _add(adj_left, _linear(lambda t, k=k: t[:, k - 2], adjoints))
     grad_g = _linear(lambda t: t.view(c, corr * rank, -1), grad_g)  # [c, corr R, G b]
-    grad_w = _bilinear(lambda x, y: x @ y.transpose(1, 2), grad_g, values, primal)
-    grad_values = _bilinear(lambda x, y: x.transpose(1, 2) @ y, w, grad_g, primal)
+    grad_w = _bilinear(lambda x, y: _mix_grad_w(x, y, nodes), grad_g, values, primal)
+    grad_values = _bilinear(_mix_t, w, grad_g, primal)
     grad_a = _linear(maps.adjoint_degrees, grad_values, primal)
     return out, grad_a, grad_w, grad_d
 
@@ -288,6 +359,11 @@ def _blocks(channels: int, nodes: int, size: int | None) -> list[tuple[slice, sl
     ]
 
 
+def _weight_index(w: torch.Tensor, ch: slice, nd: slice) -> tuple:
+    """A block's part of the weights: its channels, and its nodes where weights are per node."""
+    return (ch,) if w.dim() == 3 else (ch, Ellipsis, nd)
+
+
 class _RankProduct(torch.autograd.Function):
     """`_products` over cache-sized blocks; its backward is `_RankProductVJP`, so the forces
     (first derivative) can be differentiated again in training. Layout (channel-major):
@@ -300,7 +376,8 @@ class _RankProduct(torch.autograd.Function):
         channels, _, nodes = a.shape
         out = a.new_empty(channels, maps.correlation - 1, d.shape[1], maps.dim_out, nodes)
         for ch, nd in _blocks(channels, nodes, block):
-            blk = (a[ch, :, nd], None), (w[ch], None), (d[ch], None)
+            wi = _weight_index(w, ch, nd)
+            blk = (a[ch, :, nd], None), (w[wi], None), (d[wi], None)
             out[ch, ..., nd] = _products(maps, *blk)[0]
         return out
 
@@ -326,11 +403,12 @@ class _RankProductVJP(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         grad_a, grad_w, grad_d = torch.empty_like(a), torch.zeros_like(w), torch.zeros_like(d)
         for ch, nd in _blocks(a.shape[0], a.shape[2], block):
-            blk = (a[ch, :, nd], None), (w[ch], None), (d[ch], None)
+            wi = _weight_index(w, ch, nd)
+            blk = (a[ch, :, nd], None), (w[wi], None), (d[wi], None)
             _, ga, gw, gd = _products(maps, *blk, (grad[ch, ..., nd], None), need_out=False)
             grad_a[ch, :, nd] = ga[0]
-            grad_w[ch] += gw[0]
-            grad_d[ch] += gd[0]
+            grad_w[wi] += gw[0]
+            grad_d[wi] += gd[0]
         return grad_a, grad_w, grad_d
 
     @staticmethod
@@ -349,16 +427,17 @@ class _RankProductVJP(torch.autograd.Function):
             def part(primal, tangent, index):
                 return primal[index], None if tangent is None else tangent[index]
 
-            blk = part(a, v_a, (ch, slice(None), nd)), part(w, v_w, ch), part(d, v_d, ch)
+            wi = _weight_index(w, ch, nd)
+            blk = part(a, v_a, (ch, slice(None), nd)), part(w, v_w, wi), part(d, v_d, wi)
             out, ga, gw, gd = _products(
                 ctx.maps, *blk, (grad[ch, ..., nd], None), primal=False, need_out=need[3]
             )
             if grad_a is not None and ga[1] is not None:
                 grad_a[ch, :, nd] = ga[1]
             if grad_w is not None and gw[1] is not None:
-                grad_w[ch] += gw[1]
+                grad_w[wi] += gw[1]
             if grad_d is not None and gd[1] is not None:
-                grad_d[ch] += gd[1]
+                grad_d[wi] += gd[1]
             if grad_grad is not None and out[1] is not None:
                 grad_grad[ch, ..., nd] = out[1]
         return grad_a, grad_w, grad_d, grad_grad, None, None
@@ -495,11 +574,17 @@ class GridRankProduct(GauntProductBasis):
         channels = self.num_features
         nodes = columns // channels
         a = features.view(features.shape[0], nodes, channels).permute(2, 0, 1).contiguous()
-        w = self.factor_weights().to(dtype).permute(4, 3, 1, 0, 2)  # [C, sets, corr, R, L_in+1]
-        w = w.reshape(channels, self.factor_sets, -1, self.l_in + 1)
-        d = self.round_trip_weight().to(dtype).permute(3, 2, 0, 1)  # [C, sets, R, K+1]
         if nodes == 0:  # an empty batch: nothing to compute (the kernels' views need nodes)
             return features.new_zeros(self.n_terms * self.rank, self.dim_out, 0)
+        factor = self.factor_weights().to(dtype)  # [R, corr, L_in+1, sets, C]
+        trip = self.round_trip_weight().to(dtype)  # [R, K+1, sets, C]
+        if species is None:
+            w = factor[:, :, :, 0].permute(3, 1, 0, 2).reshape(channels, -1, self.l_in + 1)
+            d = trip[:, :, 0].permute(2, 0, 1)  # [C, R, K+1]
+        else:  # each node's element's weights, gathered on the device in one call
+            w = factor.index_select(3, species).permute(4, 1, 0, 2, 3)  # [C, corr, R, L+1, n]
+            w = w.reshape(channels, -1, self.l_in + 1, nodes)
+            d = trip.index_select(2, species).permute(3, 0, 1, 2)  # [C, R, K+1, n]
         maps = _ProductMaps(self, dtype)
         # off the CPU one block unless its temporaries (~6 corr R grid-sized ones per column in
         # the double backward, primal and tangent) exceed engine.DEVICE_BLOCK_BYTES
@@ -507,20 +592,7 @@ class GridRankProduct(GauntProductBasis):
         block = block_size(columns, features.device, self.block, column_bytes)
         if features.device.type != "cpu" and block >= columns:
             block = None  # one block
-        if species is None:
-            out = _RankProduct.apply(a, w[:, 0], d[:, 0], maps, block)
-        else:  # one kernel call per element, on its nodes
-            order = torch.argsort(species, stable=True)
-            counts = torch.bincount(species, minlength=self.factor_sets).tolist()
-            parts = a.index_select(2, order).split(counts, dim=2)
-            out = torch.cat(
-                [
-                    _RankProduct.apply(part.contiguous(), w[:, e], d[:, e], maps, block)
-                    for e, part in enumerate(parts)
-                    if counts[e]
-                ],
-                dim=4,
-            ).index_select(4, torch.argsort(order))
+        out = _RankProduct.apply(a, w, d, maps, block)
         # [C, corr-1, R, D_out, n] -> rows (nu - 2) R + r, columns node-major as the features
         return out.permute(1, 2, 3, 4, 0).reshape(-1, self.dim_out, columns)
 
