@@ -141,6 +141,9 @@ class CompareArgs:
     # Equal training time T (timed seconds): each backend trains until its fastest timed
     # configuration covers T (at least `epochs`); needs configs.
     time_s: float | None = None
+    # Only the timing pass: time `configs` and table them, train nothing (e.g. a width too
+    # slow to train here; pass trainer.limit_train_batches=N to time N steps per epoch).
+    timing_only: bool = False
     # File stem of the table, CSV and plots in out_dir.
     name: str = "study"
     out_dir: str | None = None  # default: results/<data>
@@ -224,6 +227,8 @@ def validate_args(args, overrides: list[str]) -> None:
         raise ConfigError(f"configs time backends {missing}: add them to backends=[…]")
     if args.timing_epochs < 1:
         raise ConfigError(f"timing_epochs={args.timing_epochs} must be >= 1")
+    if args.timing_only and not configs:
+        raise ConfigError("timing_only=true needs configs=[…] to time")
     if args.time_s is not None and (args.time_s <= 0 or not configs):
         raise ConfigError(f"time_s={args.time_s} needs configs=[…] and a positive T in seconds")
     if configs and any(o.split("=", 1)[0] in ("conv", "tp.options.method") for o in overrides):
@@ -241,6 +246,15 @@ def train_command(run: Run, args, overrides: list[str], epochs: int | None = Non
     else:  # stop at the budget, even inside the first epoch
         cap = epochs if epochs is not None else -1
         budget = [f"budget_s={args.budget_s}", f"trainer.max_epochs={cap}", "trainer.min_epochs=0"]
+    # At equal time T each configuration stops at another epoch: keep every epoch's weights.
+    keep = (
+        []
+        if args.time_s is None
+        else [
+            "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.model_checkpoint.filename='epoch{epoch:03d}'",
+        ]
+    )
     return [
         sys.executable,
         str(PROJECT_ROOT / "train.py"),
@@ -249,6 +263,7 @@ def train_command(run: Run, args, overrides: list[str], epochs: int | None = Non
         *budget,
         "callbacks.early_stopping=null",
         "callbacks.progress_bar=null",
+        *keep,
         *overrides,
         f"hydra.run.dir={run.dir}",
     ]
@@ -402,6 +417,21 @@ def evaluate_run(run_dir: Path, threads: int) -> dict[str, Any]:
         return evaluate(compose_config("evaluate", overrides))
 
 
+def evaluate_epoch(run_dir: Path, epoch: int, threads: int) -> dict[str, Any] | None:
+    """Test metrics of the weights after epoch ``epoch`` (0-based: the per-epoch checkpoint a
+    time_s study keeps, with the EMA weights validated then), evaluated once into
+    ``<run_dir>/evaluate_epochNNN``; None without that checkpoint."""
+    out = run_dir / f"evaluate_epoch{epoch:03d}"
+    if not (out / "metrics.json").is_file():
+        ckpt = run_dir / "checkpoints" / f"epoch{epoch:03d}.ckpt"
+        if not ckpt.is_file():
+            return None
+        overrides = [f"ckpt_path={ckpt}", f"paths.output_dir={out}", f"threads={threads}"]
+        with _EVALUATING:
+            evaluate(compose_config("evaluate", overrides))
+    return json.loads((out / "metrics.json").read_text())
+
+
 def time_configs(
     configs: list[Config], args, overrides: list[str], out_dir: Path
 ) -> dict[str, dict[str, Any]]:
@@ -441,6 +471,54 @@ def time_configs(
         }
         log.info("timing %s: %.3g s/epoch", config.name, timings[config.name]["s_per_epoch"])
     return timings
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def timing_report(configs, timings, args, overrides: list[str], stem: Path) -> list[dict]:
+    """The timing pass alone: ``<stem>_timing.{csv,md}``, s/epoch per configuration and its
+    speed-up against stock mace where stock was timed; the CSV rows."""
+    stock = timings.get(STOCK, {}).get("s_per_epoch")
+    rows = [
+        {
+            "config": c.name,
+            "s_per_epoch": timings[c.name]["s_per_epoch"],
+            "speedup_vs_stock": stock / timings[c.name]["s_per_epoch"] if stock else None,
+        }
+        for c in configs
+    ]
+    write_csv(rows, Path(f"{stem}_timing.csv"))
+    command = " ".join(
+        [
+            f"configs=[{','.join(args.configs)}]",
+            "timing_only=true",
+            f"timing_epochs={args.timing_epochs}",
+            f"seeds=[{args.seeds[0]}]",
+            *overrides,
+        ]
+    )
+    lines = [
+        "# Timing pass (no training)",
+        "",
+        f"Command: `python scripts/compare_backends.py {command}`  ",
+        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, one configuration at a "
+        "time. s/epoch: training steps (forward with forces, loss, backward, optimiser) of the "
+        "epochs after the first (warm-up).",
+        "",
+        "| config | s/epoch | speed-up vs stock (cg+e3nn) |",
+        "|---|---|---|",
+        *(
+            f"| {r['config']} | {_number(r['s_per_epoch'])} | {_speedup(r['speedup_vs_stock'])} |"
+            for r in rows
+        ),
+        "",
+        *twin_agreement(configs, timings),
+    ]
+    atomic_write_text(Path(f"{stem}_timing.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
 
 
 def twin_agreement(configs: list[Config], timings: dict[str, dict[str, Any]]) -> list[str]:
@@ -510,10 +588,132 @@ def time_to_stock(
     return rows, level, horizon
 
 
+def epochs_within(horizon: float, s_per_epoch: float) -> int:
+    """Whole epochs a configuration completes within ``horizon`` seconds on its clock."""
+    return int(horizon / s_per_epoch + 1e-9)
+
+
+def checkpoint_test_rows(
+    key: dict[str, Any], run: Run, epochs: int, threads: int
+) -> list[dict[str, Any]]:
+    """Test errors of ``run`` after ``epochs`` epochs (capped at the epochs it trained), one row
+    per test set, prefixed by ``key``; none without the epoch's checkpoint."""
+    summary = json.loads((run.dir / "summary.json").read_text())
+    done = min(epochs, int(summary["epochs_reached"]))
+    report = evaluate_epoch(run.dir, done - 1, threads) if done >= 1 else None
+    if report is None:
+        return []
+    return [
+        {
+            **key,
+            "seed": run.seed,
+            "test_set": name,
+            "epochs": done,
+            "covers": done == epochs,
+            **{k: m[k] for k in ("e_mae", "e_rmse", "f_mae", "f_rmse")},
+        }
+        for name, m in report["sets"].items()
+    ]
+
+
+def equal_time_rows(configs, timings, runs: list[Run], horizon: float, threads: int) -> list:
+    """Per configuration and seed: test errors of the weights it has after T seconds on its own
+    clock (its last whole epoch within T)."""
+    rows = []
+    for config in configs:
+        epochs = epochs_within(horizon, timings[config.name]["s_per_epoch"])
+        for run in (r for r in runs if r.tp == config.tp):
+            rows += checkpoint_test_rows({"config": config.name}, run, epochs, threads)
+    return rows
+
+
+def equal_epoch_rows(runs: list[Run], epochs: int, threads: int) -> list[dict[str, Any]]:
+    """Per backend and seed: test errors after ``epochs`` epochs."""
+    rows = []
+    for run in runs:
+        rows += checkpoint_test_rows({"tp": run.tp}, run, epochs, threads)
+    return rows
+
+
+def test_table(rows: list[dict[str, Any]], key: str, what: str) -> list[str]:
+    """Markdown: mean ± std over seeds of each ``key`` group's test errors, per test set."""
+    lines = []
+    for test_set in dict.fromkeys(r["test_set"] for r in rows):
+        mine = [r for r in rows if r["test_set"] == test_set]
+        lines += [
+            f"Test set `{test_set}`, {what}:",
+            "",
+            f"| {key} | seeds | epochs | E MAE (meV/atom) | E RMSE (meV/atom) | F MAE (meV/Å) | "
+            "F RMSE (meV/Å) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(r[key] for r in mine):
+            group = [r for r in mine if r[key] == name]
+            epochs = sorted({r["epochs"] for r in group})
+            short = "" if all(r["covers"] for r in group) else " (curve ends first)"
+            cells = [
+                _cell(mean_std([r[k] for r in group]))
+                for k in ("e_mae", "e_rmse", "f_mae", "f_rmse")
+            ]
+            lines.append(
+                f"| {name} | {len(group)} | {'/'.join(map(str, epochs))}{short} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append("")
+    return lines
+
+
+def plot_time_front(rows: list[dict[str, Any]], timings, path: Path) -> None:
+    """The accuracy-cost front: test force MAE at T vs s/epoch, per configuration (mean ± std
+    over seeds), on the first test set."""
+    plt = _pyplot()
+    first = rows[0]["test_set"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), constrained_layout=True)
+    for name in dict.fromkeys(r["config"] for r in rows):
+        stat = mean_std(
+            [r["f_mae"] for r in rows if r["config"] == name and r["test_set"] == first]
+        )
+        if stat is None:
+            continue
+        y, dy = stat
+        ax.errorbar(timings[name]["s_per_epoch"], y, yerr=dy, fmt="o", capsize=3, label=name)
+    ax.set(
+        xlabel="s/epoch (timed training steps)",
+        ylabel=f"test force MAE at T (meV/Å), {first}",
+        xscale="log",
+    )
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_curves(runs: list[Run], path: Path) -> None:
+    """Every run's validation curve (the study's accuracy per epoch, kept beside the tables so
+    a re-timing can be combined with it without the run directories)."""
+    rows = []
+    for run in runs:
+        summary = json.loads((run.dir / "summary.json").read_text())
+        history, t = val_history(run.dir), 0.0
+        initial = summary.get("initial_val") or {}
+        rows.append(
+            {"tp": run.tp, "seed": run.seed, "epochs": 0, "train_step_time_s": 0.0,
+             "val_e_mae": initial.get("e_mae"), "val_f_mae": initial.get("f_mae")}
+        )  # fmt: skip
+        for epoch, seconds in enumerate(summary["epoch_train_time_s"]):
+            t += seconds
+            if epoch in history:
+                rows.append(
+                    {"tp": run.tp, "seed": run.seed, "epochs": epoch + 1, "train_step_time_s": t,
+                     "val_e_mae": history[epoch]["e_mae"], "val_f_mae": history[epoch]["f_mae"]}
+                )  # fmt: skip
+    write_csv(rows, path)
+
+
 def time_to_stock_table(rows: list[dict[str, Any]], level: float, horizon: float) -> list[str]:
     lines = [
         f"Training-step seconds (timed, one job at a time) until the validation F MAE is at or "
-        f"below {level:.3g} meV/Å, the worst stock seed's best within T = {horizon:.0f} s; "
+        f"below {level:.3g} meV/Å, the worst stock seed's best within T = {horizon:.4g} s; "
         "each configuration on its own clock (its s/epoch) along its backend's curve.",
         "",
         "| config | s/epoch | seconds to stock accuracy | reached | speed-up vs stock | "
@@ -554,9 +754,10 @@ def plot_config_curves(
     plt.close(fig)
 
 
-def configs_section(configs, timings, curves, args, stem: Path) -> list[str]:
+def configs_section(configs, timings, curves, args, stem: Path, runs, threads: int) -> list[str]:
     """The study's configurations: twins' agreement, and with the stock configuration the time
-    to its accuracy (``<stem>_time_to_accuracy.csv`` and a plot); the markdown lines."""
+    to its accuracy (``<stem>_time_to_accuracy.csv`` and a plot) and the test errors at equal
+    time T (``<stem>_equal_time.csv``, the accuracy-cost front); the markdown lines."""
     lines = ["## Configurations (timing pass)", "", *twin_agreement(configs, timings)]
     if STOCK not in timings or "cg" not in curves:
         lines += ["", f"(no time to stock accuracy: configs lacks {STOCK})"]
@@ -567,13 +768,21 @@ def configs_section(configs, timings, curves, args, stem: Path) -> list[str]:
         if stem.name == "study"
         else Path(f"{stem}_time_to_accuracy.csv")
     )
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, path)
     plot = Path(f"{stem}_configs_val_f_mae_vs_time.png")
     plot_config_curves(curves, configs, timings, level, plot)
     lines += ["", *time_to_stock_table(rows, level, horizon), "", f"![configurations]({plot.name})"]
+    tests = equal_time_rows(configs, timings, runs, horizon, threads)
+    if tests:
+        write_csv(tests, Path(f"{stem}_equal_time.csv"))
+        front = Path(f"{stem}_equal_time_front.png")
+        plot_time_front(tests, timings, front)
+        what = (
+            f"equal time T = {horizon:.4g} s (each configuration's weights after its last whole "
+            "epoch within T on its own clock; EMA weights; mean ± std over seeds)"
+        )
+        lines += ["", "## Test errors at equal time", "", *test_table(tests, "config", what)]
+        lines += [f"![accuracy-cost front]({front.name})"]
     return lines
 
 
@@ -864,13 +1073,13 @@ def plot_front(
     return drawn
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """One row per (tp, seed, test set); missing values empty."""
+STUDY_COLUMNS = ["tp", "conv", "method", "seed", "test_set", *RUN_COLUMNS, *SET_COLUMNS]
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> None:
+    """``rows`` under ``columns`` (default: the first row's keys), missing values empty."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(
-            handle,
-            fieldnames=["tp", "conv", "method", "seed", "test_set", *RUN_COLUMNS, *SET_COLUMNS],
-        )
+        writer = csv.DictWriter(handle, fieldnames=columns or list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -893,6 +1102,8 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
     ]
     configs = [Config.parse(c) for c in args.configs]
     timings = time_configs(configs, args, overrides, out_dir) if configs else {}
+    if args.timing_only:
+        return timing_report(configs, timings, args, overrides, out_dir / args.name)
     epochs = {tp: args.epochs for tp in args.backends}
     if args.time_s is not None:  # each backend's fastest configuration covers T
         for tp in epochs:
@@ -916,7 +1127,8 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (args.backends.index(r["tp"]), args.seeds.index(r["seed"])))
 
     stem = out_dir / args.name
-    write_csv(rows, stem.with_suffix(".csv"))
+    write_csv(rows, stem.with_suffix(".csv"), STUDY_COLUMNS)
+    write_curves(runs, Path(f"{stem}_curves.csv"))
     title = f"{data}: validation force MAE (mean, band: min-max over seeds)"
     plot_curves(curves, Path(f"{stem}_val_f_mae_vs_time.png"), title)
     plot_front(rows, list(args.backends), Path(f"{stem}_f_mae_vs_epoch_time.png"), data)
@@ -954,7 +1166,13 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
     )
     table = markdown(rows, list(args.backends), header, curves, s2ef=data.startswith("oc20"))
     if configs:
-        table += "\n" + "\n".join(configs_section(configs, timings, curves, args, stem)) + "\n"
+        section = configs_section(configs, timings, curves, args, stem, runs, int(threads))
+        tests = equal_epoch_rows(runs, equal_epochs, int(threads)) if args.time_s else []
+        if tests:
+            write_csv(tests, Path(f"{stem}_equal_epochs.csv"))
+            what = f"equal epochs ({equal_epochs}, the fewest any run trained; EMA weights)"
+            section += ["", "## Test errors at equal epochs", "", *test_table(tests, "tp", what)]
+        table += "\n" + "\n".join(section) + "\n"
     atomic_write_text(stem.with_suffix(".md"), table)
     print(table + f"\nwritten to {out_dir}")
     return rows

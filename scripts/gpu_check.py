@@ -49,13 +49,7 @@ SECTIONS = ("tests", "op", "model", "timing", "train")
 #: relative error (max |device - cpu| / max |cpu|) allowed against the CPU float64 reference
 OP_TOL = {"float64": 1e-10, "float32": 1e-4}
 MODEL_TOL = {"float64": 1e-9, "float32": 1e-3}
-TINY_MODEL = [
-    "model.hidden_irreps=8x0e+8x1o",
-    "model.max_ell=2",
-    "model.correlation=2",
-    "model.radial_MLP=[8,8]",
-    "model.r_max=4.0",
-]
+TINY_MODEL = ["model=tiny"]  # conf/model/tiny.yaml
 
 
 class Report:

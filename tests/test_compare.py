@@ -173,19 +173,24 @@ def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tm
 
 
 def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_factory, tmp_path):
-    """configs: each configuration timed once (one at a time, same seed and batches), twins'
-    agreement reported, and the time to stock mace's accuracy derived from the backends'
-    validation curves on each configuration's clock."""
+    """configs: each configuration timed once (one at a time, same seed and batches; alone with
+    timing_only), twins' agreement reported, the time to stock mace's accuracy derived from the
+    backends' validation curves on each configuration's clock, and the test errors of the
+    weights each configuration has at T."""
     out = tmp_path / "results"
-    argv = [
+    common = [
         "backends=[cg]",
         "seeds=[0]",
-        "epochs=2",
         "configs=[cg+e3nn,cg+fast]",
         "timing_epochs=2",
         f"out_dir={out}",
         *tiny_args(shared_root(tmp_path_factory)),
     ]
+    timed = study([*common, "timing_only=true"])  # the timing pass alone: nothing trained
+    assert [r["config"] for r in timed] == ["cg+e3nn", "cg+fast"] and not (out / "runs").exists()
+    assert "| cg+e3nn |" in (out / "study_timing.md").read_text()
+    s_stock = timed[0]["s_per_epoch"]
+    argv = [*common, f"time_s={2 * s_stock}"]  # T: two stock epochs
     rows = study(argv)
     assert {(r["tp"], r["conv"]) for r in rows} == {("cg", "fast")}
     with open(out / "time_to_accuracy.csv") as handle:
@@ -201,9 +206,24 @@ def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_fa
     epochs = float(stock["seconds_to_stock"]) / float(stock["s_per_epoch"])
     assert epochs == pytest.approx(round(epochs)) and round(epochs) >= 1
     assert float(fast["seconds_to_stock"]) == pytest.approx(epochs * float(fast["s_per_epoch"]))
+    # At equal time each configuration is tested with the weights of its last epoch within T.
+    with open(out / "study_equal_time.csv") as handle:
+        at_t = {r["config"]: r for r in csv.DictReader(handle)}
+    run = out / "runs" / "cg" / "seed0"
+    reached = int(json.loads((run / "summary.json").read_text())["epochs_reached"])
+    assert int(at_t["cg+e3nn"]["epochs"]) == 2
+    for name, row in at_t.items():
+        within = int(2 * s_stock / float(table[name]["s_per_epoch"]) + 1e-9)
+        assert int(row["epochs"]) == min(within, reached)
+        evaluated = run / f"evaluate_epoch{int(row['epochs']) - 1:03d}" / "metrics.json"
+        metrics = json.loads(evaluated.read_text())["sets"][row["test_set"]]
+        assert float(row["f_mae"]) == pytest.approx(metrics["f_mae"])
+    with open(out / "study_curves.csv") as handle:  # the curves, kept beside the tables
+        curve = [r for r in csv.DictReader(handle)]
+    assert [int(r["epochs"]) for r in curve] == list(range(reached + 1))
     report = (out / "study.md").read_text()
     assert "`cg+e3nn` vs `cg+fast`: validation F MAE over 2 epochs" in report
-    assert "seconds to stock accuracy" in report
+    assert "seconds to stock accuracy" in report and "Test errors at equal time" in report
     assert (out / "study_configs_val_f_mae_vs_time.png").read_bytes()[:4] == b"\x89PNG"
     stamps = {p: p.stat().st_mtime_ns for p in (out / "timing").glob("*/summary.json")}
     study(argv)  # timings are reused, not measured again

@@ -16,13 +16,7 @@ import torch
 from mace_grid import PROJECT_ROOT
 from mace_grid.lit_module import MaceLitModule
 
-TINY_MODEL = [
-    "model.hidden_irreps=8x0e+8x1o",
-    "model.max_ell=2",
-    "model.correlation=2",
-    "model.radial_MLP=[8,8]",
-    "model.r_max=4.0",
-]
+TINY_MODEL = ["model=tiny"]  # conf/model/tiny.yaml
 
 QUIET = ["callbacks.progress_bar=null"]
 
