@@ -490,6 +490,8 @@ def timing_report(configs, timings, args, overrides: list[str], stem: Path) -> l
         for c in configs
     ]
     write_csv(rows, Path(f"{stem}_timing.csv"))
+    limit = _override([o.lstrip("+") for o in overrides], "trainer.limit_train_batches")
+    steps = f"; an epoch is {limit} training steps (trainer.limit_train_batches)" if limit else ""
     command = " ".join(
         [
             f"configs=[{','.join(args.configs)}]",
@@ -505,7 +507,7 @@ def timing_report(configs, timings, args, overrides: list[str], stem: Path) -> l
         f"Command: `python scripts/compare_backends.py {command}`  ",
         f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, one configuration at a "
         "time. s/epoch: training steps (forward with forces, loss, backward, optimiser) of the "
-        "epochs after the first (warm-up).",
+        f"epochs after the first (warm-up){steps}.",
         "",
         "| config | s/epoch | speed-up vs stock (cg+e3nn) |",
         "|---|---|---|",
