@@ -366,9 +366,14 @@ def test_per_element_factors_with_equal_sets_are_the_shared_function(name):
 
 @pytest.mark.parametrize("name", NEW)
 @pytest.mark.parametrize("block", [3, 16, None])
-def test_per_element_fused_derivatives_match_plain_autograd(name, block):
-    """One kernel call per element on its nodes: forward, forces and second derivatives into
-    inputs and every weight against plain autograd, with an element absent from the batch."""
+@pytest.mark.parametrize("per_node", [False, True], ids=["split", "per_node"])
+def test_per_element_fused_derivatives_match_plain_autograd(name, block, per_node, monkeypatch):
+    """Per-element weights, one kernel call per element on its nodes (the CPU's way) or
+    gathered per node into one call (other devices'): forward, forces and second derivatives
+    into inputs and every weight against plain autograd, with an element absent from the batch."""
+    from mace_grid.tp import grid_rank
+
+    monkeypatch.setattr(grid_rank, "_gathers_per_node", lambda device: per_node)
     irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
     fused = randomise(make(name, irreps_in, irreps_out, 3, 4, rank=2, factors="element"))
     fused.block = block
@@ -385,11 +390,12 @@ def test_per_element_fused_derivatives_match_plain_autograd(name, block):
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_per_element_factors_run_one_kernel_call(name, monkeypatch):
-    """Per-element factor weights are gathered per node on the device: one kernel call for a
+def test_per_element_factors_run_one_kernel_call_off_the_cpu(name, monkeypatch):
+    """Off the CPU per-element factor weights are gathered per node: one kernel call for a
     batch of three elements (no per-element split, which needs the counts on the host)."""
     from mace_grid.tp import grid_rank
 
+    monkeypatch.setattr(grid_rank, "_gathers_per_node", lambda device: True)
     calls = []
     apply = grid_rank._RankProduct.apply
     monkeypatch.setattr(grid_rank._RankProduct, "apply", lambda *a: calls.append(1) or apply(*a))
