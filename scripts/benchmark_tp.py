@@ -166,7 +166,6 @@ def run_op(args) -> list[dict]:
                     dict(
                         backend=label,
                         dtype=dtype_name,
-                        device=args.device.type,
                         l_in=l_in,
                         l_out=l_out,
                         correlation=args.correlation,
@@ -182,6 +181,7 @@ def run_op(args) -> list[dict]:
                         step_matmul_mflop=round(work.matmul_flop / 1e6, 2),
                         step_pointwise_m=round(work.pointwise / 1e6, 2),
                         step_aten_ops=work.ops,
+                        device=args.device.type,
                         matmul_gflop_s=round(rate / 1e9, 2),
                         step_over_matmul_time=round(
                             limit_ratio(step / 1e3, work.matmul_flop, rate), 3

@@ -122,11 +122,16 @@ def check_step_columns(row: dict, device: str) -> None:
 
 
 def run_benchmark_model(tmp_path: Path, device: str) -> list[dict]:
-    cmd = [*script("benchmark_tp.py"), "--no-op", "--model", "--device", device, *TINY]
-    cmd += ["--warmup", "1", "--model-hidden-irreps", "4x0e+4x1o", "--model-molecules", "1"]
+    cmd = [*script("benchmark_tp.py"), "--model", "--device", device, *TINY, "--warmup", "1"]
+    cmd += ["--max-l", "1", "--channels", "8", "--nodes", "40", "--backends", "grid"]  # op
+    cmd += ["--model-hidden-irreps", "4x0e+4x1o", "--model-molecules", "1"]
     proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "step / matmul time" in proc.stdout
+    (op,) = read_csv(tmp_path / "op.csv")  # the op section: the same ratio per block
+    assert op["device"] == device and float(op["step_matmul_mflop"]) > 0
+    expected = float(op["step_ms"]) / float(op["step_matmul_mflop"]) * float(op["matmul_gflop_s"])
+    assert float(op["step_over_matmul_time"]) == pytest.approx(expected, rel=0.02)
     rows = read_csv(tmp_path / "model.csv")
     assert {(r["tp"], r["conv"]) for r in rows} == {
         (tp, conv) for tp in ("cg", "grid") for conv in ("e3nn", "fast")
