@@ -20,12 +20,12 @@ Model section (--model): one whole ScaleShiftMACE training step (forward with fo
 forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, for (tp, conv) in
 {cg, grid} x {e3nn, fast} (--convs); speed-ups against tp=cg conv=e3nn, stock mace; and one more
 step per configuration counted the same way.
-Both sections measure the device's matmul rate in the same process (`mace_grid.tp.work.
-matmul_rate`: a 1024^3 ``a @ b`` on the CPU at --threads, 4096^3 on a GPU, in the section's
-dtype) and report step time / (the step's matmul flops at that rate): how far a step is from
-arithmetic-bound (`limit_ratio`). --device cuda runs the op and model sections on the GPU, the
-device synchronised around every timed call; the step-size section runs on the CPU (it measures
-learning speed, not time).
+Both sections time the device's matmul rate in the same interleaved rounds as the steps
+(`mace_grid.tp.work.matmul_probe`: a 1024^3 ``a @ b`` on the CPU at --threads, 4096^3 on a GPU,
+in the section's dtype) and report step time / (the step's matmul flops at that rate): how far
+a step is from arithmetic-bound (`limit_ratio`). --device cuda runs the op and model sections
+on the GPU, the device synchronised around every timed call; the step-size section runs on the
+CPU (it measures learning speed, not time).
 Step-size section (--step-size): learning speed per optimiser step. For L_in in --step-size-l,
 C=32, 4 elements, N(0,1) features, 128 nodes, outputs 0e+1o and 0e: the relative change
 |y1 - y0| / |y0| of the block's output after one Adam step (lr 0.01) on a random linear loss
@@ -53,7 +53,7 @@ from mace_grid.cli import exit_with_error
 from mace_grid.errors import ConfigError
 from mace_grid.model import DTYPES
 from mace_grid.tp.step_size import adam_step_change
-from mace_grid.tp.work import count_work, limit_ratio, matmul_rate, synchronize, timing_device
+from mace_grid.tp.work import count_work, limit_ratio, matmul_probe, synchronize, timing_device
 
 BACKEND_SPECS = {
     "cg": ("cg", {}),
@@ -66,6 +66,9 @@ BACKEND_SPECS = {
     "grid_rank-element": ("grid_rank", {"factors": "element"}),
     "grid_chain-element": ("grid_chain", {"factors": "element"}),
 }
+
+
+MATMUL = "matmul"  # the reference product (`matmul_probe`), timed in the same rounds as the steps
 
 
 def natural(mul: int, lmax: int) -> o3.Irreps:
@@ -129,8 +132,7 @@ def run_op(args) -> list[dict]:
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         torch.set_default_dtype(dtype)
-        rate = matmul_rate(args.device, dtype)
-        print(f"  {dtype_name} matmul rate on {args.device}: {rate / 1e9:.1f} GFLOP/s", flush=True)
+        probe, probe_flop = matmul_probe(args.device, dtype)
         for l_in in range(args.min_l, args.max_l + 1):
             l_out = min(l_in, 2)
             gen = torch.Generator().manual_seed(0)
@@ -155,7 +157,10 @@ def run_op(args) -> list[dict]:
                 build_s[label] = time.perf_counter() - start
                 points[label] = point_count(module)
                 fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
+            fns[MATMUL] = probe
             medians = interleaved_medians(fns, args.repeats, args.warmup, args.device)
+            rate = probe_flop / (medians[MATMUL][0] / 1e3)
+            print(f"  {dtype_name} L_in={l_in} matmul rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
             for label in labels:
                 work = count_work(fns[label, "step"])
                 (step, step_min), (forward, forward_min) = (
@@ -249,14 +254,13 @@ def print_work_table(rows: list[dict], backends: list[str]) -> None:
     flops against grid's, and its time ratio to grid divided by that (1 = its matmuls and
     everything else cost what grid's do per flop; the flop ratio is the floor of the time
     ratio for equally efficient kernels); last, its step time over its matmul flops' time at
-    the measured matmul rate (1 = arithmetic-bound)."""
+    the matmul rate measured in the same rounds (1 = arithmetic-bound)."""
     for dtype in sorted({r["dtype"] for r in rows}):
         table = {(r["backend"], r["l_in"]): r for r in rows if r["dtype"] == dtype}
-        rate = next(r["matmul_gflop_s"] for r in table.values())
         print(
             f"\n{dtype} work per step: matmul MFLOP (xgrid) | pointwise outputs (M, copies "
-            "included) | ATen calls | time xgrid / flop xgrid | step time / matmul time at "
-            f"{rate:.1f} GFLOP/s"
+            "included) | ATen calls | time xgrid / flop xgrid | step time / matmul time (at the "
+            "L_in's matmul rate above)"
         )
         print(f"{'L_in':>8}" + "".join(f"{b:>52}" for b in backends))
         for l_in in sorted({r["l_in"] for r in table.values()}):
@@ -410,8 +414,9 @@ def run_model(args) -> list[dict]:
             model = build_model(model_cfg, {"name": label}, statistics_, {"name": conv})
             steps[label, conv] = training_step(model.to(args.device), data)
     rows = []
-    timings = interleaved_medians(steps, args.repeats, args.warmup, args.device)
-    rate = matmul_rate(args.device, dtype)
+    probe, probe_flop = matmul_probe(args.device, dtype)
+    timings = interleaved_medians({**steps, MATMUL: probe}, args.repeats, args.warmup, args.device)
+    rate = probe_flop / (timings.pop(MATMUL)[0] / 1e3)
     stock = timings.get(("cg", "e3nn"), (None,))[0]
     for (label, conv), (ms, ms_min) in timings.items():
         work = count_work(steps[label, conv])
@@ -449,8 +454,9 @@ def print_limit_table(rows: list[dict], where: str) -> None:
     its time over its matmul flops' time at the measured matmul rate (1 = arithmetic-bound)."""
     rate = rows[0]["matmul_gflop_s"]
     print(
-        f"\nwork per training step against the matmul rate measured here ({rate:.1f} GFLOP/s, "
-        f"{where}); pointwise: elements written by pointwise ops, copies included"
+        f"\nwork per training step against the matmul rate timed in the same rounds "
+        f"({rate:.1f} GFLOP/s, {where}); pointwise: elements written by pointwise ops, copies "
+        "included"
     )
     print(
         f"{'tp':>12} {'conv':>5} {'step ms':>9} {'matmul GFLOP':>13} {'pointwise M':>12} "

@@ -16,7 +16,7 @@ import torch
 from mace_grid import PROJECT_ROOT
 from mace_grid.errors import ConfigError
 from mace_grid.tp import work
-from mace_grid.tp.work import count_work, limit_ratio, matmul_rate, timing_device
+from mace_grid.tp.work import count_work, limit_ratio, matmul_probe, matmul_rate, timing_device
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
@@ -53,6 +53,12 @@ def test_matmul_rate_is_2n3_flops_over_the_median_time_per_product(monkeypatch) 
     fake_clock(monkeypatch, [1.0, 0.02, 0.3, 0.9, 0.06, 0.09, 0.12])
     counted = count_work(lambda: matmul_rate(torch.device("cpu"), n=n, min_sample_s=0.05))
     assert counted.matmul_flop == (1 + 1 + 5 * 3) * 2 * n**3  # it ran the products it divides by
+
+
+def test_the_probe_that_benchmarks_interleave_does_the_flops_it_reports() -> None:
+    product, flop = matmul_probe(torch.device("cpu"), torch.float64, n=16)
+    assert flop == 2 * 16**3 and count_work(product).matmul_flop == flop
+    assert product().dtype == torch.float64
 
 
 def test_a_step_that_is_one_product_at_that_rate_is_at_the_limit(monkeypatch) -> None:

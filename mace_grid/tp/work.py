@@ -11,6 +11,7 @@ step is from arithmetic-bound (`limit_ratio`): 1 when every matmul ran at that r
 else cost anything.
 """
 
+import functools
 import math
 import statistics
 import time
@@ -99,6 +100,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def matmul_probe(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None
+) -> tuple[Callable[[], object], int]:
+    """(one n x n x n ``a @ b`` on ``device``, its flops): the reference product of
+    `matmul_rate`, for a benchmark to time in its own interleaved rounds (so that a change of
+    machine load hits the steps and the reference alike). ``n`` defaults to 1024 on the CPU
+    (the sgemm rate a core reaches) and 4096 on a GPU (1024^3 leaves most of its
+    multiprocessors idle)."""
+    n = n or (1024 if device.type == "cpu" else 4096)
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen, dtype=dtype).to(device) for _ in range(2))
+    out = torch.empty_like(a)
+    return functools.partial(torch.mm, a, b, out=out), 2 * n**3
+
+
 def matmul_rate(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
@@ -106,28 +122,23 @@ def matmul_rate(
     samples: int = 5,
     min_sample_s: float = 0.05,
 ) -> float:
-    """FLOP/s of an n x n x n ``a @ b`` on ``device`` at the current thread count: the median of
-    ``samples`` timings, each of enough back-to-back products to last ``min_sample_s`` (a GPU
-    product takes microseconds), the device synchronised around each. ``n`` defaults to 1024 on
-    the CPU (the sgemm rate a core reaches) and 4096 on a GPU (1024^3 leaves most of its
-    multiprocessors idle)."""
-    n = n or (1024 if device.type == "cpu" else 4096)
-    gen = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=gen, dtype=dtype).to(device) for _ in range(2))
-    out = torch.empty_like(a)
+    """FLOP/s of `matmul_probe` at the current thread count: the median of ``samples`` timings,
+    each of enough back-to-back products to last ``min_sample_s`` (a GPU product takes
+    microseconds to milliseconds), the device synchronised around each."""
+    product, flop = matmul_probe(device, dtype, n)
 
     def seconds(calls: int) -> float:
         synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
-            torch.mm(a, b, out=out)
+            product()
         synchronize(device)
         return time.perf_counter() - start
 
     seconds(1)  # warm-up: allocation, BLAS/cuBLAS initialisation
     calls = max(1, math.ceil(min_sample_s / max(seconds(1), 1e-9)))
     per_call = statistics.median(seconds(calls) for _ in range(samples)) / calls
-    return 2 * n**3 / per_call
+    return flop / per_call
 
 
 def limit_ratio(step_s: float, matmul_flop: float, rate: float) -> float:
