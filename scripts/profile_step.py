@@ -231,8 +231,8 @@ def main(argv=None) -> None:
             for key in columns:
                 line += f"{100 * table[key].get(family, 0.0) / sum(table[key].values()):>13.1f}%"
             print(line)
-        total = "profiled (ms)" if not on_gpu else "kernels (ms)"
-        print(f"{total:<20}" + "".join(f"{sum(table[k].values()):>14.1f}" for k in columns))
+        summed = "kernels (ms)" if on_gpu else "profiled (ms)"
+        print(f"{summed:<20}" + "".join(f"{sum(table[k].values()):>14.1f}" for k in columns))
         print(
             f"against the limit: median of {args.repeats} unprofiled steps, and of a float32 "
             "a @ b timed in the same rounds (the matmul rate)"

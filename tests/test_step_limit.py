@@ -117,7 +117,7 @@ def read_csv(path: Path) -> list[dict]:
 def check_step_columns(row: dict, device: str) -> None:
     """The step's columns are there and agree with each other: step / matmul time is the step's
     time over its matmul GFLOP at the measured rate (to the CSV's rounding)."""
-    assert row["device"] == device
+    assert set(STEP_COLUMNS) <= set(row) and row["device"] == device
     step_ms, gflop, rate = (
         float(row[k]) for k in ("step_ms", "step_matmul_gflop", "matmul_gflop_s")
     )
