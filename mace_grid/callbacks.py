@@ -16,16 +16,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from tqdm import tqdm
 
 from mace_grid.errors import ConfigError
+from mace_grid.tp.work import synchronize
 from mace_grid.utils import atomic_path, atomic_write_text
 
 log = logging.getLogger("mace_grid.train")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait until ``device`` has run the work queued on it: CUDA kernels run asynchronously, so
-    a host clock alone would time their launch. Nothing to wait for on the CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class ParameterEMA(WeightAveraging):

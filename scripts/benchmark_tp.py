@@ -3,9 +3,9 @@
 Labels name a backend, or a backend with options: gaunt-fft / gaunt-direct (tp.options.method),
 grid_rank-element / grid_chain-element (tp.options.factors=element).
 
-    python scripts/benchmark_tp.py [--threads 1] [--dtype float32 float64] [--max-l 6]
-        [--max-cg-l 3] [--backends cg gaunt grid grid_rank grid_chain] [--correlation 3] [--model]
-        [--out results/benchmark_tp]
+    python scripts/benchmark_tp.py [--device cpu] [--threads 1] [--dtype float32 float64]
+        [--max-l 6] [--max-cg-l 3] [--backends cg gaunt grid grid_rank grid_chain]
+        [--correlation 3] [--model] [--out results/benchmark_tp]
 
 Op section: one symmetric contraction, C channels, n nodes, correlation 3 (or --correlation,
 up to 6; cg only up to 4), irreps_in 0e+1o+...+L_in, irreps_out 0e..min(L_in, 2) (mace's
@@ -18,7 +18,14 @@ Then one more step per backend is counted, not timed (`mace_grid.tp.work`): matm
 pointwise outputs, ATen calls, and the time ratio to grid per unit of the flop ratio.
 Model section (--model): one whole ScaleShiftMACE training step (forward with forces, energy +
 forces MSE loss, backward) on a batch of random 27-atom H/C/N/O molecules, for (tp, conv) in
-{cg, grid} x {e3nn, fast} (--convs); speed-ups against tp=cg conv=e3nn, stock mace.
+{cg, grid} x {e3nn, fast} (--convs); speed-ups against tp=cg conv=e3nn, stock mace; and one more
+step per configuration counted the same way.
+Both sections time the device's matmul rate in the same interleaved rounds as the steps
+(`mace_grid.tp.work.matmul_probe`: a 1024^3 ``a @ b`` on the CPU at --threads, 4096^3 on a GPU,
+in the section's dtype) and report step time / (the step's matmul flops at that rate): how far
+a step is from arithmetic-bound (`limit_ratio`). --device cuda runs the op and model sections
+on the GPU, the device synchronised around every timed call; the step-size section runs on the
+CPU (it measures learning speed, not time).
 Step-size section (--step-size): learning speed per optimiser step. For L_in in --step-size-l,
 C=32, 4 elements, N(0,1) features, 128 nodes, outputs 0e+1o and 0e: the relative change
 |y1 - y0| / |y0| of the block's output after one Adam step (lr 0.01) on a random linear loss
@@ -42,9 +49,11 @@ import torch
 from e3nn import o3
 
 from mace_grid import tp
+from mace_grid.cli import exit_with_error
+from mace_grid.errors import ConfigError
 from mace_grid.model import DTYPES
 from mace_grid.tp.step_size import adam_step_change
-from mace_grid.tp.work import count_work
+from mace_grid.tp.work import count_work, limit_ratio, matmul_probe, synchronize, timing_device
 
 BACKEND_SPECS = {
     "cg": ("cg", {}),
@@ -59,21 +68,27 @@ BACKEND_SPECS = {
 }
 
 
+MATMUL = "matmul"  # the reference product (`matmul_probe`), timed in the same rounds as the steps
+
+
 def natural(mul: int, lmax: int) -> o3.Irreps:
     return o3.Irreps("+".join(f"{mul}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(lmax + 1)))
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int) -> dict:
+def interleaved_medians(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
     """(median, min) ms of each function; rounds alternate between them, so a change in machine
-    load hits every backend alike and the ratios stay fair."""
+    load hits every backend alike and the ratios stay fair. ``device`` is synchronised before
+    and after each call (on a GPU the host clock would otherwise time kernel launches)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times[key].append(time.perf_counter() - start)
     return {key: (1e3 * statistics.median(ts), 1e3 * min(ts)) for key, ts in times.items()}
 
@@ -117,12 +132,14 @@ def run_op(args) -> list[dict]:
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
         torch.set_default_dtype(dtype)
+        probe, probe_flop = matmul_probe(args.device, dtype)
         for l_in in range(args.min_l, args.max_l + 1):
             l_out = min(l_in, 2)
             gen = torch.Generator().manual_seed(0)
             x = torch.randn(args.nodes, args.channels, (l_in + 1) ** 2, generator=gen, dtype=dtype)
             species = torch.randint(0, args.elements, (args.nodes,), generator=gen)
             attrs = torch.nn.functional.one_hot(species, args.elements).to(dtype)
+            x, attrs = x.to(args.device), attrs.to(args.device)
             cg_ok = l_in <= args.max_cg_l and args.correlation <= tp.max_correlation("cg")
             labels = [b for b in args.backends if b != "cg" or cg_ok]
             fns, build_s, points = {}, {}, {}
@@ -136,11 +153,14 @@ def run_op(args) -> list[dict]:
                     args.correlation,
                     args.elements,
                     **options,
-                ).to(dtype)
+                ).to(args.device, dtype)
                 build_s[label] = time.perf_counter() - start
                 points[label] = point_count(module)
                 fns[label, "step"], fns[label, "forward"] = op_timers(module, x, attrs)
-            medians = interleaved_medians(fns, args.repeats, args.warmup)
+            fns[MATMUL] = probe
+            medians = interleaved_medians(fns, args.repeats, args.warmup, args.device)
+            rate = probe_flop / (medians[MATMUL][0] / 1e3)
+            print(f"  {dtype_name} L_in={l_in} matmul rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
             for label in labels:
                 work = count_work(fns[label, "step"])
                 (step, step_min), (forward, forward_min) = (
@@ -166,6 +186,11 @@ def run_op(args) -> list[dict]:
                         step_matmul_mflop=round(work.matmul_flop / 1e6, 2),
                         step_pointwise_m=round(work.pointwise / 1e6, 2),
                         step_aten_ops=work.ops,
+                        device=args.device.type,
+                        matmul_gflop_s=round(rate / 1e9, 2),
+                        step_over_matmul_time=round(
+                            limit_ratio(step / 1e3, work.matmul_flop, rate), 3
+                        ),
                     )
                 )
                 print(
@@ -228,28 +253,31 @@ def print_work_table(rows: list[dict], backends: list[str]) -> None:
     """Per dtype and L_in: what one step computed (`mace_grid.tp.work`), each backend's matmul
     flops against grid's, and its time ratio to grid divided by that (1 = its matmuls and
     everything else cost what grid's do per flop; the flop ratio is the floor of the time
-    ratio for equally efficient kernels)."""
+    ratio for equally efficient kernels); last, its step time over its matmul flops' time at
+    the matmul rate measured in the same rounds (1 = arithmetic-bound)."""
     for dtype in sorted({r["dtype"] for r in rows}):
         table = {(r["backend"], r["l_in"]): r for r in rows if r["dtype"] == dtype}
         print(
             f"\n{dtype} work per step: matmul MFLOP (xgrid) | pointwise outputs (M, copies "
-            "included) | ATen calls | time xgrid / flop xgrid"
+            "included) | ATen calls | time xgrid / flop xgrid | step time / matmul time (at the "
+            "L_in's matmul rate above)"
         )
-        print(f"{'L_in':>8}" + "".join(f"{b:>44}" for b in backends))
+        print(f"{'L_in':>8}" + "".join(f"{b:>52}" for b in backends))
         for l_in in sorted({r["l_in"] for r in table.values()}):
             grid = table.get(("grid", l_in))
             line = f"{l_in:>8}"
             for b in backends:
                 r = table.get((b, l_in))
                 if r is None:
-                    line += f"{'-':>44}"
+                    line += f"{'-':>52}"
                     continue
                 flop = r["step_matmul_mflop"] / grid["step_matmul_mflop"] if grid else None
                 cell = f"{r['step_matmul_mflop']:.1f}" + (f" (x{flop:.2f})" if grid else "")
                 cell += f" | {r['step_pointwise_m']:.1f} | {r['step_aten_ops']}"
                 if grid:
                     cell += f" | {r['step_ms'] / grid['step_ms'] / flop:.2f}"
-                line += f"{cell:>44}"
+                cell += f" | {r['step_over_matmul_time']:.1f}"
+                line += f"{cell:>52}"
             print(line)
 
 
@@ -323,9 +351,12 @@ def benchmark_model_config(hidden_irreps: str = "64x0e+64x1o", max_ell: int = 3)
     )
 
 
-def molecule_batch(n_molecules: int, seed: int = 0) -> tuple[dict, dict]:
-    """(batch dict, data statistics) of ``n_molecules`` random 27-atom molecules, forces drawn
-    at random (a training step's cost does not depend on the labels), default dtype."""
+def molecule_batch(
+    n_molecules: int, seed: int = 0, device: str | torch.device = "cpu"
+) -> tuple[dict, dict]:
+    """(batch dict on ``device``, data statistics) of ``n_molecules`` random 27-atom molecules,
+    forces drawn at random (a training step's cost does not depend on the labels), default
+    dtype."""
     from mace.data import AtomicData, config_from_atoms
     from mace.tools import AtomicNumberTable
     from mace.tools.torch_geometric.dataloader import DataLoader
@@ -346,7 +377,8 @@ def molecule_batch(n_molecules: int, seed: int = 0) -> tuple[dict, dict]:
         mean=0.0,
         std=1.0,
     )
-    return batch.to_dict(), statistics_
+    data = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.to_dict().items()}
+    return data, statistics_
 
 
 def training_step(model: torch.nn.Module, data: dict):
@@ -367,23 +399,27 @@ def run_model(args) -> list[dict]:
     dtype = DTYPES[args.dtype[0]]
     torch.set_default_dtype(dtype)
     model_cfg = benchmark_model_config(args.model_hidden_irreps)
-    data, statistics_ = molecule_batch(args.model_molecules)
+    data, statistics_ = molecule_batch(args.model_molecules, device=args.device)
     print(
         f"\nwhole model: ScaleShiftMACE, hidden {args.model_hidden_irreps}, max_ell 3, "
         f"correlation 3, 2 layers, {dtype}, batch of {args.model_molecules} x 27 atoms, "
-        f"{statistics_['avg_num_neighbors']:.1f} neighbours/atom, {args.threads} thread(s); "
-        "median ms of one training step = forward with forces + energy/forces MSE + backward"
+        f"{statistics_['avg_num_neighbors']:.1f} neighbours/atom, on {args.device}, "
+        f"{args.threads} thread(s); median ms of one training step = forward with forces + "
+        "energy/forces MSE + backward"
     )
     steps = {}
     for label in MODEL_TPS:
         for conv in args.convs:
             torch.manual_seed(0)
             model = build_model(model_cfg, {"name": label}, statistics_, {"name": conv})
-            steps[label, conv] = training_step(model, data)
+            steps[label, conv] = training_step(model.to(args.device), data)
     rows = []
-    timings = interleaved_medians(steps, args.repeats, args.warmup)
+    probe, probe_flop = matmul_probe(args.device, dtype)
+    timings = interleaved_medians({**steps, MATMUL: probe}, args.repeats, args.warmup, args.device)
+    rate = probe_flop / (timings.pop(MATMUL)[0] / 1e3)
     stock = timings.get(("cg", "e3nn"), (None,))[0]
     for (label, conv), (ms, ms_min) in timings.items():
+        work = count_work(steps[label, conv])
         rows.append(
             dict(
                 tp=label,
@@ -394,6 +430,12 @@ def run_model(args) -> list[dict]:
                 step_ms=round(ms, 2),
                 step_min_ms=round(ms_min, 2),
                 speedup_vs_stock=round(stock / ms, 2) if stock else None,
+                device=args.device.type,
+                step_matmul_gflop=round(work.matmul_flop / 1e9, 6),
+                step_pointwise_m=round(work.pointwise / 1e6, 2),
+                step_aten_ops=work.ops,
+                matmul_gflop_s=round(rate / 1e9, 2),
+                step_over_matmul_time=round(limit_ratio(ms / 1e3, work.matmul_flop, rate), 3),
             )
         )
         vs = f", x{stock / ms:.2f} vs tp=cg conv=e3nn (stock mace)" if stock else ""
@@ -402,8 +444,31 @@ def run_model(args) -> list[dict]:
         if (label, "e3nn") in timings and (label, "fast") in timings:
             ratio = timings[label, "e3nn"][0] / timings[label, "fast"][0]
             print(f"  tp={label}: conv e3nn / fast = {ratio:.2f}x")
+    print_limit_table(rows, f"{args.device} {args.dtype[0]}, {args.threads} thread(s)")
     torch.set_default_dtype(torch.float32)
     return rows
+
+
+def print_limit_table(rows: list[dict], where: str) -> None:
+    """Per configuration: what one training step computed (`mace_grid.tp.work.count_work`) and
+    its time over its matmul flops' time at the measured matmul rate (1 = arithmetic-bound)."""
+    rate = rows[0]["matmul_gflop_s"]
+    print(
+        f"\nwork per training step against the matmul rate timed in the same rounds "
+        f"({rate:.1f} GFLOP/s, {where}); pointwise: elements written by pointwise ops, copies "
+        "included"
+    )
+    print(
+        f"{'tp':>12} {'conv':>5} {'step ms':>9} {'matmul GFLOP':>13} {'pointwise M':>12} "
+        f"{'ATen calls':>11} {'matmul ms':>10} {'step / matmul time':>19}"
+    )
+    for r in rows:
+        matmul_ms = 1e3 * r["step_matmul_gflop"] / rate
+        print(
+            f"{r['tp']:>12} {r['conv']:>5} {r['step_ms']:>9.1f} {r['step_matmul_gflop']:>13.2f} "
+            f"{r['step_pointwise_m']:>12.1f} {r['step_aten_ops']:>11} {matmul_ms:>10.1f} "
+            f"{r['step_over_matmul_time']:>19.2f}"
+        )
 
 
 def run_step_size(args) -> list[dict]:
@@ -472,6 +537,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="default cpu")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["float32"])
     p.add_argument("--backends", nargs="+", choices=list(BACKEND_SPECS), default=list(tp.BACKENDS))
@@ -512,10 +578,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        args.device = timing_device(args.device)
+    except ConfigError as err:
+        exit_with_error(err)
     warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {sys.platform}")
+    gpu = f", {torch.cuda.get_device_name(args.device)}" if args.device.type == "cuda" else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {sys.platform}{gpu}")
     if args.op:
         rows = run_op(args)
         print_op_table(rows, args.backends)

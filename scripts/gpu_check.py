@@ -14,6 +14,10 @@ Sections, each line PASS / FAIL / SKIP, written to one Markdown report (``--out`
            (float64 < 1e-9, float32 < 1e-3 relative);
   timing   ms per force-training step of the op (64 channels, L_in 3, 2000 nodes) and of the
            whole model on a 3BPA batch, per backend, the device synchronised around each step;
+           the model step's matmul GFLOP and its time over their time at the device's measured
+           float32 matmul rate (`mace_grid.tp.work`); the whole-model benchmark at the 3BPA
+           architecture is ``benchmark_tp.py --model --device cuda`` / ``profile_step.py
+           --device cuda``, whose CUDA paths the ``tests`` section runs on a tiny model;
   train    a two-epoch ``train.py trainer=gpu data=3bpa`` per backend (finite validation
            errors, a checkpoint), with host-device synchronisations per training step counted
            (`mace_grid.callbacks.SyncCounter`, CUDA only).
@@ -23,6 +27,7 @@ keeps the script from rotting; ``--quick`` shrinks every size, the demo data rep
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -39,10 +44,11 @@ import torch
 from e3nn import o3
 
 from mace_grid import PROJECT_ROOT, tp
-from mace_grid.callbacks import synchronize
 from mace_grid.config import compose_config
+from mace_grid.errors import ConfigError
 from mace_grid.lit_module import MaceLitModule
 from mace_grid.model import DTYPES
+from mace_grid.tp.work import count_work, limit_ratio, matmul_rate, synchronize, timing_device
 from mace_grid.utils import atomic_write_text
 
 SECTIONS = ("tests", "op", "model", "timing", "train")
@@ -221,24 +227,42 @@ def check_timing(report, device, backends, quick, model_input) -> None:
     report.section(f"timing: ms per force-training step on {device} (median, synchronised)")
     channels, n, repeats = (4, 50, 3) if quick else (64, 2000, 10)
     cfg, stats, batch = model_input
+    rate = matmul_rate(device, torch.float32)
     report.add(f"op: {channels} channels, L_in 3, {n} nodes, float32; model: the 3BPA batch above")
-    report.add("\n| tp | op step (ms) | model step (ms) |\n|---|---|---|")
+    report.add(
+        f"step / matmul time: the model step's time over its matmul flops (`mace_grid.tp.work`) "
+        f"at the float32 matmul rate measured on {device} ({rate / 1e9:.1f} GFLOP/s); "
+        "1 = arithmetic-bound"
+    )
+    report.add(
+        "\n| tp | op step (ms) | model step (ms) | model matmul GFLOP | step / matmul time |"
+        "\n|---|---|---|---|---|"
+    )
     for name in backends:
         module = build_op(name, channels, 3).to(device, torch.float32)
         x, attrs = (t.to(device, torch.float32) for t in op_inputs(n, channels, 3))
         op_ms = timed_ms(lambda: op_step(module, x, attrs), device, repeats)  # noqa: B023
-        lit = lit_module(cfg, stats, name, "fast")
-        model_ms = timed_ms(
-            lambda: model_step(lit, batch, device, torch.float32),  # noqa: B023
-            device,
-            repeats,
+        step = functools.partial(
+            model_step, lit_module(cfg, stats, name, "fast"), batch, device, torch.float32
         )
-        report.add(f"| {name} | {op_ms:.2f} | {model_ms:.2f} |")
+        model_ms = timed_ms(step, device, repeats)
+        work = count_work(step)
+        ratio = limit_ratio(model_ms / 1e3, work.matmul_flop, rate)
+        report.add(
+            f"| {name} | {op_ms:.2f} | {model_ms:.2f} | {work.matmul_flop / 1e9:.3f} "
+            f"| {ratio:.1f} |"
+        )
 
 
 def check_tests(report: Report, device: torch.device) -> None:
     report.section('tests: pytest -k "cuda or gpus" (CUDA-marked tests)')
-    files = ["tests/test_tp.py", "tests/test_tp_rank.py", "tests/test_conv.py", "tests/test_ddp.py"]
+    files = [
+        "tests/test_tp.py",
+        "tests/test_tp_rank.py",
+        "tests/test_conv.py",
+        "tests/test_ddp.py",
+        "tests/test_step_limit.py",  # benchmark_tp.py and profile_step.py --device cuda
+    ]
     cmd = [sys.executable, "-m", "pytest", *files, "-k", "cuda or gpus", "-q", "-rs"]
     cmd += ["-p", "no:cacheprovider", "-m", "not slow or slow"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=PROJECT_ROOT)
@@ -321,16 +345,10 @@ def main(argv=None) -> int:
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     p.add_argument("--out", type=Path, default=None, help="report (results/gpu_check/<device>.md)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(
-            "error: --device cuda but torch sees no CUDA device (a CPU build of torch, or no "
-            "driver); install the CUDA build of torch, or run --device cpu",
-            file=sys.stderr,
-        )
-        return 2
-    if device.type not in ("cuda", "cpu"):
-        print(f"error: --device {args.device}: choose cuda or cpu", file=sys.stderr)
+    try:
+        device = timing_device(args.device)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or PROJECT_ROOT / "results" / "gpu_check" / f"{device.type}.md"
     report = Report(str(device))

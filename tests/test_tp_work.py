@@ -39,6 +39,16 @@ def test_pointwise_outputs_count_elements_written_not_views():
     assert work.ops >= 6
 
 
+def test_profiler_ranges_are_not_counted():
+    x = torch.randn(4, 6)
+
+    def ranged():
+        with torch.profiler.record_function("range"):
+            x.sin()
+
+    assert count_work(ranged) == count_work(lambda: x.sin())
+
+
 def test_backward_passes_are_counted():
     m, k, n = 4, 6, 3
     a = torch.randn(m, k, requires_grad=True)
