@@ -29,8 +29,8 @@ import torch
 
 from mace_grid.tp.engine import block_size
 
-#: bytes of one [edges, rows, C] temporary of a block (about a CPU L2 cache)
-_BLOCK_BYTES = 1 << 20
+#: bytes of one [edges, rows, C] temporary of a block (about a CPU L2 cache; 1-4 MB measured alike)
+_BLOCK_BYTES = 1 << 21
 #: fewest edges per CPU block, so that the per-call overhead stays small
 _MIN_BLOCK = 16
 #: [edges, rows, C]-sized temporaries a block holds at once in the double backward
@@ -81,81 +81,70 @@ def convolve(
     edge_bytes = n_rows * channels * x.element_size()
     cpu_block = max(_MIN_BLOCK, _BLOCK_BYTES // max(edge_bytes, 1))
     block = block_size(n_edges, x.device, cpu_block, _TEMPORARIES * edge_bytes)
-    return _Conv.apply(x, a, r.contiguous(), senders, receivers, edges, row_path, groups, block)
+    blocks = _blocks(edges, senders, receivers, row_path, groups, r.shape[1], block)
+    return _Conv.apply(x, a, r.contiguous(), blocks, groups)
 
 
 class _Block(NamedTuple):
-    """One block of edges: ids, their senders and receivers, and the rows of ``r [E P, C]``
-    that its output rows read (edge-major: ``[b rows]``)."""
+    """One block of edges: ids, their senders and receivers, and per group the rows of
+    ``r [E P, C]`` that its output rows read (edge-major: ``[b rows_g]``)."""
 
     ids: torch.Tensor
     senders: torch.Tensor
     receivers: torch.Tensor
-    r_rows: torch.Tensor
+    r_rows: list[torch.Tensor]
 
 
-def _blocks(edges, senders, receivers, row_path, n_paths: int, block: int) -> list[_Block]:
-    return [
-        _Block(
-            ids,
-            senders.index_select(0, ids),
-            receivers.index_select(0, ids),
-            (ids[:, None] * n_paths + row_path).flatten(),
-        )
-        for ids in edges.split(block)
-        if len(ids)  # no block for no edges
-    ]
+def _blocks(edges, senders, receivers, row_path, groups, n_paths: int, block: int) -> list:
+    out = []
+    for ids in edges.split(block):
+        if len(ids):  # no block for no edges
+            first = ids[:, None] * n_paths
+            r_rows = [(first + row_path[g.rows]).flatten() for g in groups]
+            out.append(_Block(ids, senders[ids], receivers[ids], r_rows))
+    return out
 
 
-def _rows(r: torch.Tensor, blk: _Block) -> torch.Tensor:
-    """The block's radial weights per output row: ``r [E, P, C] -> [b, rows, C]``."""
+def _rows(r: torch.Tensor, rows: torch.Tensor, b: int) -> torch.Tensor:
+    """A block's radial weights per output row of a group: ``r [E, P, C] -> [b, rows_g, C]``."""
     channels = r.shape[2]
-    return r.reshape(-1, channels).index_select(0, blk.r_rows).view(len(blk.ids), -1, channels)
+    return r.reshape(-1, channels).index_select(0, rows).view(b, -1, channels)
 
 
-def _add_path_sums(out: torch.Tensor, blk: _Block, t: torch.Tensor) -> None:
-    """``out [E, P, C]`` += the block's rows ``t [b, rows, C]`` summed per path (the transpose
+def _matrices(g: Group, a: torch.Tensor) -> torch.Tensor:
+    """The group's per-edge matrices ``[b, rows_g, d_g]`` of ``a [b, K]``."""
+    return a[:, g.cols].view(a.shape[0], g.n_rows, g.dim)
+
+
+def _apply(g: Group, terms: list[tuple]) -> torch.Tensor:
+    """Per edge the sum of a x over ``terms``, pairs (``a [b, K]``, ``x [b, d_in, C]``) ->
+    ``[b, rows_g, C]``; two terms (a tangent) by one matmul on the stacked pairs."""
+    if len(terms) == 1:
+        a, x = _matrices(g, terms[0][0]), terms[0][1][:, g.inputs]
+        return a * x if g.dim == 1 else torch.bmm(a, x)  # scalars: an outer product
+    a = torch.cat([_matrices(g, a) for a, _ in terms], 2)
+    return torch.bmm(a, torch.cat([x[:, g.inputs] for _, x in terms], 1))
+
+
+def _apply_t(g: Group, a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per edge a^T u: ``a [b, K]``, ``u [b, rows_g, C]`` -> ``[b, d_g, C]``."""
+    return torch.bmm(_matrices(g, a).transpose(1, 2), u)
+
+
+def _outer(g: Group, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per edge u x^T summed over channels, ``[b, rows_g, C], [b, d_in, C] -> [b, rows_g d_g]``
+    (the gradient of <u, a x> with respect to the group's part of a)."""
+    return torch.bmm(u, x[:, g.inputs].transpose(1, 2)).view(u.shape[0], -1)
+
+
+def _add_rows(out: torch.Tensor, rows: torch.Tensor, t: torch.Tensor) -> None:
+    """``out [E, P, C]`` += a group's rows ``t [b, rows_g, C]`` summed per path (the transpose
     of `_rows`)."""
     channels = out.shape[2]
-    out.view(-1, channels).index_add_(0, blk.r_rows, t.view(-1, channels))
+    out.view(-1, channels).index_add_(0, rows, t.view(-1, channels))
 
 
-def _apply(groups: list[Group], a: torch.Tensor, x: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Per edge a x: ``a [b, K]``, ``x [b, d_in, C]`` -> ``[b, rows, C]``."""
-    b = a.shape[0]
-    out = x.new_empty(b, n_rows, x.shape[2])
-    for g in groups:
-        a_g, x_g = a[:, g.cols].view(b, g.n_rows, g.dim), x[:, g.inputs]
-        if g.dim == 1:  # scalars: an outer product
-            torch.mul(a_g, x_g, out=out[:, g.rows])
-        else:
-            out[:, g.rows] = torch.bmm(a_g, x_g)
-    return out
-
-
-def _apply_t(groups: list[Group], a: torch.Tensor, u: torch.Tensor, d_in: int) -> torch.Tensor:
-    """Per edge a^T u: ``a [b, K]``, ``u [b, rows, C]`` -> ``[b, d_in, C]`` (input irreps
-    without paths get zeros)."""
-    b = a.shape[0]
-    out = u.new_zeros(b, d_in, u.shape[2])
-    for g in groups:
-        a_g = a[:, g.cols].view(b, g.n_rows, g.dim)
-        out[:, g.inputs] = torch.bmm(a_g.transpose(1, 2), u[:, g.rows])
-    return out
-
-
-def _outer(groups: list[Group], u: torch.Tensor, x: torch.Tensor, width: int) -> torch.Tensor:
-    """Per edge and group u x^T summed over channels: ``[b, rows, C], [b, d_in, C] -> [b, K]``
-    (the gradient of <u, a x> with respect to a)."""
-    b = u.shape[0]
-    out = u.new_empty(b, width)
-    for g in groups:
-        prod = torch.bmm(u[:, g.rows], x[:, g.inputs].transpose(1, 2))  # [b, rows_g, d_g]
-        out[:, g.cols] = prod.view(b, -1)
-    return out
-
-
-def _add(*terms: torch.Tensor | None) -> torch.Tensor | None:
+def _sum(*terms: torch.Tensor | None) -> torch.Tensor | None:
     """The sum of the terms that are not None (None if all are)."""
     present = [t for t in terms if t is not None]
     if not present:
@@ -166,31 +155,43 @@ def _add(*terms: torch.Tensor | None) -> torch.Tensor | None:
     return total
 
 
+def _per_edge(like: torch.Tensor, b: int, groups: list[Group]) -> torch.Tensor:
+    """An uninitialised ``[b, d_in, C]`` block filled group by group (zeros where an input
+    irrep has no path)."""
+    covered = sum(g.dim for g in groups) == like.shape[1]
+    shape = (b, *like.shape[1:])
+    return like.new_empty(shape) if covered else like.new_zeros(shape)
+
+
+def _per_group(x: torch.Tensor, groups: list[Group]) -> list[torch.Tensor]:
+    """Zero node accumulators ``[n, rows_g, C]``, one per group (contiguous, for index_add_;
+    concatenated along rows they are the output)."""
+    return [x.new_zeros(x.shape[0], g.n_rows, x.shape[2]) for g in groups]
+
+
 class _Conv(torch.autograd.Function):
     """`convolve` over blocks of edges; its backward is `_ConvVJP`, so the forces (first
     derivative) can be differentiated again in training."""
 
     @staticmethod
-    def forward(ctx, x, a, r, senders, receivers, edges, row_path, groups, block):
-        ctx.save_for_backward(x, a, r, senders, receivers, edges, row_path)
-        ctx.groups, ctx.block = groups, block
-        n_rows = row_path.shape[0]
-        out = x.new_zeros(x.shape[0], n_rows, x.shape[2])
-        for blk in _blocks(edges, senders, receivers, row_path, r.shape[1], block):
-            x_e = x.index_select(0, blk.senders)
-            messages = _apply(groups, a.index_select(0, blk.ids), x_e, n_rows)
-            out.index_add_(0, blk.receivers, messages.mul_(_rows(r, blk)))
-        return out
+    def forward(ctx, x, a, r, blocks, groups):
+        ctx.save_for_backward(x, a, r)
+        ctx.blocks, ctx.groups = blocks, groups
+        out = _per_group(x, groups)
+        for blk in blocks:
+            b = len(blk.ids)
+            x_e, a_e = x.index_select(0, blk.senders), a.index_select(0, blk.ids)
+            for g, rows, out_g in zip(groups, blk.r_rows, out, strict=True):
+                messages = _apply(g, [(a_e, x_e)]).mul_(_rows(r, rows, b))
+                out_g.index_add_(0, blk.receivers, messages)
+        return torch.cat(out, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        x, a, r, senders, receivers, edges, row_path = ctx.saved_tensors
+        x, a, r = ctx.saved_tensors
         want = ctx.needs_input_grad[:3]
-        grads = _ConvVJP.apply(
-            x, a, r, grad.contiguous(), senders, receivers, edges, row_path, ctx.groups,
-            ctx.block, want,
-        )  # fmt: skip
-        return *grads, None, None, None, None, None, None
+        grads = _ConvVJP.apply(x, a, r, grad.contiguous(), ctx.blocks, ctx.groups, want)
+        return *grads, None, None
 
 
 class _ConvVJP(torch.autograd.Function):
@@ -201,79 +202,91 @@ class _ConvVJP(torch.autograd.Function):
     <v, grad phi> = the tangent of out."""
 
     @staticmethod
-    def forward(ctx, x, a, r, grad, senders, receivers, edges, row_path, groups, block, want):
-        ctx.save_for_backward(x, a, r, grad, senders, receivers, edges, row_path)
-        ctx.groups, ctx.block = groups, block
+    def forward(ctx, x, a, r, grad, blocks, groups, want):
+        ctx.save_for_backward(x, a, r, grad)
+        ctx.blocks, ctx.groups = blocks, groups
         ctx.set_materialize_grads(False)
-        n_rows, d_in = row_path.shape[0], x.shape[1]
         grad_x = torch.zeros_like(x) if want[0] else None
         grad_a = torch.empty_like(a) if want[1] else None
         grad_r = r.new_zeros(r.shape) if want[2] else None  # contiguous: rows added by view
-        for blk in _blocks(edges, senders, receivers, row_path, r.shape[1], block):
+        grads = [grad[:, g.rows].contiguous() for g in groups]
+        for blk in blocks:
+            b = len(blk.ids)
             x_e, a_e = x.index_select(0, blk.senders), a.index_select(0, blk.ids)
-            g_e = grad.index_select(0, blk.receivers)
-            if want[0] or want[1]:
-                u = g_e * _rows(r, blk)
-                if want[0]:
-                    grad_x.index_add_(0, blk.senders, _apply_t(groups, a_e, u, d_in))
-                if want[1]:
-                    grad_a.index_copy_(0, blk.ids, _outer(groups, u, x_e, a.shape[1]))
-            if want[2]:
-                products = _apply(groups, a_e, x_e, n_rows).mul_(g_e)
-                _add_path_sums(grad_r, blk, products)
+            gx_e = _per_edge(x, b, groups) if want[0] else None
+            ga_e = a.new_empty(b, a.shape[1]) if want[1] else None
+            for g, rows, grad_g in zip(groups, blk.r_rows, grads, strict=True):
+                g_e = grad_g.index_select(0, blk.receivers)
+                if want[0] or want[1]:
+                    u = g_e * _rows(r, rows, b)
+                    if want[0]:
+                        gx_e[:, g.inputs] = _apply_t(g, a_e, u)
+                    if want[1]:
+                        ga_e[:, g.cols] = _outer(g, u, x_e)
+                if want[2]:
+                    _add_rows(grad_r, rows, _apply(g, [(a_e, x_e)]).mul_(g_e))
+            if want[0]:
+                grad_x.index_add_(0, blk.senders, gx_e)
+            if want[1]:
+                grad_a.index_copy_(0, blk.ids, ga_e)
         return grad_x, grad_a, grad_r
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, v_x, v_a, v_r):
-        x, a, r, grad, senders, receivers, edges, row_path = ctx.saved_tensors
+        x, a, r, grad = ctx.saved_tensors
         groups = ctx.groups
         need = ctx.needs_input_grad[:4]
-        nothing = (None,) * 11
+        nothing = (None,) * 7
         if v_x is None and v_a is None and v_r is None:
             return nothing
-        n_rows, d_in, width = row_path.shape[0], x.shape[1], a.shape[1]
-        out_x, out_a, out_r, out_grad = (
-            t.new_zeros(t.shape) if n else None for t, n in zip((x, a, r, grad), need, strict=True)
+        out_x, out_a, out_r = (
+            t.new_zeros(t.shape) if n else None for t, n in zip((x, a, r), need[:3], strict=True)
         )
-        for blk in _blocks(edges, senders, receivers, row_path, r.shape[1], ctx.block):
-            ids = blk.ids
+        out_grad = _per_group(x, groups) if need[3] else None
+        grads = [grad[:, g.rows].contiguous() for g in groups]
+        # which tangents exist: of a^T u (x), of u x^T (a), of a x (r and the messages)
+        need_x = need[0] and (v_a is not None or v_r is not None)
+        need_a = need[1] and (v_r is not None or v_x is not None)
+        for blk in ctx.blocks:
+            b, ids = len(blk.ids), blk.ids
             x_e, a_e = x.index_select(0, blk.senders), a.index_select(0, ids)
-            g_e = grad.index_select(0, blk.receivers)
-            r_e = _rows(r, blk)
             vx_e = None if v_x is None else v_x.index_select(0, blk.senders)
             va_e = None if v_a is None else v_a.index_select(0, ids)
-            vr_e = None if v_r is None else _rows(v_r, blk)
-            # tangents of u = g r and of a x
-            u = g_e * r_e if need[0] or need[1] else None
-            du = None if vr_e is None else g_e * vr_e
-            dax = None
-            if need[2] or need[3]:
-                dax = _add(
-                    None if va_e is None else _apply(groups, va_e, x_e, n_rows),
-                    None if vx_e is None else _apply(groups, a_e, vx_e, n_rows),
-                )
-            if need[0]:  # tangent of a^T u, scattered to the senders
-                dx = _add(
-                    None if va_e is None else _apply_t(groups, va_e, u, d_in),
-                    None if du is None else _apply_t(groups, a_e, du, d_in),
-                )
-                if dx is not None:
-                    out_x.index_add_(0, blk.senders, dx)
-            if need[1]:  # tangent of u x^T
-                da = _add(
-                    None if du is None else _outer(groups, du, x_e, width),
-                    None if vx_e is None else _outer(groups, u, vx_e, width),
-                )
-                if da is not None:
-                    out_a.index_copy_(0, ids, da)
-            if need[2] and dax is not None:  # tangent of the per-path dot of g with a x
-                _add_path_sums(out_r, blk, dax.mul(g_e))
-            if need[3]:  # tangent of the messages, scattered to the receivers
-                dm = _add(
-                    None if dax is None else dax.mul_(r_e),
-                    None if vr_e is None else _apply(groups, a_e, x_e, n_rows).mul_(vr_e),
-                )
-                if dm is not None:
-                    out_grad.index_add_(0, blk.receivers, dm)
+            dx_e = _per_edge(x, b, groups) if need_x else None
+            da_e = a.new_empty(b, a.shape[1]) if need_a else None
+            terms = [
+                (t, y) for t, y in ((va_e, x_e), (a_e, vx_e)) if t is not None and y is not None
+            ]
+            for k, (g, rows) in enumerate(zip(groups, blk.r_rows, strict=True)):
+                g_e = grads[k].index_select(0, blk.receivers)
+                r_e = _rows(r, rows, b)
+                vr_e = None if v_r is None else _rows(v_r, rows, b)
+                u = g_e * r_e if need_x or need_a else None
+                du = None if vr_e is None else g_e * vr_e
+                dax = _apply(g, terms) if terms and (need[2] or need[3]) else None
+                if need_x:  # tangent of a^T u, scattered to the senders
+                    dx_e[:, g.inputs] = _sum(
+                        None if va_e is None else _apply_t(g, va_e, u),
+                        None if du is None else _apply_t(g, a_e, du),
+                    )
+                if need_a:  # tangent of u x^T
+                    da_e[:, g.cols] = _sum(
+                        None if du is None else _outer(g, du, x_e),
+                        None if vx_e is None else _outer(g, u, vx_e),
+                    )
+                if need[2] and dax is not None:  # tangent of the per-path dot of g with a x
+                    _add_rows(out_r, rows, dax * g_e)
+                if need[3]:  # tangent of the messages, scattered to the receivers
+                    dm = _sum(
+                        None if dax is None else dax.mul_(r_e),
+                        None if vr_e is None else _apply(g, [(a_e, x_e)]).mul_(vr_e),
+                    )
+                    if dm is not None:
+                        out_grad[k].index_add_(0, blk.receivers, dm)
+            if need_x:
+                out_x.index_add_(0, blk.senders, dx_e)
+            if need_a:
+                out_a.index_copy_(0, ids, da_e)
+        out_grad = None if out_grad is None else torch.cat(out_grad, 1)
         return out_x, out_a, out_r, out_grad, *nothing[4:]
