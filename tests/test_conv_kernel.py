@@ -186,3 +186,22 @@ def test_random_graph_messages_match_e3nn_over_blocks(monkeypatch) -> None:
     got = derivatives(fast, x, y, w, edge_index, probe)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_on_cuda_matches_cpu(calls) -> None:
+    """The same Python kernel on CUDA (one block): messages, first and second derivatives."""
+    with default_dtype(torch.float64):
+        fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o+3x2e", 3, channels=3))
+    gen = torch.Generator().manual_seed(3)
+    edge_index = random_graph(6, 23, gen)
+    x = torch.randn(6, fast.irreps_in1.dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(23, fast.irreps_in2.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(23, fast.weight_numel, generator=gen, dtype=torch.float64)
+    probe = torch.randn(6, fast.irreps_out.dim, generator=gen, dtype=torch.float64)
+    expected = derivatives(fast, x, y, w, edge_index, probe)
+    args = (t.cuda() for t in (x, y, w, edge_index, probe))
+    got = derivatives(fast.to("cuda"), *args)
+    assert len(calls) == 2
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g.cpu(), e, rtol=0, atol=1e-10)
