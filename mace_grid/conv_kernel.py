@@ -96,6 +96,8 @@ class _Block(NamedTuple):
 
 
 def _blocks(edges, senders, receivers, row_path, groups, n_paths: int, block: int) -> list:
+    """The `_Block` list of ``edges`` (a permutation) in pieces of ``block``, built once per
+    forward and shared by the derivatives."""
     out = []
     for ids in edges.split(block):
         if len(ids):  # no block for no edges
