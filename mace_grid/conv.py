@@ -13,7 +13,10 @@ batched matmul per input irrep) instead of a (2 l1 + 1)(2 l2 + 1)(2 l3 + 1) cont
 from scalar features (all of the first layer) are elementwise products, with R * x formed on
 the small per-path tensor. Gather, product and scatter are fused in channels-last layout, and
 e3nn's layout is restored once per node, not per edge. mace's blocks call this fused form when
-the block has a ``conv_fusion`` attribute (their hook for cuequivariance/oeq kernels).
+the block has a ``conv_fusion`` attribute (their hook for cuequivariance/oeq kernels). In eager
+mode (CPU or CUDA) the kernel `mace_grid.conv_kernel` computes it over blocks of edges with
+hand-written first and second derivatives; under TorchScript and torch.compile the same math
+runs as plain differentiable ops (`FastConvolution.convolve_autograd`, its reference).
 
 ``FastConvolution`` subclasses e3nn's ``TensorProduct`` (built with mace's arguments), so a
 model's state_dict is the same with either conv and checkpoints load into both.
@@ -27,6 +30,7 @@ from e3nn import o3
 from mace.modules import interaction_classes
 from mace.modules.blocks import RealAgnosticInteractionBlock, RealAgnosticResidualInteractionBlock
 
+from mace_grid.conv_kernel import convolve, groups_of
 from mace_grid.errors import ConfigError
 
 CONVS = ("e3nn", "fast")
@@ -114,6 +118,12 @@ class FastConvolution(o3.TensorProduct):
         self.register_buffer("cg", torch.cat(cgs, dim=1).to(dtype), persistent=False)
         self.register_buffer("paths", torch.tensor(paths, dtype=torch.long), persistent=False)
         self.register_buffer("path_of_row", torch.tensor(locals_), persistent=False)
+        # the fused kernel's r is in group order: each row's path there (global, not per group)
+        starts = _offsets(self.group_paths)
+        group_of_row = [g for g, n in enumerate(self.group_rows) for _ in range(n)]
+        row_path = [starts[g] + k for g, k in zip(group_of_row, locals_, strict=True)]
+        self.register_buffer("row_path", torch.tensor(row_path), persistent=False)
+        self.paths_in_order = paths == list(range(len(paths)))
         # e3nn layout of irreps_in1 -> [d_in, channels]; [grouped rows, channels] -> irreps_out.
         in_index = torch.cat(
             [
@@ -152,6 +162,40 @@ class FastConvolution(o3.TensorProduct):
         weights: torch.Tensor,
         edge_index: torch.Tensor,
     ) -> torch.Tensor:
+        """The fused kernel (`mace_grid.conv_kernel`) in eager mode; plain differentiable ops
+        under TorchScript and torch.compile."""
+        if torch.jit.is_scripting():
+            return self.convolve_autograd(node_feats, edge_attrs, weights, edge_index)
+        return self._convolve_fused(node_feats, edge_attrs, weights, edge_index)
+
+    @torch.jit.unused
+    def _convolve_fused(
+        self,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        weights: torch.Tensor,
+        edge_index: torch.Tensor,
+    ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.convolve_autograd(node_feats, edge_attrs, weights, edge_index)
+        n_nodes, n_edges, c = node_feats.shape[0], edge_attrs.shape[0], self.channels
+        x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)
+        r = weights.view(n_edges, self.num_paths, c)  # weights come in instruction order
+        if not self.paths_in_order:
+            r = r.index_select(1, self.paths)
+        a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
+        groups = groups_of(self.group_dims, self.group_rows, self.group_in)
+        out = convolve(x, a_all, r, edge_index[0], edge_index[1], self.row_path, groups)
+        return out.view(n_nodes, self.d_out * c).index_select(1, self.out_index)
+
+    def convolve_autograd(
+        self,
+        node_feats: torch.Tensor,
+        edge_attrs: torch.Tensor,
+        weights: torch.Tensor,
+        edge_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """The same as the fused kernel with plain differentiable ops (TorchScript path)."""
         n_nodes, n_edges, c = node_feats.shape[0], edge_attrs.shape[0], self.channels
         x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)
         x = x.index_select(0, edge_index[0])  # [E, d_in, C], the senders' features

@@ -1,0 +1,207 @@
+"""The fused conv=fast kernel (`mace_grid.conv_kernel`), float64: gradcheck and gradgradcheck of
+its autograd Function over several edge blocks, whole models against mace's own ``conv_tp``
+(conv=e3nn) with both interaction blocks at max_ell 1-3 and hidden L 0-2, and graphs with an
+isolated node, a single edge and no edge."""
+
+import pytest
+import torch
+from _helpers import one_thread  # noqa: F401
+from mace.tools.scatter import scatter_sum
+from mace.tools.torch_tools import default_dtype
+from test_conv import (
+    STATISTICS,
+    energy_forces_and_second_derivatives,
+    mace_conv_tp,
+    molecule_batch,
+    random_graph,
+)
+
+import mace_grid.conv
+from mace_grid import conv_kernel
+from mace_grid.conv import FastConvolution
+from mace_grid.model import build_model
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """Counts the calls of the fused kernel (so a test knows the eager path ran it)."""
+    counted = []
+    convolve = conv_kernel.convolve
+
+    def counting(*args):
+        counted.append(1)
+        return convolve(*args)
+
+    monkeypatch.setattr(mace_grid.conv, "convolve", counting)
+    return counted
+
+
+@pytest.mark.parametrize("small_blocks", [False, True])
+def test_kernel_gradcheck_and_gradgradcheck(small_blocks: bool, monkeypatch) -> None:
+    """First and second derivatives of the Function against finite differences, one block or
+    blocks of 3 edges (edges unsorted, node 4 without incoming edges)."""
+    if small_blocks:
+        monkeypatch.setattr(conv_kernel, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(conv_kernel, "_MIN_BLOCK", 3)
+    with default_dtype(torch.float64):
+        fast = FastConvolution.like(mace_conv_tp("2x0e+2x1o", 1, channels=2))
+    groups = conv_kernel.groups_of(fast.group_dims, fast.group_rows, fast.group_in)
+    senders = torch.tensor([0, 4, 1, 2, 0, 3])
+    receivers = torch.tensor([1, 0, 3, 1, 3, 1])
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    x = rand(5, fast.d_in, 2)
+    a = rand(len(senders), fast.cg.shape[1])
+    r = rand(len(senders), fast.num_paths, 2)
+
+    def conv(x, a, r):
+        return conv_kernel.convolve(x, a, r, senders, receivers, fast.row_path, groups)
+
+    assert torch.autograd.gradcheck(conv, (x, a, r))
+    assert torch.autograd.gradgradcheck(conv, (x, a, r))
+
+
+def reference(tp):
+    """mace's convolution: gather, e3nn's TensorProduct, scatter_sum."""
+
+    def conv(x, y, w, edge_index):
+        messages = tp(x[edge_index[0]], y, w)
+        return scatter_sum(messages, edge_index[1], dim=0, dim_size=x.shape[0])
+
+    return conv
+
+
+def derivatives(conv, x, y, w, edge_index, probe) -> list[torch.Tensor]:
+    """Messages, their gradients and the gradients of a function of those (zeros where the
+    graph has no edge to depend on)."""
+    inputs = [t.clone().requires_grad_(True) for t in (x, y, w)]
+    out = conv(*inputs, edge_index)
+    first = torch.autograd.grad((out * probe).sum(), inputs, create_graph=True)
+    norm = sum(g.square().sum() for g in first)
+    second = [None] * 3
+    if norm.requires_grad:
+        second = torch.autograd.grad(norm, inputs, allow_unused=True)
+    return [
+        out.detach(),
+        *(g.detach() for g in first),
+        *(torch.zeros_like(t) if g is None else g for g, t in zip(second, inputs, strict=True)),
+    ]
+
+
+GRAPHS = {
+    "isolated node": torch.tensor([[0, 1, 2, 2, 3, 0], [1, 0, 1, 3, 2, 2]]),  # 4: no edge
+    "single edge": torch.tensor([[2], [0]]),
+    "no edge": torch.zeros(2, 0, dtype=torch.long),
+}
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_edge_cases_match_e3nn(graph: str, calls: list[int]) -> None:
+    with default_dtype(torch.float64):
+        tp = mace_conv_tp("2x0e+2x1o+2x2e", 2, channels=2)
+        fast = FastConvolution.like(tp)
+    edge_index = GRAPHS[graph]
+    n_nodes, n_edges = 5, edge_index.shape[1]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n_nodes, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(n_edges, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(n_edges, tp.weight_numel, generator=gen, dtype=torch.float64)
+    probe = torch.randn(n_nodes, tp.irreps_out.dim, generator=gen, dtype=torch.float64)
+    expected = derivatives(reference(tp), x, y, w, edge_index, probe)
+    got = derivatives(fast, x, y, w, edge_index, probe)
+    assert calls
+    if n_edges:
+        assert expected[0].abs().max() > 0.1
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    if graph == "isolated node":
+        assert got[0][4].abs().max() == 0 and got[1][4].abs().max() == 0
+
+
+HIDDEN = ["2x0e", "2x0e+2x1o", "2x0e+2x1o+2x2e"]  # hidden L = 0, 1, 2
+BLOCKS = ["RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock"]
+
+
+@pytest.mark.parametrize("hidden_l", [0, 1, 2])
+@pytest.mark.parametrize("max_ell", [1, 2, 3])
+def test_models_match_mace_conv(max_ell: int, hidden_l: int, calls) -> None:
+    """Energies, forces and the parameter gradients of a force loss (second derivatives) of a
+    conv=fast model equal those of the same weights with mace's conv_tp (conv=e3nn). Every
+    model has both blocks, one first (scalar inputs) and one second (hidden L inputs),
+    alternating, so each block meets every max_ell and every hidden L."""
+    interaction = BLOCKS[(max_ell + hidden_l) % 2]
+    first = BLOCKS[(max_ell + hidden_l + 1) % 2]
+    config = dict(
+        r_max=3.0,
+        num_bessel=3,
+        num_polynomial_cutoff=5,
+        max_ell=max_ell,
+        num_interactions=2,
+        hidden_irreps=HIDDEN[hidden_l],
+        MLP_irreps="2x0e",
+        correlation=2,
+        radial_MLP=[4],
+        gate="silu",
+        interaction=interaction,
+        interaction_first=first,
+    )
+    models = {}
+    with default_dtype(torch.float64):
+        for conv in ("e3nn", "fast"):
+            torch.manual_seed(0)
+            models[conv] = build_model(config, {"name": "cg"}, STATISTICS, {"name": conv})
+        torch.manual_seed(1)
+        for p in models["e3nn"].parameters():  # break mace's zero-initialised paths
+            p.data.add_(0.1 * torch.randn_like(p))
+        models["fast"].load_state_dict(models["e3nn"].state_dict())
+    batch = molecule_batch()
+    expected = energy_forces_and_second_derivatives(models["e3nn"], batch)
+    assert not calls
+    got = energy_forces_and_second_derivatives(models["fast"], batch)
+    assert len(calls) == 2  # both interactions ran the kernel
+    assert expected[1].abs().max() > 1e-3
+    assert len(got) == len(expected)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+def test_random_graph_messages_match_e3nn_over_blocks(monkeypatch) -> None:
+    """Many blocks of 4 edges on a random graph with repeated receivers (sorted once per call)."""
+    monkeypatch.setattr(conv_kernel, "_BLOCK_BYTES", 1)
+    monkeypatch.setattr(conv_kernel, "_MIN_BLOCK", 4)
+    with default_dtype(torch.float64):
+        tp = mace_conv_tp("3x0e+3x1o+3x2e", 3, channels=3)
+        fast = FastConvolution.like(tp)
+    gen = torch.Generator().manual_seed(2)
+    edge_index = random_graph(6, 23, gen)
+    x = torch.randn(6, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(23, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(23, tp.weight_numel, generator=gen, dtype=torch.float64)
+    probe = torch.randn(6, tp.irreps_out.dim, generator=gen, dtype=torch.float64)
+    expected = derivatives(reference(tp), x, y, w, edge_index, probe)
+    got = derivatives(fast, x, y, w, edge_index, probe)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kernel_on_cuda_matches_cpu(calls) -> None:
+    """The same Python kernel on CUDA (one block): messages, first and second derivatives."""
+    with default_dtype(torch.float64):
+        fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o+3x2e", 3, channels=3))
+    gen = torch.Generator().manual_seed(3)
+    edge_index = random_graph(6, 23, gen)
+    x = torch.randn(6, fast.irreps_in1.dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(23, fast.irreps_in2.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(23, fast.weight_numel, generator=gen, dtype=torch.float64)
+    probe = torch.randn(6, fast.irreps_out.dim, generator=gen, dtype=torch.float64)
+    expected = derivatives(fast, x, y, w, edge_index, probe)
+    args = (t.cuda() for t in (x, y, w, edge_index, probe))
+    got = derivatives(fast.to("cuda"), *args)
+    assert len(calls) == 2
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g.cpu(), e, rtol=0, atol=1e-10)
