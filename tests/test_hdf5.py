@@ -118,7 +118,7 @@ def test_train_from_shards_matches_training_from_files(tmp_path: Path) -> None:
     subprocess.run(cmd, cwd=PROJECT_ROOT, check=True, capture_output=True)
     common = ["trainer.max_epochs=1", "+trainer.enable_progress_bar=false"]
     train_cli(*data, *common, f"hydra.run.dir={tmp_path}/files")
-    model = [a for a in data if a.startswith("model.")]
+    model = [a for a in data if a.startswith(("model.", "model="))]
     shards = ["data=hdf5", f"data.path={tmp_path}/h5", "data.batch_size=4", *model]
     train_cli(*shards, *common, f"hydra.run.dir={tmp_path}/shards")
 
