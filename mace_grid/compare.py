@@ -693,22 +693,7 @@ def plot_time_front(rows: list[dict[str, Any]], timings, path: Path) -> None:
 def write_curves(runs: list[Run], path: Path) -> None:
     """Every run's validation curve (the study's accuracy per epoch, kept beside the tables so
     a re-timing can be combined with it without the run directories)."""
-    rows = []
-    for run in runs:
-        summary = json.loads((run.dir / "summary.json").read_text())
-        history, t = val_history(run.dir), 0.0
-        initial = summary.get("initial_val") or {}
-        rows.append(
-            {"tp": run.tp, "seed": run.seed, "epochs": 0, "train_step_time_s": 0.0,
-             "val_e_mae": initial.get("e_mae"), "val_f_mae": initial.get("f_mae")}
-        )  # fmt: skip
-        for epoch, seconds in enumerate(summary["epoch_train_time_s"]):
-            t += seconds
-            if epoch in history:
-                rows.append(
-                    {"tp": run.tp, "seed": run.seed, "epochs": epoch + 1, "train_step_time_s": t,
-                     "val_e_mae": history[epoch]["e_mae"], "val_f_mae": history[epoch]["f_mae"]}
-                )  # fmt: skip
+    rows = [{"tp": r.tp, "seed": r.seed, **p} for r in runs for p in val_points(r.dir)]
     write_csv(rows, path)
 
 
@@ -725,7 +710,7 @@ def time_to_stock_table(rows: list[dict[str, Any]], level: float, horizon: float
     for r in rows:
         reached = r["seconds_to_stock"] is not None
         t = _cell((r["seconds_to_stock"], r["seconds_to_stock_std"]) if reached else None)
-        speed = f"{r['speedup_vs_stock']:.2f}" if r["speedup_vs_stock"] else "-"
+        speed = _speedup(r["speedup_vs_stock"] or None)
         at_t = f"{r['val_f_mae_at_T']:.3g}" + ("" if r["covers_T"] else " (curve ends before T)")
         lines.append(
             f"| {r['config']} | {_number(r['s_per_epoch'])} | {t} | {r['reached']} | {speed} | "
@@ -832,18 +817,33 @@ def val_history(run_dir: Path) -> dict[int, dict[str, float]]:
     }
 
 
-def val_curve(run_dir: Path) -> Curve:
-    """(cumulative training-step seconds, validation force MAE) per epoch, initial model at 0."""
+def val_points(run_dir: Path) -> list[dict[str, float | None]]:
+    """The validation curve of a run: per validated epoch (and the initial model, epochs 0) the
+    epochs done, cumulative training-step seconds and validation E and F MAE."""
     summary = json.loads((run_dir / "summary.json").read_text())
     history = val_history(run_dir)
-    times, t = [0.0], 0.0
-    values = [summary["initial_val"]["f_mae"]] if summary.get("initial_val") else [float("nan")]
+    initial = summary.get("initial_val") or {}
+    points = [
+        {"epochs": 0, "train_step_time_s": 0.0, "val_e_mae": initial.get("e_mae"),
+         "val_f_mae": initial.get("f_mae")}
+    ]  # fmt: skip
+    t = 0.0
     for epoch, seconds in enumerate(summary["epoch_train_time_s"]):
         t += seconds
         if epoch in history:
-            times.append(t)
-            values.append(history[epoch]["f_mae"])
-    return times, values
+            points.append(
+                {"epochs": epoch + 1, "train_step_time_s": t,
+                 "val_e_mae": history[epoch]["e_mae"], "val_f_mae": history[epoch]["f_mae"]}
+            )  # fmt: skip
+    return points
+
+
+def val_curve(run_dir: Path) -> Curve:
+    """(cumulative training-step seconds, validation force MAE) per epoch, initial model at 0
+    (NaN when the run has no initial validation)."""
+    points = val_points(run_dir)
+    times = [p["train_step_time_s"] for p in points]
+    return times, [float("nan") if p["val_f_mae"] is None else p["val_f_mae"] for p in points]
 
 
 def model_counts(ckpt_path: str) -> dict[str, int]:
