@@ -21,13 +21,27 @@ d/da: per edge the upstream gradient times r, times x^T; d/dr: per (edge, path, 
 upstream gradient dotted with a x) and its backward (the second derivatives of force
 training), the forward-mode tangent of the VJP, which recomputes a block's products instead of
 storing them. Third derivatives are not implemented (``once_differentiable``).
+
+On the CPU the same three passes run as compiled C++ (`conv_cpu.cpp`, built with torch's
+``cpp_extension`` on first use and cached per machine): one loop over the edges per receiver
+(and per sender for d/dx), each output row formed in a row of channels and added straight to
+its node, so nothing per edge is written but the per-edge derivatives themselves. The blocked
+PyTorch kernel below runs on other devices, and on the CPU when no compiler can build it.
 """
 
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from mace_grid.tp import work
 from mace_grid.tp.engine import block_size
+
+log = logging.getLogger(__name__)
 
 #: bytes of one [edges, rows, C] temporary of a block (about a CPU L2 cache; 1-4 MB measured alike)
 _BLOCK_BYTES = 1 << 21
@@ -76,6 +90,9 @@ def convolve(
     groups: list[Group],
 ) -> torch.Tensor:
     """The summed messages ``[n, rows, C]`` (module doc), differentiable twice."""
+    if x.device.type == "cpu" and native() is not None:
+        graph = _graph(senders, receivers, x.shape[0], row_path, groups)
+        return _NativeConv.apply(x, a, r.contiguous(), graph)
     n_edges, n_rows, channels = a.shape[0], row_path.shape[0], x.shape[2]
     edges = torch.argsort(receivers, stable=True)
     edge_bytes = n_rows * channels * x.element_size()
@@ -292,3 +309,146 @@ class _ConvVJP(torch.autograd.Function):
                 out_a.index_copy_(0, ids, da_e)
         out_grad = None if out_grad is None else torch.cat(out_grad, 1)
         return out_x, out_a, out_r, out_grad, *nothing[4:]
+
+
+@functools.cache
+def native():
+    """``torch.ops.mace_grid_conv``, the C++ CPU kernel of `conv_cpu.cpp`, or None (with one
+    warning) where it cannot be built. Built on first use by ``torch.utils.cpp_extension`` with
+    ``-O3 -march=native`` under a name keyed by this CPU's flags, so a cache shared between
+    machines never loads code built for another CPU."""
+    try:
+        from torch.utils import cpp_extension
+
+        source = Path(__file__).with_name("conv_cpu.cpp")
+        key = hashlib.sha1((_cpu_flags() + source.read_text()).encode()).hexdigest()[:10]
+        cpp_extension.load(
+            name=f"mace_grid_conv_{key}",
+            sources=[str(source)],
+            extra_cflags=["-O3", "-march=native"],
+            is_python_module=False,
+        )
+    except Exception as err:  # no compiler, headers or ninja: the PyTorch kernel still works
+        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        log.warning(
+            "conv=fast: the C++ CPU kernel could not be built (%s); using PyTorch ops", reason
+        )
+        return None
+    ops = torch.ops.mace_grid_conv
+    for op, passes in _PASSES.items():
+        work.register_kernel(getattr(ops, op), functools.partial(_cost, passes))
+    return ops
+
+
+#: per C++ op, how many passes over (edge, row, channel) it makes that cost a x (a^T u, u x^T
+#: alike: 2 E C K flop, K = sum_o d_o), from its flags (vjp: want x, a, r; vjp_tangent: v_x,
+#: v_a, v_r given, need x, a, r, grad)
+_PASSES = {
+    "forward": lambda args: 1,
+    "vjp": lambda args: sum(args[11:14]),
+    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[14:]),
+}
+
+
+def _tangent_passes(vx, va, vr, need_x, need_a, need_r, need_g) -> int:
+    """See conv_cpu.cpp's conv_vjp_tangent: each term it adds is one pass."""
+    return need_a * (vr + vx) + (need_r or need_g) * (va + vx) + need_g * vr + need_x * (va + vr)
+
+
+def _cost(passes, args: tuple, out) -> tuple[int, int]:
+    """(matmul flop, elements written) of a C++ op call: 2 E C K per pass; its outputs."""
+    x, a = args[0], args[1]
+    flop = 2 * a.shape[0] * a.shape[1] * x.shape[2] * passes(args)
+    outs = out if isinstance(out, tuple | list) else (out,)
+    return flop, sum(t.numel() for t in outs if isinstance(t, torch.Tensor))
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), platform.processor())
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+class _Graph(NamedTuple):
+    """The edges for the C++ kernel: senders, receivers, each sorted (``order``) with its CSR
+    row pointers (``ptr``, [n + 1]), and the output rows' int64 table [rows, 4] (first input
+    column, input dimension, first column of a, path)."""
+
+    senders: torch.Tensor
+    receivers: torch.Tensor
+    recv_order: torch.Tensor
+    recv_ptr: torch.Tensor
+    send_order: torch.Tensor
+    send_ptr: torch.Tensor
+    rows: torch.Tensor
+
+
+def _graph(senders, receivers, n_nodes: int, row_path, groups: list[Group]) -> _Graph:
+    paths = row_path.tolist()
+    table = [
+        [g.inputs.start, g.dim, g.cols.start + t * g.dim, paths[g.rows.start + t]]
+        for g in groups
+        for t in range(g.n_rows)
+    ]
+    senders, receivers = senders.contiguous(), receivers.contiguous()
+    return _Graph(
+        senders,
+        receivers,
+        *_csr(receivers, n_nodes),
+        *_csr(senders, n_nodes),
+        torch.tensor(table, dtype=torch.long).view(-1, 4),
+    )
+
+
+def _csr(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edges sorted by ``index`` and each node's first position in that order ([n + 1])."""
+    ptr = index.new_zeros(n + 1)
+    torch.cumsum(torch.bincount(index, minlength=n), 0, out=ptr[1:])
+    return torch.argsort(index, stable=True), ptr
+
+
+class _NativeConv(torch.autograd.Function):
+    """`convolve` by the C++ kernel; its backward is `_NativeConvVJP` (as `_Conv`'s)."""
+
+    @staticmethod
+    def forward(ctx, x, a, r, graph):
+        ctx.save_for_backward(x, a, r)
+        ctx.graph = graph
+        return native().forward(
+            x, a, r, graph.senders, graph.recv_order, graph.recv_ptr, graph.rows
+        )
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, r = ctx.saved_tensors
+        want = ctx.needs_input_grad[:3]
+        grads = _NativeConvVJP.apply(x, a, r, grad.contiguous(), ctx.graph, want)
+        return *grads, None
+
+
+class _NativeConvVJP(torch.autograd.Function):
+    """`_ConvVJP` by the C++ kernel: the VJP, and as its backward the VJP's tangent."""
+
+    @staticmethod
+    def forward(ctx, x, a, r, grad, graph, want):
+        ctx.save_for_backward(x, a, r, grad)
+        ctx.graph = graph
+        ctx.set_materialize_grads(False)
+        g = graph
+        order = (g.senders, g.receivers, g.recv_order, g.recv_ptr, g.send_order, g.send_ptr)
+        return native().vjp(x, a, r, grad, *order, g.rows, *want)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v_x, v_a, v_r):
+        x, a, r, grad = ctx.saved_tensors
+        need = ctx.needs_input_grad[:4]
+        if (v_x is None and v_a is None and v_r is None) or not any(need):
+            return (None,) * 6
+        v_x, v_a, v_r = (None if v is None else v.contiguous() for v in (v_x, v_a, v_r))
+        g = ctx.graph
+        order = (g.senders, g.receivers, g.recv_order, g.recv_ptr, g.send_order, g.send_ptr)
+        out = native().vjp_tangent(x, a, r, grad, v_x, v_a, v_r, *order, g.rows, *need)
+        return *out, None, None

@@ -7,8 +7,9 @@ Side by side in one process, rounds interleaved (`benchmark_tp.interleaved_media
 and minimum ms of:
   model:  one whole training step of the benchmark model (`benchmark_tp.training_step`: forward
           with forces, energy + forces MSE, backward) with conv=e3nn (mace's own), conv=fast on
-          plain ops (`FastConvolution.convolve_autograd`, what TorchScript runs), and conv=fast
-          with the fused kernel (eager mode's default);
+          plain ops (`FastConvolution.convolve_autograd`, what TorchScript runs), conv=fast with
+          the blocked PyTorch kernel (what runs without a compiler, and on CUDA), and conv=fast
+          with the C++ kernel (the CPU's default);
   conv:   the second interaction's convolution alone on the same graph: messages, their
           gradients with create_graph=True, backward of their squares (a force-training step).
 Each variant's step is also counted (`mace_grid.tp.work.count_work`): matmul flops, pointwise
@@ -16,6 +17,7 @@ elements written, ATen calls.
 """
 
 import argparse
+import contextlib
 import warnings
 
 import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
@@ -24,6 +26,7 @@ import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under to
 import torch
 from benchmark_tp import benchmark_model_config, interleaved_medians, molecule_batch, training_step
 
+from mace_grid import conv_kernel
 from mace_grid.conv import FastConvolution
 from mace_grid.model import DTYPES, build_model
 from mace_grid.tp.work import count_work
@@ -35,6 +38,19 @@ def on_plain_ops(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(block.conv_tp, FastConvolution):
             block.conv_tp._convolve_fused = block.conv_tp.convolve_autograd
     return model
+
+
+def on_pytorch_kernel(step):
+    """``step`` with the C++ kernel switched off while it runs."""
+
+    def run():
+        with contextlib.ExitStack() as stack:
+            native = conv_kernel.native
+            conv_kernel.native = lambda: None
+            stack.callback(setattr, conv_kernel, "native", native)
+            step()
+
+    return run
 
 
 def conv_step(conv: FastConvolution, call, n_nodes: int, edge_index: torch.Tensor):
@@ -63,7 +79,7 @@ def report(title: str, steps: dict, repeats: int) -> None:
             f"  {label:>12}: matmul {work.matmul_flop / 1e9:.2f} GFLOP, pointwise "
             f"{work.pointwise / 1e6:.1f} M elements, {work.ops} ATen calls"
         )
-    timings = interleaved_medians(steps, repeats, warmup=2)
+    timings = interleaved_medians(steps, repeats, warmup=2, device=torch.device("cpu"))
     reference = timings["fast-plain"][0]
     for label, (ms, ms_min) in timings.items():
         print(
@@ -94,16 +110,26 @@ def main(argv=None) -> None:
     )
     config = benchmark_model_config(args.hidden_irreps)
     models = {}
-    for label, conv in (("e3nn", "e3nn"), ("fast-plain", "fast"), ("fast-kernel", "fast")):
+    if conv_kernel.native() is None:
+        raise SystemExit("the C++ kernel could not be built (see the warning above)")
+    variants = (
+        ("e3nn", "e3nn"),
+        ("fast-plain", "fast"),
+        ("fast-pytorch", "fast"),
+        ("fast-cpp", "fast"),
+    )
+    for label, conv in variants:
         torch.manual_seed(0)
         models[label] = build_model(config, {"name": args.tp}, statistics_, {"name": conv})
     on_plain_ops(models["fast-plain"])
     steps = {label: training_step(model, data) for label, model in models.items()}
+    steps["fast-pytorch"] = on_pytorch_kernel(steps["fast-pytorch"])
     report("model: one training step", steps, args.repeats)
-    conv = models["fast-kernel"].interactions[1].conv_tp
+    conv = models["fast-cpp"].interactions[1].conv_tp
     steps = {
         "fast-plain": conv_step(conv, conv.convolve_autograd, n_nodes, edge_index),
-        "fast-kernel": conv_step(conv, conv, n_nodes, edge_index),
+        "fast-pytorch": on_pytorch_kernel(conv_step(conv, conv, n_nodes, edge_index)),
+        "fast-cpp": conv_step(conv, conv, n_nodes, edge_index),
     }
     report("conv: the second interaction's convolution alone", steps, args.repeats)
 

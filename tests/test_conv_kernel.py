@@ -1,7 +1,12 @@
-"""The fused conv=fast kernel (`mace_grid.conv_kernel`), float64: gradcheck and gradgradcheck of
-its autograd Function over several edge blocks, whole models against mace's own ``conv_tp``
-(conv=e3nn) with both interaction blocks at max_ell 1-3 and hidden L 0-2, and graphs with an
-isolated node, a single edge and no edge."""
+"""The fused conv=fast kernel (`mace_grid.conv_kernel`), float64, both implementations (the C++
+CPU kernel and the blocked PyTorch one): gradcheck and gradgradcheck of its autograd Function
+(over several edge blocks), whole models against mace's own ``conv_tp`` (conv=e3nn) with both
+interaction blocks at max_ell 1-3 and hidden L 0-2, and graphs with an isolated node, a single
+edge and no edge."""
+
+import logging
+import os
+import shutil
 
 import pytest
 import torch
@@ -15,11 +20,13 @@ from test_conv import (
     molecule_batch,
     random_graph,
 )
+from torch.utils import cpp_extension
 
 import mace_grid.conv
 from mace_grid import conv_kernel
 from mace_grid.conv import FastConvolution
 from mace_grid.model import build_model
+from mace_grid.tp.work import count_work
 
 
 @pytest.fixture
@@ -36,8 +43,55 @@ def calls(monkeypatch) -> list[int]:
     return counted
 
 
-@pytest.mark.parametrize("small_blocks", [False, True])
-def test_kernel_gradcheck_and_gradgradcheck(small_blocks: bool, monkeypatch) -> None:
+@pytest.fixture(params=["cpp", "pytorch"])
+def kernel(request, monkeypatch) -> str:
+    """Runs the test with the C++ kernel and with the PyTorch one (no compiler), and checks
+    that the chosen one ran."""
+    if request.param == "cpp":
+        require_cpp()
+        function = conv_kernel._NativeConv
+    else:
+        monkeypatch.setattr(conv_kernel, "native", lambda: None)
+        function = conv_kernel._Conv
+    ran = []
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: ran.append(1) or apply(*args))
+    yield request.param
+    assert ran, f"the {request.param} kernel did not run"
+
+
+def require_cpp() -> None:
+    """Skips without a C++ compiler; with one, the C++ kernel must have been built."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    assert conv_kernel.native() is not None, "a compiler exists but the kernel did not build"
+
+
+def test_without_a_compiler_the_pytorch_kernel_runs(monkeypatch, caplog) -> None:
+    """A failed build is one warning and ``native() is None`` (convolve then runs PyTorch ops)."""
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension 'mace_grid_conv'\n[1/2] c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    conv_kernel.native.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mace_grid.conv_kernel"):
+            assert conv_kernel.native() is None
+        assert caplog.messages == [
+            "conv=fast: the C++ CPU kernel could not be built (Error building extension "
+            "'mace_grid_conv'); using PyTorch ops"
+        ]
+    finally:
+        conv_kernel.native.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "kernel, small_blocks",
+    [("cpp", False), ("pytorch", False), ("pytorch", True)],
+    indirect=["kernel"],
+)
+def test_kernel_gradcheck_and_gradgradcheck(small_blocks: bool, kernel: str, monkeypatch) -> None:
     """First and second derivatives of the Function against finite differences, one block or
     blocks of 3 edges (edges unsorted, node 4 without incoming edges)."""
     if small_blocks:
@@ -99,7 +153,7 @@ GRAPHS = {
 
 
 @pytest.mark.parametrize("graph", list(GRAPHS))
-def test_edge_cases_match_e3nn(graph: str, calls: list[int]) -> None:
+def test_edge_cases_match_e3nn(graph: str, kernel: str, calls: list[int]) -> None:
     with default_dtype(torch.float64):
         tp = mace_conv_tp("2x0e+2x1o+2x2e", 2, channels=2)
         fast = FastConvolution.like(tp)
@@ -128,7 +182,7 @@ BLOCKS = ["RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock"
 
 @pytest.mark.parametrize("hidden_l", [0, 1, 2])
 @pytest.mark.parametrize("max_ell", [1, 2, 3])
-def test_models_match_mace_conv(max_ell: int, hidden_l: int, calls) -> None:
+def test_models_match_mace_conv(max_ell: int, hidden_l: int, kernel: str, calls) -> None:
     """Energies, forces and the parameter gradients of a force loss (second derivatives) of a
     conv=fast model equal those of the same weights with mace's conv_tp (conv=e3nn). Every
     model has both blocks, one first (scalar inputs) and one second (hidden L inputs),
@@ -169,8 +223,9 @@ def test_models_match_mace_conv(max_ell: int, hidden_l: int, calls) -> None:
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
 
-def test_random_graph_messages_match_e3nn_over_blocks(monkeypatch) -> None:
-    """Many blocks of 4 edges on a random graph with repeated receivers (sorted once per call)."""
+def test_random_graph_messages_match_e3nn_over_blocks(kernel: str, monkeypatch) -> None:
+    """A random graph with repeated receivers and senders (sorted once per call); the PyTorch
+    kernel in many blocks of 4 edges."""
     monkeypatch.setattr(conv_kernel, "_BLOCK_BYTES", 1)
     monkeypatch.setattr(conv_kernel, "_MIN_BLOCK", 4)
     with default_dtype(torch.float64):
@@ -205,3 +260,53 @@ def test_kernel_on_cuda_matches_cpu(calls) -> None:
     assert len(calls) == 2
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g.cpu(), e, rtol=0, atol=1e-10)
+
+
+def test_cpp_kernel_threads_match_e3nn() -> None:
+    """The C++ kernel's passes split the nodes across 3 threads (each node written by one): the
+    messages and first and second derivatives equal mace's on 200 nodes and 1500 edges."""
+    require_cpp()
+    with default_dtype(torch.float64):
+        tp = mace_conv_tp("2x0e+2x1o+2x2e", 3, channels=2)
+        fast = FastConvolution.like(tp)
+    gen = torch.Generator().manual_seed(4)
+    edge_index = random_graph(200, 1500, gen)
+    x = torch.randn(200, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
+    y = torch.randn(1500, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
+    w = torch.randn(1500, tp.weight_numel, generator=gen, dtype=torch.float64)
+    probe = torch.randn(200, tp.irreps_out.dim, generator=gen, dtype=torch.float64)
+    expected = derivatives(reference(tp), x, y, w, edge_index, probe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = derivatives(fast, x, y, w, edge_index, probe)
+    finally:
+        torch.set_num_threads(threads)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+def test_cpp_kernel_reports_its_work() -> None:
+    """The C++ ops are visible to `count_work`: the forward is one pass of per-edge matvecs
+    (2 E C K flop, K the columns of the edge matrices) writing [n, rows, C]; a VJP of x, a and
+    r three such passes writing the three gradients."""
+    require_cpp()
+    with default_dtype(torch.float64):
+        fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o", 2, channels=3))
+    groups = conv_kernel.groups_of(fast.group_dims, fast.group_rows, fast.group_in)
+    gen = torch.Generator().manual_seed(5)
+    senders, receivers = random_graph(4, 9, gen)
+    x = torch.randn(4, fast.d_in, 3, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(9, fast.cg.shape[1], dtype=torch.float64, requires_grad=True)
+    r = torch.randn(9, fast.num_paths, 3, dtype=torch.float64, requires_grad=True)
+
+    def conv():
+        return conv_kernel.convolve(x, a, r, senders, receivers, fast.row_path, groups)
+
+    matvecs = 2 * 9 * fast.cg.shape[1] * 3
+    forward = count_work(conv)
+    assert (forward.matmul_flop, forward.pointwise) == (matvecs, 4 * fast.d_out * 3)
+    out = conv()
+    vjp = count_work(lambda: torch.autograd.grad(out.sum(), (x, a, r), retain_graph=True))
+    assert vjp.matmul_flop == 3 * matvecs
+    assert vjp.pointwise >= x.numel() + a.numel() + r.numel()

@@ -5,7 +5,8 @@ Wall-clock ratios between backends move with the CPU (cache sizes, BLAS kernels)
 percent; counts do not. The matmul flop ratio of two backends is the floor of their time ratio
 for kernels that run their matmuls at the same rate, so a speed goal below it needs fewer
 flops, not better engineering. Counting sits below autograd (a `TorchDispatchMode`), so the
-force pass, the double backward and every custom kernel's own calls are all included.
+force pass, the double backward and every custom kernel's own calls are all included; a
+compiled kernel, which ATen cannot see into, reports its own counts (`register_kernel`).
 "Step time / the time its matmul flops take at the device's own matmul rate" then says how far a
 step is from arithmetic-bound (`limit_ratio`): 1 when every matmul ran at that rate and nothing
 else cost anything.
@@ -38,6 +39,17 @@ _MATMULS = {
 }
 
 
+#: compiled ops' own counts: overload packet -> cost(args, outputs) -> (matmul flop, written)
+_KERNELS: dict = {}
+
+
+def register_kernel(op, cost: Callable[[tuple, object], tuple[int, int]]) -> None:
+    """Count the compiled op ``op`` (an overload packet such as ``torch.ops.ns.name``) as
+    ``cost(args, out)``: its matrix arithmetic (2 m k n per product, as a matmul) and the
+    elements it writes (as pointwise output)."""
+    _KERNELS[op] = cost
+
+
 @dataclass
 class Work:
     """Counts of one call: ``matmul_flop`` (2 m k n per product); ``pointwise``, elements
@@ -60,7 +72,12 @@ class _Counter(TorchDispatchMode):
             return out
         self.work.ops += 1
         left = _MATMULS.get(func.overloadpacket)
-        if left is not None:
+        kernel = _KERNELS.get(func.overloadpacket)
+        if kernel is not None:
+            flop, written = kernel(args, out)
+            self.work.matmul_flop += flop
+            self.work.pointwise += written
+        elif left is not None:
             a, b = args[left], args[left + 1]
             self.work.matmul_flop += 2 * math.prod(a.shape) * (b.shape[-1] if b.dim() > 1 else 1)
         elif torch.Tag.pointwise in func.tags:
