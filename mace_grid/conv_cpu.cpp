@@ -1,6 +1,6 @@
 // The CPU kernel of `mace_grid.conv_kernel`: the summed messages of mace's channel-wise
 // convolution, their VJP and the VJP's tangent (the second derivatives of force training), each
-// in one pass over the edges with no per-edge temporaries beyond one row of channels.
+// in one pass over the edges that writes nothing per edge but the per-edge results themselves.
 //
 // For edges e = j -> i and output rows o (input columns s_o .. s_o + d_o, columns of a
 // ac_o .. ac_o + d_o, path k_o), with ax[e, o, c] = sum_m a[e, ac_o + m] x[j, s_o + m, c]:
@@ -12,89 +12,235 @@
 // edge) are computed per receiver from edges sorted by receiver (`recv_order`, CSR `recv_ptr`);
 // sender-side results (d/dx and its tangent) per sender from edges sorted by sender. Each node
 // is written by one thread, so the passes run in parallel (at::parallel_for) without atomics.
+// Per edge, channels go in register-sized blocks, and per block the rows of one input irrep
+// (a group, its dimension d a template parameter up to 7) share that irrep's d input rows (or
+// their gradient accumulators) held in registers.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using at::Tensor;
 
-struct Row {
-  int64_t s, d, ac, k;
+constexpr int64_t kMaxDim = 15;  // input irreps up to l = 7
+
+// The rows that read one input irrep: input columns s .. s + d, rows row0 .. row0 + n, row t's
+// columns of a at ac + t d.
+struct Group {
+  int64_t s, d, ac, row0, n;
 };
 
-std::vector<Row> read_rows(const Tensor& rows) {
+struct Table {
+  std::vector<Group> groups;
+  std::vector<int64_t> path;  // per row
+};
+
+Table read_rows(const Tensor& rows) {
   TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 4 && rows.scalar_type() == at::kLong,
               "rows must be an int64 [R, 4] table");
   auto t = rows.contiguous();
   const int64_t* p = t.data_ptr<int64_t>();
-  std::vector<Row> out(t.size(0));
-  for (int64_t o = 0; o < t.size(0); ++o) out[o] = {p[4 * o], p[4 * o + 1], p[4 * o + 2], p[4 * o + 3]};
+  Table out;
+  for (int64_t o = 0; o < t.size(0); ++o) {
+    const int64_t s = p[4 * o], d = p[4 * o + 1], ac = p[4 * o + 2];
+    TORCH_CHECK(d >= 1 && d <= kMaxDim, "input dimension ", d, " outside 1..", kMaxDim);
+    Group* last = out.groups.empty() ? nullptr : &out.groups.back();
+    if (last && last->s == s && last->d == d && last->ac + last->n * d == ac)
+      ++last->n;
+    else
+      out.groups.push_back({s, d, ac, o, 1});
+    out.path.push_back(p[4 * o + 3]);
+  }
   return out;
 }
 
-// y[c] = sum_m a[m] x[m * C + c]
+// Channels are visited in blocks of kBlock<T> (two 32-byte vectors), so a row's values for
+// a block stay in vector registers (GCC/Clang vector extensions: AVX where -march=native has
+// it, pairs of SSE registers otherwise); the last C % kBlock channels take scalar code.
 template <typename T>
-inline void matvec(const T* __restrict a, const T* __restrict x, int64_t d, int64_t C,
-                   T* __restrict y) {
-  for (int64_t c = 0; c < C; ++c) y[c] = a[0] * x[c];
-  for (int64_t m = 1; m < d; ++m) {
-    const T am = a[m];
-    const T* __restrict xm = x + m * C;
-    for (int64_t c = 0; c < C; ++c) y[c] += am * xm[c];
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+using V = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 32 / sizeof(T);
+constexpr int64_t kVecs = 2;
+template <typename T>
+constexpr int64_t kBlock = kVecs * kLanes<T>;
+
+// One block of channel values: full (kVecs vectors) or the rest (n < kBlock scalars).
+template <typename T, bool Full>
+struct Lanes;
+
+template <typename T>
+struct Lanes<T, true> {
+  V<T> v[kVecs];
+  static Lanes load(const T* p, int64_t) {
+    Lanes out;
+    for (int q = 0; q < kVecs; ++q) std::memcpy(&out.v[q], p + q * kLanes<T>, sizeof(V<T>));
+    return out;
+  }
+  static Lanes zero(int64_t) {
+    Lanes out;
+    for (int q = 0; q < kVecs; ++q) out.v[q] = V<T>{};
+    return out;
+  }
+  void add_to(T* p) const {  // p[l] += this[l]
+    for (int q = 0; q < kVecs; ++q) {
+      V<T> t;
+      std::memcpy(&t, p + q * kLanes<T>, sizeof(V<T>));
+      t += v[q];
+      std::memcpy(p + q * kLanes<T>, &t, sizeof(V<T>));
+    }
+  }
+  void fma(T s, const Lanes& b) {  // this += s b
+    for (int q = 0; q < kVecs; ++q) v[q] += s * b.v[q];
+  }
+  Lanes operator*(const Lanes& b) const {
+    Lanes out;
+    for (int q = 0; q < kVecs; ++q) out.v[q] = v[q] * b.v[q];
+    return out;
+  }
+  Lanes operator*(T s) const {
+    Lanes out;
+    for (int q = 0; q < kVecs; ++q) out.v[q] = v[q] * s;
+    return out;
+  }
+};
+
+template <typename T>
+struct Lanes<T, false> {
+  T v[kBlock<T>];
+  int64_t n;
+  static Lanes load(const T* p, int64_t n) {
+    Lanes out;
+    out.n = n;
+    for (int64_t l = 0; l < n; ++l) out.v[l] = p[l];
+    return out;
+  }
+  static Lanes zero(int64_t n) {
+    Lanes out;
+    out.n = n;
+    for (int64_t l = 0; l < n; ++l) out.v[l] = 0;
+    return out;
+  }
+  void add_to(T* p) const {
+    for (int64_t l = 0; l < n; ++l) p[l] += v[l];
+  }
+  void fma(T s, const Lanes& b) {
+    for (int64_t l = 0; l < n; ++l) v[l] += s * b.v[l];
+  }
+  Lanes operator*(const Lanes& b) const {
+    Lanes out = *this;
+    for (int64_t l = 0; l < n; ++l) out.v[l] *= b.v[l];
+    return out;
+  }
+  Lanes operator*(T s) const {
+    Lanes out = *this;
+    for (int64_t l = 0; l < n; ++l) out.v[l] *= s;
+    return out;
+  }
+};
+
+// body(Lanes type tag, c0, n) for each block of channels c0 .. c0 + n
+template <typename T, typename F>
+inline void channel_blocks(int64_t C, F&& body) {
+  int64_t c0 = 0;
+  for (; c0 + kBlock<T> <= C; c0 += kBlock<T>) body(Lanes<T, true>{}, c0, kBlock<T>);
+  if (c0 < C) body(Lanes<T, false>{}, c0, C - c0);
+}
+
+// f(std::integral_constant d) for the input dimensions mace meets (l <= 3), else f(0): runtime
+template <typename F>
+inline void with_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 5: return f(std::integral_constant<int64_t, 5>{});
+    case 7: return f(std::integral_constant<int64_t, 7>{});
+    default: return f(std::integral_constant<int64_t, 0>{});
   }
 }
 
-// y[c] += sum_m a[m] x[m * C + c]
-template <typename T>
-inline void matvec_add(const T* __restrict a, const T* __restrict x, int64_t d, int64_t C,
-                       T* __restrict y) {
-  for (int64_t m = 0; m < d; ++m) {
-    const T am = a[m];
-    const T* __restrict xm = x + m * C;
-    for (int64_t c = 0; c < C; ++c) y[c] += am * xm[c];
-  }
+// body(L, group, d) for each block of channels [c0, c0 + n) and each group (L the block's
+// Lanes type, d the group's dimension, compile-time where with_dim knows it)
+template <typename T, typename F>
+inline void blocks_and_groups(int64_t C, const Table& tab, F&& body) {
+  channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t n) {
+    for (const Group& g : tab.groups)
+      with_dim(g.d, [&](auto dim) {
+        constexpr int64_t Dc = decltype(dim)::value;
+        body(tag, dim, g, Dc ? Dc : g.d, c0, n);
+      });
+  });
 }
 
-// x[m * C + c] += a[m] u[c]
-template <typename T>
-inline void outer_add(const T* __restrict a, const T* __restrict u, int64_t d, int64_t C,
-                      T* __restrict x) {
-  for (int64_t m = 0; m < d; ++m) {
-    const T am = a[m];
-    T* __restrict xm = x + m * C;
-    for (int64_t c = 0; c < C; ++c) xm[c] += am * u[c];
-  }
+// the d rows x[m * C + c0 ..] of a block
+template <typename L, typename T>
+inline void load_rows(L* xs, const T* x, int64_t d, int64_t C, int64_t n) {
+  for (int64_t m = 0; m < d; ++m) xs[m] = L::load(x + m * C, n);
 }
 
-// out[m] (+)= sum_c u[c] x[m * C + c]
+// sum_m a[m] xs[m]
+template <typename L, typename T>
+inline L combine(const T* __restrict a, const L* xs, int64_t d) {
+  L y = xs[0] * a[0];
+  for (int64_t m = 1; m < d; ++m) y.fma(a[m], xs[m]);
+  return y;
+}
+
+// out[m] += sum_c (u[c] v[c]) x[m * C + c] over all C channels, summed in kSums partial sums
+// (one running sum would serialise on the add's latency, and without -ffast-math the compiler
+// may not reorder it)
+constexpr int64_t kSums = 8;
+
 template <typename T>
-inline void dots(const T* __restrict u, const T* __restrict x, int64_t d, int64_t C,
-                 T* __restrict out, bool add) {
+inline void dots_add(const T* __restrict u, const T* __restrict v, const T* __restrict x,
+                     int64_t d, int64_t C, T* __restrict out) {
+  const int64_t full = C - C % kSums;
   for (int64_t m = 0; m < d; ++m) {
     const T* __restrict xm = x + m * C;
+    T sums[kSums] = {};
+    for (int64_t c = 0; c < full; c += kSums)
+      for (int64_t l = 0; l < kSums; ++l) sums[l] += u[c + l] * v[c + l] * xm[c + l];
     T acc = 0;
-    for (int64_t c = 0; c < C; ++c) acc += u[c] * xm[c];
-    out[m] = add ? out[m] + acc : acc;
+    for (int64_t c = full; c < C; ++c) acc += u[c] * v[c] * xm[c];
+    for (int64_t l = 0; l < kSums; ++l) acc += sums[l];
+    out[m] += acc;
   }
 }
 
-// Calls f(node, edge) for every edge of every node in [0, n) (edges of a node from `order`,
-// its CSR `ptr`), nodes split across threads.
+// Calls f(node, edge, next) for every edge of every node in [0, n) (edges of a node from
+// `order`, its CSR `ptr`; next: the edge after it in that order, or -1), nodes split across
+// threads.
 template <typename F>
 void per_node(const Tensor& order, const Tensor& ptr, F f) {
   const int64_t* ord = order.data_ptr<int64_t>();
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int64_t n = ptr.size(0) - 1;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const int64_t last = p[end];
     for (int64_t i = begin; i < end; ++i)
-      for (int64_t q = p[i]; q < p[i + 1]; ++q) f(i, ord[q]);
+      for (int64_t q = p[i]; q < p[i + 1]; ++q) f(i, ord[q], q + 1 < last ? ord[q + 1] : -1);
   });
+}
+
+// Asks for the cache lines of p[0 .. count) ahead of use: an edge's radial weights and edge
+// matrices are read once, from memory, in an order (channel blocks of each path) the hardware
+// prefetcher does not follow, so the next edge's are requested while this one computes.
+template <typename T>
+inline void prefetch(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b);
 }
 
 void check(const Tensor& t, const char* name, int64_t dim) {
@@ -102,30 +248,38 @@ void check(const Tensor& t, const char* name, int64_t dim) {
               " must be a contiguous CPU tensor of dimension ", dim);
 }
 
+#define MACE_GRID_BLOCK_TYPES(tag, dim)         \
+  using L = decltype(tag);                      \
+  constexpr int64_t Dc = decltype(dim)::value;  \
+  constexpr int64_t kRows = Dc ? Dc : kMaxDim
+
 Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& senders,
                     const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t) {
   check(x, "x", 3);
   check(a, "a", 2);
   check(r, "r", 3);
-  const auto rows = read_rows(rows_t);
-  const int64_t R = rows.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
+  const Table tab = read_rows(rows_t);
+  const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
   auto out = at::zeros({x.size(0), R, C}, x.options());
   const int64_t* snd = senders.data_ptr<int64_t>();
+  const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(),
-                   *rp = r.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e) {
-      thread_local std::vector<scalar_t> tmp;
-      tmp.resize(C);
-      const scalar_t* xj = xp + snd[e] * D * C;
-      for (int64_t o = 0; o < R; ++o) {
-        const Row& w = rows[o];
-        matvec(ap + e * K + w.ac, xj + w.s * C, w.d, C, tmp.data());
-        const scalar_t* re = rp + (e * P + w.k) * C;
-        scalar_t* oi = op + (i * R + o) * C;
-        for (int64_t c = 0; c < C; ++c) oi[c] += re[c] * tmp[c];
-      }
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e, int64_t next) {
+      const T *xj = xp + snd[e] * D * C, *ae = ap + e * K, *re = rp + e * P * C;
+      T* oi = op + i * R * C;
+      if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+      blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& g, int64_t d, int64_t c0,
+                                       int64_t n) {
+        MACE_GRID_BLOCK_TYPES(tag, dim);
+        L xs[kRows];
+        load_rows(xs, xj + g.s * C + c0, d, C, n);
+        for (int64_t t = 0, o = g.row0; t < g.n; ++t, ++o)
+          (L::load(re + path[o] * C + c0, n) * combine(ae + g.ac + t * d, xs, d))
+              .add_to(oi + o * C + c0);
+      });
     });
   });
   return out;
@@ -142,51 +296,67 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
   check(a, "a", 2);
   check(r, "r", 3);
   check(g, "grad", 3);
-  const auto rows = read_rows(rows_t);
-  const int64_t R = rows.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
+  const Table tab = read_rows(rows_t);
+  const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
   Tensor gx = want_x ? at::zeros_like(x) : Tensor();
-  Tensor ga = want_a ? at::zeros_like(a) : Tensor();
-  Tensor gr = want_r ? at::zeros_like(r) : Tensor();
+  Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per-edge results: zeroed per edge
+  Tensor gr = want_r ? at::empty_like(r) : Tensor();
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
+  const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(),
-                   *rp = r.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
-    if (want_a || want_r) {  // per edge: <u, x> per column of a, <g, a x> per path
-      scalar_t* gap = want_a ? ga.data_ptr<scalar_t>() : nullptr;
-      scalar_t* grp = want_r ? gr.data_ptr<scalar_t>() : nullptr;
-      per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e) {
-        thread_local std::vector<scalar_t> tmp;
-        tmp.resize(C);
-        const scalar_t* xj = xp + snd[e] * D * C;
-        for (int64_t o = 0; o < R; ++o) {
-          const Row& w = rows[o];
-          const scalar_t* gi = gp + (i * R + o) * C;
-          const scalar_t* re = rp + (e * P + w.k) * C;
-          if (want_a) {
-            for (int64_t c = 0; c < C; ++c) tmp[c] = gi[c] * re[c];
-            dots(tmp.data(), xj + w.s * C, w.d, C, gap + e * K + w.ac, false);
-          }
-          if (want_r) {
-            matvec(ap + e * K + w.ac, xj + w.s * C, w.d, C, tmp.data());
-            scalar_t* ge = grp + (e * P + w.k) * C;
-            for (int64_t c = 0; c < C; ++c) ge[c] += gi[c] * tmp[c];
-          }
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
+            *gp = g.data_ptr<T>();
+    if (want_a || want_r) {  // per edge: <g r, x> per column of a, <g, a x> per path
+      T* gap = want_a ? ga.data_ptr<T>() : nullptr;
+      T* grp = want_r ? gr.data_ptr<T>() : nullptr;
+      per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e, int64_t next) {
+        const T *xj = xp + snd[e] * D * C, *ae = ap + e * K, *re = rp + e * P * C,
+                *gi = gp + i * R * C;
+        if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+        if (want_a) {
+          T* gae = gap + e * K;
+          std::fill_n(gae, K, T(0));
+          for (const Group& grp_ : tab.groups)
+            for (int64_t t = 0, o = grp_.row0; t < grp_.n; ++t, ++o)
+              dots_add(gi + o * C, re + path[o] * C, xj + grp_.s * C, grp_.d, C,
+                       gae + grp_.ac + t * grp_.d);
+        }
+        if (want_r) {
+          T* gre = grp + e * P * C;
+          std::fill_n(gre, P * C, T(0));
+          blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
+                                           int64_t c0, int64_t n) {
+            MACE_GRID_BLOCK_TYPES(tag, dim);
+            L xs[kRows];
+            load_rows(xs, xj + gg.s * C + c0, d, C, n);
+            for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o)
+              (L::load(gi + o * C + c0, n) * combine(ae + gg.ac + t * d, xs, d))
+                  .add_to(gre + path[o] * C + c0);
+          });
         }
       });
     }
-    if (want_x) {  // per sender: a^T (g r)
-      scalar_t* gxp = gx.data_ptr<scalar_t>();
-      per_node(send_order, send_ptr, [&](int64_t j, int64_t e) {
-        thread_local std::vector<scalar_t> u;
-        u.resize(C);
-        const int64_t i = rcv[e];
-        for (int64_t o = 0; o < R; ++o) {
-          const Row& w = rows[o];
-          const scalar_t* gi = gp + (i * R + o) * C;
-          const scalar_t* re = rp + (e * P + w.k) * C;
-          for (int64_t c = 0; c < C; ++c) u[c] = gi[c] * re[c];
-          outer_add(ap + e * K + w.ac, u.data(), w.d, C, gxp + (j * D + w.s) * C);
-        }
+    if (want_x) {  // per sender: a^T (g r), summed over a group's rows in registers
+      T* gxp = gx.data_ptr<T>();
+      per_node(send_order, send_ptr, [&](int64_t j, int64_t e, int64_t next) {
+        const T *ae = ap + e * K, *re = rp + e * P * C, *gi = gp + rcv[e] * R * C;
+        T* gxj = gxp + j * D * C;
+        if (next >= 0)
+          prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K),
+              prefetch(gp + rcv[next] * R * C, R * C);
+        blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
+                                         int64_t c0, int64_t n) {
+          MACE_GRID_BLOCK_TYPES(tag, dim);
+          L acc[kRows];
+          for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
+          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+            const L u = L::load(gi + o * C + c0, n) * L::load(re + path[o] * C + c0, n);
+            const T* at = ae + gg.ac + t * d;
+            for (int64_t m = 0; m < d; ++m) acc[m].fma(at[m], u);
+          }
+          for (int64_t m = 0; m < d; ++m) acc[m].add_to(gxj + (gg.s + m) * C + c0);
+        });
       });
     }
   });
@@ -211,100 +381,119 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   if (v_x.defined()) check(v_x, "v_x", 3);
   if (v_a.defined()) check(v_a, "v_a", 2);
   if (v_r.defined()) check(v_r, "v_r", 3);
-  const auto rows = read_rows(rows_t);
-  const int64_t R = rows.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  Tensor ox = need_x ? at::zeros_like(x) : Tensor();
-  Tensor oa = need_a ? at::zeros_like(a) : Tensor();
-  Tensor orr = need_r ? at::zeros_like(r) : Tensor();
-  Tensor og = need_g ? at::zeros({x.size(0), R, C}, x.options()) : Tensor();
+  const Table tab = read_rows(rows_t);
+  const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
   const bool has_vx = v_x.defined(), has_va = v_a.defined(), has_vr = v_r.defined();
   const bool has_dax = has_vx || has_va;  // the tangent of a x
+  // per-edge outputs the edge pass computes start empty (it zeroes each edge's part)
+  const bool write_a = need_a && (has_vx || has_vr), write_r = need_r && has_dax;
+  Tensor ox = need_x ? at::zeros_like(x) : Tensor();
+  Tensor oa = need_a ? (write_a ? at::empty_like(a) : at::zeros_like(a)) : Tensor();
+  Tensor orr = need_r ? (write_r ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
+  Tensor og = need_g ? at::zeros({x.size(0), R, C}, x.options()) : Tensor();
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
+  const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp_tangent", [&] {
-    const scalar_t *xp = x.data_ptr<scalar_t>(), *ap = a.data_ptr<scalar_t>(),
-                   *rp = r.data_ptr<scalar_t>(), *gp = g.data_ptr<scalar_t>();
-    const scalar_t* vxp = has_vx ? v_x.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* vap = has_va ? v_a.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* vrp = has_vr ? v_r.data_ptr<scalar_t>() : nullptr;
-    const bool edge_pass = (need_a && (has_vx || has_vr)) || (need_r && has_dax) ||
-                           (need_g && (has_dax || has_vr));
-    if (edge_pass) {
-      scalar_t* oap = need_a ? oa.data_ptr<scalar_t>() : nullptr;
-      scalar_t* orp = need_r ? orr.data_ptr<scalar_t>() : nullptr;
-      scalar_t* ogp = need_g ? og.data_ptr<scalar_t>() : nullptr;
-      per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e) {
-        thread_local std::vector<scalar_t> buf;
-        buf.resize(2 * C);
-        scalar_t *t1 = buf.data(), *t2 = buf.data() + C;
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
+            *gp = g.data_ptr<T>();
+    const T* vxp = has_vx ? v_x.data_ptr<T>() : nullptr;
+    const T* vap = has_va ? v_a.data_ptr<T>() : nullptr;
+    const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
+    const bool row_pass = write_r || (need_g && (has_dax || has_vr));
+    if (write_a || row_pass) {
+      T* oap = need_a ? oa.data_ptr<T>() : nullptr;
+      T* orp = need_r ? orr.data_ptr<T>() : nullptr;
+      T* ogp = need_g ? og.data_ptr<T>() : nullptr;
+      per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e, int64_t next) {
         const int64_t j = snd[e];
-        const scalar_t* xj = xp + j * D * C;
-        const scalar_t* vxj = has_vx ? vxp + j * D * C : nullptr;
-        for (int64_t o = 0; o < R; ++o) {
-          const Row& w = rows[o];
-          const scalar_t* gi = gp + (i * R + o) * C;
-          const scalar_t* re = rp + (e * P + w.k) * C;
-          const scalar_t* vre = has_vr ? vrp + (e * P + w.k) * C : nullptr;
-          const scalar_t* ae = ap + e * K + w.ac;
-          if (need_a) {  // tangent of u x^T: (g v_r) x^T + (g r) v_x^T
-            if (has_vr) {
-              for (int64_t c = 0; c < C; ++c) t1[c] = gi[c] * vre[c];
-              dots(t1, xj + w.s * C, w.d, C, oap + e * K + w.ac, false);
-            }
-            if (has_vx) {
-              for (int64_t c = 0; c < C; ++c) t1[c] = gi[c] * re[c];
-              dots(t1, vxj + w.s * C, w.d, C, oap + e * K + w.ac, has_vr);
-            }
-          }
-          if (has_dax && (need_r || need_g)) {  // t1 = v_a x + a v_x
-            if (has_va) {
-              matvec(vap + e * K + w.ac, xj + w.s * C, w.d, C, t1);
-              if (has_vx) matvec_add(ae, vxj + w.s * C, w.d, C, t1);
-            } else {
-              matvec(ae, vxj + w.s * C, w.d, C, t1);
-            }
-            if (need_r) {
-              scalar_t* oe = orp + (e * P + w.k) * C;
-              for (int64_t c = 0; c < C; ++c) oe[c] += gi[c] * t1[c];
-            }
-          }
-          if (need_g) {  // tangent of the messages: (dax) r + (a x) v_r
-            scalar_t* oi = ogp + (i * R + o) * C;
-            if (has_dax)
-              for (int64_t c = 0; c < C; ++c) oi[c] += t1[c] * re[c];
-            if (has_vr) {
-              matvec(ae, xj + w.s * C, w.d, C, t2);
-              for (int64_t c = 0; c < C; ++c) oi[c] += t2[c] * vre[c];
-            }
-          }
+        if (next >= 0) {
+          prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+          if (has_vr) prefetch(vrp + next * P * C, P * C);
+          if (has_va) prefetch(vap + next * K, K);
         }
+        const T *xj = xp + j * D * C, *ae = ap + e * K, *re = rp + e * P * C,
+                *gi = gp + i * R * C;
+        const T* vxj = has_vx ? vxp + j * D * C : nullptr;
+        const T* vae = has_va ? vap + e * K : nullptr;
+        const T* vre = has_vr ? vrp + e * P * C : nullptr;
+        if (write_a) {  // tangent of (g r) x^T: (g v_r) x^T + (g r) v_x^T
+          T* oae = oap + e * K;
+          std::fill_n(oae, K, T(0));
+          for (const Group& gg : tab.groups)
+            for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+              T* col = oae + gg.ac + t * gg.d;
+              if (has_vr) dots_add(gi + o * C, vre + path[o] * C, xj + gg.s * C, gg.d, C, col);
+              if (has_vx) dots_add(gi + o * C, re + path[o] * C, vxj + gg.s * C, gg.d, C, col);
+            }
+        }
+        if (!row_pass) return;
+        T* ore = write_r ? orp + e * P * C : nullptr;
+        if (write_r) std::fill_n(ore, P * C, T(0));
+        T* ogi = need_g ? ogp + i * R * C : nullptr;
+        blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
+                                         int64_t c0, int64_t n) {
+          MACE_GRID_BLOCK_TYPES(tag, dim);
+          L xs[kRows], vxs[kRows];
+          const bool need_ax = has_va || (need_g && has_vr);
+          if (need_ax) load_rows(xs, xj + gg.s * C + c0, d, C, n);
+          if (has_vx) load_rows(vxs, vxj + gg.s * C + c0, d, C, n);
+          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+            const T* at = ae + gg.ac + t * d;
+            if (has_dax) {  // dax = v_a x + a v_x
+              L dax = has_va ? combine(vae + gg.ac + t * d, xs, d) : combine(at, vxs, d);
+              if (has_va && has_vx)
+                for (int64_t m = 0; m < d; ++m) dax.fma(at[m], vxs[m]);
+              if (write_r) (L::load(gi + o * C + c0, n) * dax).add_to(ore + path[o] * C + c0);
+              if (need_g)  // tangent of the messages: dax r + (a x) v_r
+                (L::load(re + path[o] * C + c0, n) * dax).add_to(ogi + o * C + c0);
+            }
+            if (need_g && has_vr)
+              (L::load(vre + path[o] * C + c0, n) * combine(at, xs, d)).add_to(ogi + o * C + c0);
+          }
+        });
       });
     }
-    if (need_x && (has_va || has_vr)) {  // tangent of a^T u: v_a^T (g r) + a^T (g v_r)
-      scalar_t* oxp = ox.data_ptr<scalar_t>();
-      per_node(send_order, send_ptr, [&](int64_t j, int64_t e) {
-        thread_local std::vector<scalar_t> u;
-        u.resize(C);
-        const int64_t i = rcv[e];
-        for (int64_t o = 0; o < R; ++o) {
-          const Row& w = rows[o];
-          const scalar_t* gi = gp + (i * R + o) * C;
-          scalar_t* xo = oxp + (j * D + w.s) * C;
-          if (has_va) {
-            const scalar_t* re = rp + (e * P + w.k) * C;
-            for (int64_t c = 0; c < C; ++c) u[c] = gi[c] * re[c];
-            outer_add(vap + e * K + w.ac, u.data(), w.d, C, xo);
-          }
-          if (has_vr) {
-            const scalar_t* vre = vrp + (e * P + w.k) * C;
-            for (int64_t c = 0; c < C; ++c) u[c] = gi[c] * vre[c];
-            outer_add(ap + e * K + w.ac, u.data(), w.d, C, xo);
-          }
+    if (need_x && (has_va || has_vr)) {  // tangent of a^T (g r): v_a^T (g r) + a^T (g v_r)
+      T* oxp = ox.data_ptr<T>();
+      per_node(send_order, send_ptr, [&](int64_t j, int64_t e, int64_t next) {
+        const T *ae = ap + e * K, *re = rp + e * P * C, *gi = gp + rcv[e] * R * C;
+        if (next >= 0) {
+          prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+          prefetch(gp + rcv[next] * R * C, R * C);
+          if (has_vr) prefetch(vrp + next * P * C, P * C);
+          if (has_va) prefetch(vap + next * K, K);
         }
+        const T* vae = has_va ? vap + e * K : nullptr;
+        const T* vre = has_vr ? vrp + e * P * C : nullptr;
+        T* oxj = oxp + j * D * C;
+        blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
+                                         int64_t c0, int64_t n) {
+          MACE_GRID_BLOCK_TYPES(tag, dim);
+          L acc[kRows];
+          for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
+          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+            const L gio = L::load(gi + o * C + c0, n);
+            if (has_va) {
+              const L u = gio * L::load(re + path[o] * C + c0, n);
+              const T* vat = vae + gg.ac + t * d;
+              for (int64_t m = 0; m < d; ++m) acc[m].fma(vat[m], u);
+            }
+            if (has_vr) {
+              const L u = gio * L::load(vre + path[o] * C + c0, n);
+              const T* at = ae + gg.ac + t * d;
+              for (int64_t m = 0; m < d; ++m) acc[m].fma(at[m], u);
+            }
+          }
+          for (int64_t m = 0; m < d; ++m) acc[m].add_to(oxj + (gg.s + m) * C + c0);
+        });
       });
     }
   });
   return {ox, oa, orr, og};
 }
+
+#undef MACE_GRID_BLOCK_TYPES
 
 }  // namespace
 
