@@ -105,6 +105,16 @@ struct Lanes<T, true> {
   void fma(T s, const Lanes& b) {  // this += s b
     for (int q = 0; q < kVecs; ++q) v[q] += s * b.v[q];
   }
+  void fma(const Lanes& a, const Lanes& b) {  // this += a b
+    for (int q = 0; q < kVecs; ++q) v[q] += a.v[q] * b.v[q];
+  }
+  T sum() const {
+    V<T> t = v[0];
+    for (int q = 1; q < kVecs; ++q) t += v[q];
+    T s = 0;
+    for (int64_t l = 0; l < kLanes<T>; ++l) s += t[l];
+    return s;
+  }
   Lanes operator*(const Lanes& b) const {
     Lanes out;
     for (int q = 0; q < kVecs; ++q) out.v[q] = v[q] * b.v[q];
@@ -198,41 +208,52 @@ inline L combine(const T* __restrict a, const L* xs, int64_t d) {
   return y;
 }
 
-// out[m] += sum_c (u[c] v[c]) x[m * C + c] over all C channels, summed in kSums partial sums
-// (one running sum would serialise on the add's latency, and without -ffast-math the compiler
-// may not reorder it)
-constexpr int64_t kSums = 8;
-
+// out[t d + m] += sum_c u[o, c] v[path[o], c] x[m, c] for the group's rows o = row0 + t and
+// its d input rows x[m] (the gradient of a), each sum over all channels: register blocks of
+// d partial sums, reduced once per row.
 template <typename T>
-inline void dots_add(const T* __restrict u, const T* __restrict v, const T* __restrict x,
-                     int64_t d, int64_t C, T* __restrict out) {
-  const int64_t full = C - C % kSums;
-  for (int64_t m = 0; m < d; ++m) {
-    const T* __restrict xm = x + m * C;
-    T sums[kSums] = {};
-    for (int64_t c = 0; c < full; c += kSums)
-      for (int64_t l = 0; l < kSums; ++l) sums[l] += u[c + l] * v[c + l] * xm[c + l];
-    T acc = 0;
-    for (int64_t c = full; c < C; ++c) acc += u[c] * v[c] * xm[c];
-    for (int64_t l = 0; l < kSums; ++l) acc += sums[l];
-    out[m] += acc;
-  }
+inline void group_dots(const Group& gg, const int64_t* path, const T* __restrict u,
+                       const T* __restrict v, const T* __restrict x, int64_t C, T* __restrict out) {
+  using F = Lanes<T, true>;
+  with_dim(gg.d, [&](auto dim) {
+    constexpr int64_t Dc = decltype(dim)::value;
+    const int64_t d = Dc ? Dc : gg.d;
+    for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+      const T *uo = u + o * C, *vo = v + path[o] * C;
+      F acc[Dc ? Dc : kMaxDim];
+      for (int64_t m = 0; m < d; ++m) acc[m] = F::zero(0);
+      int64_t c = 0;
+      for (; c + kBlock<T> <= C; c += kBlock<T>) {
+        const F uv = F::load(uo + c, 0) * F::load(vo + c, 0);
+        for (int64_t m = 0; m < d; ++m) acc[m].fma(uv, F::load(x + m * C + c, 0));
+      }
+      for (int64_t m = 0; m < d; ++m) {
+        T total = acc[m].sum();
+        for (int64_t cc = c; cc < C; ++cc) total += uo[cc] * vo[cc] * x[m * C + cc];
+        out[t * d + m] += total;
+      }
+    }
+  });
 }
 
-// Calls f(node, edge, next) for every edge of every node in [0, n) (edges of a node from
-// `order`, its CSR `ptr`; next: the edge after it in that order, or -1), nodes split across
-// threads.
-template <typename F>
-void per_node(const Tensor& order, const Tensor& ptr, F f) {
+// For every node i in [0, n): start(i), then f(i, edge, next) for each of its edges (from
+// `order`, its CSR `ptr`; next: the edge after it in that order, or -1). Nodes are split
+// across threads; start lets a pass zero a node's accumulator while it is in cache.
+template <typename S, typename F>
+void per_node(const Tensor& order, const Tensor& ptr, S start, F f) {
   const int64_t* ord = order.data_ptr<int64_t>();
   const int64_t* p = ptr.data_ptr<int64_t>();
   const int64_t n = ptr.size(0) - 1;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     const int64_t last = p[end];
-    for (int64_t i = begin; i < end; ++i)
+    for (int64_t i = begin; i < end; ++i) {
+      start(i);
       for (int64_t q = p[i]; q < p[i + 1]; ++q) f(i, ord[q], q + 1 < last ? ord[q + 1] : -1);
+    }
   });
 }
+
+inline void nothing(int64_t) {}
 
 // Asks for the cache lines of p[0 .. count) ahead of use: an edge's radial weights and edge
 // matrices are read once, from memory, in an order (channel blocks of each path) the hardware
@@ -260,14 +281,15 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   check(r, "r", 3);
   const Table tab = read_rows(rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  auto out = at::zeros({x.size(0), R, C}, x.options());
+  auto out = at::empty({x.size(0), R, C}, x.options());  // zeroed per receiver
   const int64_t* snd = senders.data_ptr<int64_t>();
   const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>();
     T* op = out.data_ptr<T>();
-    per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e, int64_t next) {
+    auto zero = [&](int64_t i) { std::fill_n(op + i * R * C, R * C, T(0)); };
+    per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
       const T *xj = xp + snd[e] * D * C, *ae = ap + e * K, *re = rp + e * P * C;
       T* oi = op + i * R * C;
       if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
@@ -298,7 +320,7 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
   check(g, "grad", 3);
   const Table tab = read_rows(rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  Tensor gx = want_x ? at::zeros_like(x) : Tensor();
+  Tensor gx = want_x ? at::empty_like(x) : Tensor();  // zeroed per sender
   Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per-edge results: zeroed per edge
   Tensor gr = want_r ? at::empty_like(r) : Tensor();
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
@@ -310,17 +332,15 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
     if (want_a || want_r) {  // per edge: <g r, x> per column of a, <g, a x> per path
       T* gap = want_a ? ga.data_ptr<T>() : nullptr;
       T* grp = want_r ? gr.data_ptr<T>() : nullptr;
-      per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e, int64_t next) {
+      per_node(recv_order, recv_ptr, nothing, [&](int64_t i, int64_t e, int64_t next) {
         const T *xj = xp + snd[e] * D * C, *ae = ap + e * K, *re = rp + e * P * C,
                 *gi = gp + i * R * C;
         if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
         if (want_a) {
           T* gae = gap + e * K;
           std::fill_n(gae, K, T(0));
-          for (const Group& grp_ : tab.groups)
-            for (int64_t t = 0, o = grp_.row0; t < grp_.n; ++t, ++o)
-              dots_add(gi + o * C, re + path[o] * C, xj + grp_.s * C, grp_.d, C,
-                       gae + grp_.ac + t * grp_.d);
+          for (const Group& gg : tab.groups)
+            group_dots(gg, path, gi, re, xj + gg.s * C, C, gae + gg.ac);
         }
         if (want_r) {
           T* gre = grp + e * P * C;
@@ -339,7 +359,8 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
     }
     if (want_x) {  // per sender: a^T (g r), summed over a group's rows in registers
       T* gxp = gx.data_ptr<T>();
-      per_node(send_order, send_ptr, [&](int64_t j, int64_t e, int64_t next) {
+      auto zero = [&](int64_t j) { std::fill_n(gxp + j * D * C, D * C, T(0)); };
+      per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
         const T *ae = ap + e * K, *re = rp + e * P * C, *gi = gp + rcv[e] * R * C;
         T* gxj = gxp + j * D * C;
         if (next >= 0)
@@ -385,12 +406,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
   const bool has_vx = v_x.defined(), has_va = v_a.defined(), has_vr = v_r.defined();
   const bool has_dax = has_vx || has_va;  // the tangent of a x
-  // per-edge outputs the edge pass computes start empty (it zeroes each edge's part)
   const bool write_a = need_a && (has_vx || has_vr), write_r = need_r && has_dax;
-  Tensor ox = need_x ? at::zeros_like(x) : Tensor();
+  // outputs a pass writes start empty: it zeroes each edge's or node's part first
+  const bool write_x = need_x && (has_va || has_vr), write_g = need_g && (has_dax || has_vr);
+  Tensor ox = need_x ? (write_x ? at::empty_like(x) : at::zeros_like(x)) : Tensor();
   Tensor oa = need_a ? (write_a ? at::empty_like(a) : at::zeros_like(a)) : Tensor();
   Tensor orr = need_r ? (write_r ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
-  Tensor og = need_g ? at::zeros({x.size(0), R, C}, x.options()) : Tensor();
+  Tensor og = need_g ? (write_g ? at::empty({x.size(0), R, C}, x.options())
+                                : at::zeros({x.size(0), R, C}, x.options()))
+                     : Tensor();
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
   const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp_tangent", [&] {
@@ -400,12 +424,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const T* vxp = has_vx ? v_x.data_ptr<T>() : nullptr;
     const T* vap = has_va ? v_a.data_ptr<T>() : nullptr;
     const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
-    const bool row_pass = write_r || (need_g && (has_dax || has_vr));
+    const bool row_pass = write_r || write_g;
     if (write_a || row_pass) {
       T* oap = need_a ? oa.data_ptr<T>() : nullptr;
       T* orp = need_r ? orr.data_ptr<T>() : nullptr;
       T* ogp = need_g ? og.data_ptr<T>() : nullptr;
-      per_node(recv_order, recv_ptr, [&](int64_t i, int64_t e, int64_t next) {
+      auto zero = [&](int64_t i) {
+        if (write_g) std::fill_n(ogp + i * R * C, R * C, T(0));
+      };
+      per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
         const int64_t j = snd[e];
         if (next >= 0) {
           prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
@@ -420,12 +447,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
         if (write_a) {  // tangent of (g r) x^T: (g v_r) x^T + (g r) v_x^T
           T* oae = oap + e * K;
           std::fill_n(oae, K, T(0));
-          for (const Group& gg : tab.groups)
-            for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-              T* col = oae + gg.ac + t * gg.d;
-              if (has_vr) dots_add(gi + o * C, vre + path[o] * C, xj + gg.s * C, gg.d, C, col);
-              if (has_vx) dots_add(gi + o * C, re + path[o] * C, vxj + gg.s * C, gg.d, C, col);
-            }
+          for (const Group& gg : tab.groups) {
+            if (has_vr) group_dots(gg, path, gi, vre, xj + gg.s * C, C, oae + gg.ac);
+            if (has_vx) group_dots(gg, path, gi, re, vxj + gg.s * C, C, oae + gg.ac);
+          }
         }
         if (!row_pass) return;
         T* ore = write_r ? orp + e * P * C : nullptr;
@@ -454,9 +479,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
         });
       });
     }
-    if (need_x && (has_va || has_vr)) {  // tangent of a^T (g r): v_a^T (g r) + a^T (g v_r)
+    if (write_x) {  // tangent of a^T (g r): v_a^T (g r) + a^T (g v_r)
       T* oxp = ox.data_ptr<T>();
-      per_node(send_order, send_ptr, [&](int64_t j, int64_t e, int64_t next) {
+      auto zero = [&](int64_t j) { std::fill_n(oxp + j * D * C, D * C, T(0)); };
+      per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
         const T *ae = ap + e * K, *re = rp + e * P * C, *gi = gp + rcv[e] * R * C;
         if (next >= 0) {
           prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
