@@ -318,8 +318,7 @@ def native():
     ``-O3 -march=native`` under a name keyed by this CPU's flags, so a cache shared between
     machines never loads code built for another CPU."""
     try:
-        from torch.utils import cpp_extension
-
+        cpp_extension = _quiet_import_cpp_extension()
         source = Path(__file__).with_name("conv_cpu.cpp")
         key = hashlib.sha1((_cpu_flags() + source.read_text()).encode()).hexdigest()[:10]
         cpp_extension.load(
@@ -361,6 +360,19 @@ def _cost(passes, args: tuple, out) -> tuple[int, int]:
     flop = 2 * a.shape[0] * a.shape[1] * x.shape[2] * passes(args)
     outs = out if isinstance(out, tuple | list) else (out,)
     return flop, sum(t.numel() for t in outs if isinstance(t, torch.Tensor))
+
+
+def _quiet_import_cpp_extension():
+    """``torch.utils.cpp_extension`` without its import-time warning on CPU-only machines (no
+    CUDA runtime, a guessed CUDA_HOME: irrelevant to a CPU kernel)."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
 
 
 def _cpu_flags() -> str:
