@@ -23,10 +23,11 @@ training), the forward-mode tangent of the VJP, which recomputes a block's produ
 storing them. Third derivatives are not implemented (``once_differentiable``).
 
 On the CPU the same three passes run as compiled C++ (`conv_cpu.cpp`, built with torch's
-``cpp_extension`` on first use and cached per machine): one loop over the edges per receiver
-(and per sender for d/dx), each output row formed in a row of channels and added straight to
-its node, so nothing per edge is written but the per-edge derivatives themselves. The blocked
-PyTorch kernel below runs on other devices, and on the CPU when no compiler can build it.
+``cpp_extension`` on first use and cached per CPU): one loop over each receiver's edges (each
+sender's for d/dx) from CSR orders built once per call (`_graph`), every output row formed in
+vector registers and added straight to its node, so nothing per edge is written but the
+per-edge derivatives themselves. The blocked PyTorch kernel runs on other devices, and on the
+CPU where no compiler can build the C++ one.
 """
 
 import functools
@@ -398,6 +399,7 @@ class _Graph(NamedTuple):
 
 
 def _graph(senders, receivers, n_nodes: int, row_path, groups: list[Group]) -> _Graph:
+    """The `_Graph` of a call (CPU tensors: ``row_path.tolist()`` is no device sync)."""
     paths = row_path.tolist()
     table = [
         [g.inputs.start, g.dim, g.cols.start + t * g.dim, paths[g.rows.start + t]]
@@ -415,9 +417,13 @@ def _graph(senders, receivers, n_nodes: int, row_path, groups: list[Group]) -> _
 
 
 def _csr(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edges sorted by ``index`` and each node's first position in that order ([n + 1])."""
+    """Edges sorted by ``index`` and each node's first position in that order ([n + 1]);
+    ValueError for a node index outside [0, n) (the C++ kernel does not check its reads)."""
+    counts = torch.bincount(index, minlength=n)  # RuntimeError for a negative index
+    if counts.shape[0] != n:
+        raise ValueError(f"edge_index refers to node {counts.shape[0] - 1} of {n} nodes")
     ptr = index.new_zeros(n + 1)
-    torch.cumsum(torch.bincount(index, minlength=n), 0, out=ptr[1:])
+    torch.cumsum(counts, 0, out=ptr[1:])
     return torch.argsort(index, stable=True), ptr
 
 

@@ -318,3 +318,16 @@ def test_cpp_kernel_reports_its_work() -> None:
     vjp = count_work(lambda: torch.autograd.grad(out.sum(), (x, a, r), retain_graph=True))
     assert vjp.matmul_flop == 3 * matvecs
     assert vjp.pointwise >= x.numel() + a.numel() + r.numel()
+
+
+def test_cpp_kernel_refuses_nodes_out_of_range() -> None:
+    """An edge to or from a node that does not exist is an error, not a read out of bounds."""
+    require_cpp()
+    with default_dtype(torch.float64):
+        fast = FastConvolution.like(mace_conv_tp("2x0e+2x1o", 1, channels=2))
+    x = torch.randn(3, fast.irreps_in1.dim, dtype=torch.float64)
+    y = torch.randn(2, fast.irreps_in2.dim, dtype=torch.float64)
+    w = torch.randn(2, fast.weight_numel, dtype=torch.float64)
+    for edge_index in (torch.tensor([[0, 3], [1, 2]]), torch.tensor([[0, 1], [1, 5]])):
+        with pytest.raises(ValueError, match="refers to node"):
+            fast(x, y, w, edge_index)
