@@ -61,9 +61,10 @@ def kernel(request, monkeypatch) -> str:
 
 
 def require_cpp() -> None:
-    """Skips without a C++ compiler; with one, the C++ kernel must have been built."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler")
+    """Skips without a C++ compiler or ninja (what torch's cpp_extension builds with); with
+    both, the C++ kernel must have been built."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or no ninja")
     assert conv_kernel.native() is not None, "a compiler exists but the kernel did not build"
 
 
