@@ -129,6 +129,17 @@ def reference(tp):
     return conv
 
 
+def random_inputs(tp, n_nodes: int, n_edges: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Float64 node features, edge harmonics, radial weights and a probe of the messages."""
+    shapes = [
+        (n_nodes, tp.irreps_in1.dim),
+        (n_edges, tp.irreps_in2.dim),
+        (n_edges, tp.weight_numel),
+        (n_nodes, tp.irreps_out.dim),
+    ]
+    return [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
+
+
 def derivatives(conv, x, y, w, edge_index, probe) -> list[torch.Tensor]:
     """Messages, their gradients and the gradients of a function of those (zeros where the
     graph has no edge to depend on)."""
@@ -161,10 +172,7 @@ def test_edge_cases_match_e3nn(graph: str, kernel: str, calls: list[int]) -> Non
     edge_index = GRAPHS[graph]
     n_nodes, n_edges = 5, edge_index.shape[1]
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(n_nodes, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
-    y = torch.randn(n_edges, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
-    w = torch.randn(n_edges, tp.weight_numel, generator=gen, dtype=torch.float64)
-    probe = torch.randn(n_nodes, tp.irreps_out.dim, generator=gen, dtype=torch.float64)
+    x, y, w, probe = random_inputs(tp, n_nodes, n_edges, gen)
     expected = derivatives(reference(tp), x, y, w, edge_index, probe)
     got = derivatives(fast, x, y, w, edge_index, probe)
     assert calls
@@ -234,10 +242,7 @@ def test_random_graph_messages_match_e3nn_over_blocks(kernel: str, monkeypatch) 
         fast = FastConvolution.like(tp)
     gen = torch.Generator().manual_seed(2)
     edge_index = random_graph(6, 23, gen)
-    x = torch.randn(6, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
-    y = torch.randn(23, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
-    w = torch.randn(23, tp.weight_numel, generator=gen, dtype=torch.float64)
-    probe = torch.randn(6, tp.irreps_out.dim, generator=gen, dtype=torch.float64)
+    x, y, w, probe = random_inputs(tp, 6, 23, gen)
     expected = derivatives(reference(tp), x, y, w, edge_index, probe)
     got = derivatives(fast, x, y, w, edge_index, probe)
     for e, g in zip(expected, got, strict=True):
@@ -251,10 +256,7 @@ def test_kernel_on_cuda_matches_cpu(calls) -> None:
         fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o+3x2e", 3, channels=3))
     gen = torch.Generator().manual_seed(3)
     edge_index = random_graph(6, 23, gen)
-    x = torch.randn(6, fast.irreps_in1.dim, generator=gen, dtype=torch.float64)
-    y = torch.randn(23, fast.irreps_in2.dim, generator=gen, dtype=torch.float64)
-    w = torch.randn(23, fast.weight_numel, generator=gen, dtype=torch.float64)
-    probe = torch.randn(6, fast.irreps_out.dim, generator=gen, dtype=torch.float64)
+    x, y, w, probe = random_inputs(fast, 6, 23, gen)
     expected = derivatives(fast, x, y, w, edge_index, probe)
     args = (t.cuda() for t in (x, y, w, edge_index, probe))
     got = derivatives(fast.to("cuda"), *args)
@@ -276,10 +278,7 @@ def test_cpp_kernel_threads_match_e3nn(dtype: torch.dtype) -> None:
         fast = FastConvolution.like(tp)
     gen = torch.Generator().manual_seed(4)
     edge_index = random_graph(200, 1500, gen)
-    x = torch.randn(200, tp.irreps_in1.dim, generator=gen, dtype=torch.float64)
-    y = torch.randn(1500, tp.irreps_in2.dim, generator=gen, dtype=torch.float64)
-    w = torch.randn(1500, tp.weight_numel, generator=gen, dtype=torch.float64)
-    probe = torch.randn(200, tp.irreps_out.dim, generator=gen, dtype=torch.float64)
+    x, y, w, probe = random_inputs(tp, 200, 1500, gen)
     expected = derivatives(reference(tp), x, y, w, edge_index, probe)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
