@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -779,10 +780,12 @@ def run_all(
     threads: int,
     jobs: int,
     slots: queue.Queue | None = None,
+    finished: Callable[[Run], None] | None = None,
 ) -> int:
     """Run the jobs ``jobs`` at a time in the given order (each on a GPU of ``slots``, if
-    given); the number trained. Failures are collected (the other runs go on) and raised
-    together at the end."""
+    given); the number trained. ``finished(run)`` is called (in this thread) as each run ends
+    well, trained or reused. Failures are collected (the other runs go on) and raised together
+    at the end."""
     failures, trained = [], 0
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
@@ -795,6 +798,9 @@ def run_all(
                 trained += future.result()
             except MaceGridError as err:
                 failures.append(str(err))
+                continue
+            if finished is not None:
+                finished(futures[future])
     except BaseException:  # Ctrl-C: start nothing new, stop what runs; finished runs are kept
         pool.shutdown(wait=False, cancel_futures=True)
         with _LIVE_LOCK:
@@ -1114,7 +1120,14 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         log.info("epochs to cover T = %g s: %s", args.time_s, epochs)
     commands = [train_command(run, args, overrides, epochs[run.tp]) for run in runs]
     slots = gpu_slots(args.jobs, overrides, torch.cuda.device_count())
-    trained = run_all(runs, commands, int(threads), args.jobs, slots)
+    stem = out_dir / args.name
+    done: list[Run] = []
+
+    def keep_curve(run: Run) -> None:  # each run's curve on disk as soon as it ends
+        done.append(run)
+        write_curves(sorted(done, key=runs.index), Path(f"{stem}_curves.csv"))
+
+    trained = run_all(runs, commands, int(threads), args.jobs, slots, keep_curve)
     log.info("%d of %d runs trained now, %d reused", trained, len(runs), len(runs) - trained)
 
     summaries = {run: json.loads((run.dir / "summary.json").read_text()) for run in runs}
@@ -1128,7 +1141,6 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         curves.setdefault(run.tp, []).append(val_curve(run.dir))
     rows.sort(key=lambda r: (args.backends.index(r["tp"]), args.seeds.index(r["seed"])))
 
-    stem = out_dir / args.name
     write_csv(rows, stem.with_suffix(".csv"), STUDY_COLUMNS)
     write_curves(runs, Path(f"{stem}_curves.csv"))
     title = f"{data}: validation force MAE (mean, band: min-max over seeds)"

@@ -5,6 +5,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,20 +16,23 @@ from _helpers import shared_root, tiny_args
 from lightning.pytorch.trainer.states import TrainerFn
 from test_train_cli import start_until_epoch, val_epochs
 
+import mace_grid.compare
 from mace_grid import PROJECT_ROOT
 from mace_grid.callbacks import EpochTrainTimer
 from mace_grid.cli import parse_cli
 from mace_grid.compare import (
     CompareArgs,
+    Run,
     _run_logged,
     compare,
     gpu_slots,
     markdown,
     reach_table,
+    run_all,
     split_args,
     time_to_reach,
 )
-from mace_grid.errors import ConfigError
+from mace_grid.errors import ConfigError, MaceGridError
 
 
 def study(argv: list[str]) -> list[dict]:
@@ -170,6 +174,26 @@ def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tm
     [resume] = (run / ".hydra").glob("resume-*/overrides.yaml")
     assert f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}" in resume.read_text()
     assert (out / "study.csv").is_file()
+
+
+def test_each_run_is_reported_as_it_ends(monkeypatch) -> None:
+    """run_all calls finished(run) in its caller's thread as each run ends well, trained or
+    reused (the study writes that run's curve at once), not for a failed run, whose error is
+    raised once the others are done."""
+
+    def job(run, cmd, threads, slots=None):
+        if run.seed == 2:
+            raise MaceGridError("tp=grid seed=2: train.py failed")
+        return run.seed == 1  # seed 1 trained, seed 3 reused
+
+    monkeypatch.setattr(mace_grid.compare, "run_job", job)
+    runs = [Run("grid", seed, Path(f"seed{seed}")) for seed in (1, 2, 3)]
+    caller, seen = threading.get_ident(), []
+    with pytest.raises(MaceGridError, match="seed=2"):
+        run_all(
+            runs, [[]] * 3, 1, 2, finished=lambda r: seen.append((r.seed, threading.get_ident()))
+        )
+    assert sorted(seen) == [(1, caller), (3, caller)]
 
 
 def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_factory, tmp_path):
