@@ -43,6 +43,15 @@ struct Table {
   std::vector<int64_t> path;  // per row
 };
 
+// The table must stay inside x's D columns, a's K columns and r's P paths: the passes do not
+// check their reads.
+void check_table(const Table& tab, int64_t D, int64_t K, int64_t P) {
+  for (const Group& g : tab.groups)
+    TORCH_CHECK(g.s >= 0 && g.s + g.d <= D && g.ac >= 0 && g.ac + g.n * g.d <= K,
+                "rows table outside x's ", D, " or a's ", K, " columns");
+  for (int64_t k : tab.path) TORCH_CHECK(k >= 0 && k < P, "row path ", k, " outside ", P);
+}
+
 Table read_rows(const Tensor& rows) {
   TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 4 && rows.scalar_type() == at::kLong,
               "rows must be an int64 [R, 4] table");
@@ -264,6 +273,17 @@ inline void prefetch(const T* p, int64_t count) {
   for (int64_t b = 0; b < count * int64_t(sizeof(T)); b += 64) __builtin_prefetch(c + b);
 }
 
+// Shapes of one edge order (its values, from mace_grid.conv_kernel._csr, are trusted).
+void check_order(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& index,
+                 const Tensor& order, const Tensor& ptr) {
+  const int64_t E = a.size(0);
+  TORCH_CHECK(r.size(0) == E && index.numel() == E && order.numel() == E &&
+                  ptr.numel() == x.size(0) + 1,
+              "edge tensors disagree: ", E, " edge matrices, ", r.size(0), " radial weights, ",
+              index.numel(), " indices, ", order.numel(), " ordered, ", ptr.numel(),
+              " pointers for ", x.size(0), " nodes");
+}
+
 void check(const Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.dim() == dim, name,
               " must be a contiguous CPU tensor of dimension ", dim);
@@ -281,6 +301,8 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   check(r, "r", 3);
   const Table tab = read_rows(rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
+  check_table(tab, D, K, P);
+  check_order(x, a, r, senders, recv_order, recv_ptr);
   auto out = at::empty({x.size(0), R, C}, x.options());  // zeroed per receiver
   const int64_t* snd = senders.data_ptr<int64_t>();
   const int64_t* path = tab.path.data();
@@ -320,6 +342,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
   check(g, "grad", 3);
   const Table tab = read_rows(rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
+  check_table(tab, D, K, P);
+  check_order(x, a, r, receivers, recv_order, recv_ptr);
+  check_order(x, a, r, senders, send_order, send_ptr);
   Tensor gx = want_x ? at::empty_like(x) : Tensor();  // zeroed per sender
   Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per-edge results: zeroed per edge
   Tensor gr = want_r ? at::empty_like(r) : Tensor();
@@ -404,6 +429,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   if (v_r.defined()) check(v_r, "v_r", 3);
   const Table tab = read_rows(rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
+  check_table(tab, D, K, P);
+  check_order(x, a, r, receivers, recv_order, recv_ptr);
+  check_order(x, a, r, senders, send_order, send_ptr);
   const bool has_vx = v_x.defined(), has_va = v_a.defined(), has_vr = v_r.defined();
   const bool has_dax = has_vx || has_va;  // the tangent of a x
   const bool write_a = need_a && (has_vx || has_vr), write_r = need_r && has_dax;

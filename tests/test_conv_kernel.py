@@ -331,3 +331,21 @@ def test_cpp_kernel_refuses_nodes_out_of_range() -> None:
     for edge_index in (torch.tensor([[0, 3], [1, 2]]), torch.tensor([[0, 1], [1, 5]])):
         with pytest.raises(ValueError, match="refers to node"):
             fast(x, y, w, edge_index)
+
+
+def test_cpp_ops_refuse_inconsistent_tables() -> None:
+    """The C++ ops check the shapes they index with (a rows table outside x or a, edge orders
+    of another size) and raise instead of reading out of bounds."""
+    require_cpp()
+    ops = conv_kernel.native()
+    x, a, r = torch.randn(3, 4, 2), torch.randn(2, 4), torch.randn(2, 1, 2)
+    senders = torch.tensor([0, 1])
+    order, ptr = conv_kernel._csr(torch.tensor([1, 2]), 3)
+    rows = torch.tensor([[0, 1, 0, 0], [1, 3, 1, 0]])  # columns 0 and 1..3 of x and a
+    assert ops.forward(x, a, r, senders, order, ptr, rows).shape == (3, 2, 2)
+    with pytest.raises(RuntimeError, match="rows table outside"):
+        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[2, 3, 1, 0]]))
+    with pytest.raises(RuntimeError, match="row path"):
+        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[0, 1, 0, 1]]))
+    with pytest.raises(RuntimeError, match="edge tensors disagree"):
+        ops.forward(x, a, r, senders, order, ptr[:-1], rows)
