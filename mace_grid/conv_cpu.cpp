@@ -289,6 +289,16 @@ void check(const Tensor& t, const char* name, int64_t dim) {
               " must be a contiguous CPU tensor of dimension ", dim);
 }
 
+// x, a and r checked, and the rows table read and checked against them
+Table checked_table(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& rows) {
+  check(x, "x", 3);
+  check(a, "a", 2);
+  check(r, "r", 3);
+  Table tab = read_rows(rows);
+  check_table(tab, x.size(1), a.size(1), r.size(1));
+  return tab;
+}
+
 #define MACE_GRID_BLOCK_TYPES(tag, dim)         \
   using L = decltype(tag);                      \
   constexpr int64_t Dc = decltype(dim)::value;  \
@@ -296,12 +306,8 @@ void check(const Tensor& t, const char* name, int64_t dim) {
 
 Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& senders,
                     const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t) {
-  check(x, "x", 3);
-  check(a, "a", 2);
-  check(r, "r", 3);
-  const Table tab = read_rows(rows_t);
+  const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_table(tab, D, K, P);
   check_order(x, a, r, senders, recv_order, recv_ptr);
   auto out = at::empty({x.size(0), R, C}, x.options());  // zeroed per receiver
   const int64_t* snd = senders.data_ptr<int64_t>();
@@ -336,13 +342,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
                                             const Tensor& recv_ptr, const Tensor& send_order,
                                             const Tensor& send_ptr, const Tensor& rows_t,
                                             bool want_x, bool want_a, bool want_r) {
-  check(x, "x", 3);
-  check(a, "a", 2);
-  check(r, "r", 3);
   check(g, "grad", 3);
-  const Table tab = read_rows(rows_t);
+  const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_table(tab, D, K, P);
   check_order(x, a, r, receivers, recv_order, recv_ptr);
   check_order(x, a, r, senders, send_order, send_ptr);
   Tensor gx = want_x ? at::empty_like(x) : Tensor();  // zeroed per sender
@@ -418,18 +420,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& send_order,
     const Tensor& send_ptr, const Tensor& rows_t, bool need_x, bool need_a, bool need_r,
     bool need_g) {
-  check(x, "x", 3);
-  check(a, "a", 2);
-  check(r, "r", 3);
   check(g, "grad", 3);
   const Tensor v_x = v_x_.value_or(Tensor()), v_a = v_a_.value_or(Tensor()),
                v_r = v_r_.value_or(Tensor());
   if (v_x.defined()) check(v_x, "v_x", 3);
   if (v_a.defined()) check(v_a, "v_a", 2);
   if (v_r.defined()) check(v_r, "v_r", 3);
-  const Table tab = read_rows(rows_t);
+  const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_table(tab, D, K, P);
   check_order(x, a, r, receivers, recv_order, recv_ptr);
   check_order(x, a, r, senders, send_order, send_ptr);
   const bool has_vx = v_x.defined(), has_va = v_a.defined(), has_vr = v_r.defined();
