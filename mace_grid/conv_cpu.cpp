@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -304,6 +305,50 @@ Table checked_table(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   constexpr int64_t Dc = decltype(dim)::value;  \
   constexpr int64_t kRows = Dc ? Dc : kMaxDim
 
+// One term of a sender-side sum: edge matrices m [E, K] and radial weights w [E, P, C].
+template <typename T>
+struct Term {
+  const T* m;
+  const T* w;
+};
+
+// out[j] = sum over the edges j -> i and the NT terms of m^T (g[i] w), per sender j (its slice
+// of out [n, D, C] zeroed first, then each group's d input-row accumulators held in registers
+// across the group's rows): d/dx of the VJP (one term) and of its tangent (one or two; a
+// compile-time count, so the term loop unrolls).
+template <typename T, size_t NT>
+void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P,
+                    const Tensor& send_order, const Tensor& send_ptr, const int64_t* rcv,
+                    const T* gp, const std::array<Term<T>, NT>& terms, T* out) {
+  const int64_t R = tab.path.size();
+  const int64_t* path = tab.path.data();
+  auto zero = [&](int64_t j) { std::fill_n(out + j * D * C, D * C, T(0)); };
+  per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
+    const T* gi = gp + rcv[e] * R * C;
+    if (next >= 0) {
+      prefetch(gp + rcv[next] * R * C, R * C);
+      for (const Term<T>& term : terms)
+        prefetch(term.m + next * K, K), prefetch(term.w + next * P * C, P * C);
+    }
+    T* oj = out + j * D * C;
+    blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d, int64_t c0,
+                                     int64_t n) {
+      MACE_GRID_BLOCK_TYPES(tag, dim);
+      L acc[kRows];
+      for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
+      for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+        const L gio = L::load(gi + o * C + c0, n);
+        for (const Term<T>& term : terms) {
+          const L u = gio * L::load(term.w + (e * P + path[o]) * C + c0, n);
+          const T* mt = term.m + e * K + gg.ac + t * d;
+          for (int64_t m = 0; m < d; ++m) acc[m].fma(mt[m], u);
+        }
+      }
+      for (int64_t m = 0; m < d; ++m) acc[m].add_to(oj + (gg.s + m) * C + c0);
+    });
+  });
+}
+
 Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& senders,
                     const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t) {
   const Table tab = checked_table(x, a, r, rows_t);
@@ -384,29 +429,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
         }
       });
     }
-    if (want_x) {  // per sender: a^T (g r), summed over a group's rows in registers
-      T* gxp = gx.data_ptr<T>();
-      auto zero = [&](int64_t j) { std::fill_n(gxp + j * D * C, D * C, T(0)); };
-      per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
-        const T *ae = ap + e * K, *re = rp + e * P * C, *gi = gp + rcv[e] * R * C;
-        T* gxj = gxp + j * D * C;
-        if (next >= 0)
-          prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K),
-              prefetch(gp + rcv[next] * R * C, R * C);
-        blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
-                                         int64_t c0, int64_t n) {
-          MACE_GRID_BLOCK_TYPES(tag, dim);
-          L acc[kRows];
-          for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
-          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-            const L u = L::load(gi + o * C + c0, n) * L::load(re + path[o] * C + c0, n);
-            const T* at = ae + gg.ac + t * d;
-            for (int64_t m = 0; m < d; ++m) acc[m].fma(at[m], u);
-          }
-          for (int64_t m = 0; m < d; ++m) acc[m].add_to(gxj + (gg.s + m) * C + c0);
-        });
-      });
-    }
+    if (want_x)  // per sender: a^T (g r)
+      add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, gp, {{{ap, rp}}},
+                        gx.data_ptr<T>());
   });
   return {gx, ga, gr};
 }
@@ -506,40 +531,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
       });
     }
     if (write_x) {  // tangent of a^T (g r): v_a^T (g r) + a^T (g v_r)
+      const Term<T> va_r{vap, rp}, a_vr{ap, vrp};
       T* oxp = ox.data_ptr<T>();
-      auto zero = [&](int64_t j) { std::fill_n(oxp + j * D * C, D * C, T(0)); };
-      per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
-        const T *ae = ap + e * K, *re = rp + e * P * C, *gi = gp + rcv[e] * R * C;
-        if (next >= 0) {
-          prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
-          prefetch(gp + rcv[next] * R * C, R * C);
-          if (has_vr) prefetch(vrp + next * P * C, P * C);
-          if (has_va) prefetch(vap + next * K, K);
-        }
-        const T* vae = has_va ? vap + e * K : nullptr;
-        const T* vre = has_vr ? vrp + e * P * C : nullptr;
-        T* oxj = oxp + j * D * C;
-        blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
-                                         int64_t c0, int64_t n) {
-          MACE_GRID_BLOCK_TYPES(tag, dim);
-          L acc[kRows];
-          for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
-          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-            const L gio = L::load(gi + o * C + c0, n);
-            if (has_va) {
-              const L u = gio * L::load(re + path[o] * C + c0, n);
-              const T* vat = vae + gg.ac + t * d;
-              for (int64_t m = 0; m < d; ++m) acc[m].fma(vat[m], u);
-            }
-            if (has_vr) {
-              const L u = gio * L::load(vre + path[o] * C + c0, n);
-              const T* at = ae + gg.ac + t * d;
-              for (int64_t m = 0; m < d; ++m) acc[m].fma(at[m], u);
-            }
-          }
-          for (int64_t m = 0; m < d; ++m) acc[m].add_to(oxj + (gg.s + m) * C + c0);
-        });
-      });
+      if (has_va && has_vr)
+        add_to_senders<T, 2>(tab, D, C, K, P, send_order, send_ptr, rcv, gp, {va_r, a_vr}, oxp);
+      else
+        add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, gp,
+                             {has_va ? va_r : a_vr}, oxp);
     }
   });
   return {ox, oa, orr, og};
