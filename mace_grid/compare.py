@@ -1141,8 +1141,7 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         curves.setdefault(run.tp, []).append(val_curve(run.dir))
     rows.sort(key=lambda r: (args.backends.index(r["tp"]), args.seeds.index(r["seed"])))
 
-    write_csv(rows, stem.with_suffix(".csv"), STUDY_COLUMNS)
-    write_curves(runs, Path(f"{stem}_curves.csv"))
+    write_csv(rows, stem.with_suffix(".csv"), STUDY_COLUMNS)  # curves: keep_curve, per run
     title = f"{data}: validation force MAE (mean, band: min-max over seeds)"
     plot_curves(curves, Path(f"{stem}_val_f_mae_vs_time.png"), title)
     plot_front(rows, list(args.backends), Path(f"{stem}_f_mae_vs_epoch_time.png"), data)
