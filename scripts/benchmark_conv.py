@@ -17,7 +17,6 @@ elements written, ATen calls.
 """
 
 import argparse
-import contextlib
 import warnings
 
 import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
@@ -44,11 +43,12 @@ def on_pytorch_kernel(step):
     """``step`` with the C++ kernel switched off while it runs."""
 
     def run():
-        with contextlib.ExitStack() as stack:
-            native = conv_kernel.native
-            conv_kernel.native = lambda: None
-            stack.callback(setattr, conv_kernel, "native", native)
+        native = conv_kernel.native
+        conv_kernel.native = lambda: None
+        try:
             step()
+        finally:
+            conv_kernel.native = native
 
     return run
 
