@@ -1,5 +1,6 @@
 # `make train` / `make test` set up .venv on first use (torch as TORCH below, then the package,
-# then conv=fast's C++ CPU kernel: built and cached by torch, or a warning and the PyTorch ops).
+# then the C++ CPU kernels of conv=fast and grid_rank/grid_chain: built and cached by torch, or a
+# warning and the PyTorch ops).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -c "from mace_grid.conv_kernel import native; native()"  # the C++ CPU kernel, once
+	$(PY) -c "from mace_grid import conv_kernel; from mace_grid.tp import rank_kernel; conv_kernel.native(); rank_kernel.native()"  # the C++ CPU kernels, once
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -31,18 +31,14 @@ CPU where no compiler can build the C++ one.
 """
 
 import functools
-import hashlib
-import logging
-import platform
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from mace_grid.native import load
 from mace_grid.tp import work
 from mace_grid.tp.engine import block_size
-
-log = logging.getLogger(__name__)
 
 #: bytes of one [edges, rows, C] temporary of a block (about a CPU L2 cache; 1-4 MB measured alike)
 _BLOCK_BYTES = 1 << 21
@@ -314,29 +310,12 @@ class _ConvVJP(torch.autograd.Function):
 
 @functools.cache
 def native():
-    """``torch.ops.mace_grid_conv``, the C++ CPU kernel of `conv_cpu.cpp`, or None (with one
-    warning) where it cannot be built. Built on first use by ``torch.utils.cpp_extension`` with
-    ``-O3 -march=native`` under a name keyed by this CPU's flags, so a cache shared between
-    machines never loads code built for another CPU."""
-    try:
-        cpp_extension = _quiet_import_cpp_extension()
-        source = Path(__file__).with_name("conv_cpu.cpp")
-        key = hashlib.sha1((_cpu_flags() + source.read_text()).encode()).hexdigest()[:10]
-        cpp_extension.load(
-            name=f"mace_grid_conv_{key}",
-            sources=[str(source)],
-            extra_cflags=["-O3", "-march=native"],
-            is_python_module=False,
-        )
-    except Exception as err:  # no compiler, headers or ninja: the PyTorch kernel still works
-        reason = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        log.warning(
-            "conv=fast: the C++ CPU kernel could not be built (%s); using PyTorch ops", reason
-        )
-        return None
-    ops = torch.ops.mace_grid_conv
-    for op, passes in _PASSES.items():
-        work.register_kernel(getattr(ops, op), functools.partial(_cost, passes))
+    """``torch.ops.mace_grid_conv``, the C++ CPU kernel of `conv_cpu.cpp` (built on first use,
+    `mace_grid.native.load`), or None (with one warning) where it cannot be built."""
+    ops = load(Path(__file__).with_name("conv_cpu.cpp"), "mace_grid_conv", "conv=fast")
+    if ops is not None:
+        for op, passes in _PASSES.items():
+            work.register_kernel(getattr(ops, op), functools.partial(_cost, passes))
     return ops
 
 
@@ -361,27 +340,6 @@ def _cost(passes, args: tuple, out) -> tuple[int, int]:
     flop = 2 * a.shape[0] * a.shape[1] * x.shape[2] * passes(args)
     outs = out if isinstance(out, tuple | list) else (out,)
     return flop, sum(t.numel() for t in outs if isinstance(t, torch.Tensor))
-
-
-def _quiet_import_cpp_extension():
-    """``torch.utils.cpp_extension`` without its import-time warning on CPU-only machines (no
-    CUDA runtime, a guessed CUDA_HOME: irrelevant to a CPU kernel)."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils import cpp_extension
-    finally:
-        logger.setLevel(level)
-    return cpp_extension
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), platform.processor())
-    except OSError:
-        return platform.machine() + platform.processor()
 
 
 class _Graph(NamedTuple):

@@ -2,6 +2,8 @@
 (``python train.py -m tp=<every backend>``), trained once per test session."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def require_cpp(native) -> None:
+    """Skips without a C++ compiler or ninja (what torch's cpp_extension builds with); with
+    both, the C++ kernel of ``native`` (a kernel module's loader) must have been built."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+        pytest.skip("no C++ compiler or no ninja")
+    assert native() is not None, "a compiler exists but the kernel did not build"
 
 
 def shared_root(tmp_path_factory) -> Path:

@@ -5,12 +5,10 @@ interaction blocks at max_ell 1-3 and hidden L 0-2, and graphs with an isolated 
 edge and no edge."""
 
 import logging
-import os
-import shutil
 
 import pytest
 import torch
-from _helpers import one_thread  # noqa: F401
+from _helpers import one_thread, require_cpp  # noqa: F401
 from mace.tools.scatter import scatter_sum
 from mace.tools.torch_tools import default_dtype
 from test_conv import (
@@ -48,7 +46,7 @@ def kernel(request, monkeypatch) -> str:
     """Runs the test with the C++ kernel and with the PyTorch one (no compiler), and checks
     that the chosen one ran."""
     if request.param == "cpp":
-        require_cpp()
+        require_cpp(conv_kernel.native)
         function = conv_kernel._NativeConv
     else:
         monkeypatch.setattr(conv_kernel, "native", lambda: None)
@@ -60,14 +58,6 @@ def kernel(request, monkeypatch) -> str:
     assert ran, f"the {request.param} kernel did not run"
 
 
-def require_cpp() -> None:
-    """Skips without a C++ compiler or ninja (what torch's cpp_extension builds with); with
-    both, the C++ kernel must have been built."""
-    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
-        pytest.skip("no C++ compiler or no ninja")
-    assert conv_kernel.native() is not None, "a compiler exists but the kernel did not build"
-
-
 def test_without_a_compiler_the_pytorch_kernel_runs(monkeypatch, caplog) -> None:
     """A failed build is one warning and ``native() is None`` (convolve then runs PyTorch ops)."""
 
@@ -77,7 +67,7 @@ def test_without_a_compiler_the_pytorch_kernel_runs(monkeypatch, caplog) -> None
     monkeypatch.setattr(cpp_extension, "load", fail)
     conv_kernel.native.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="mace_grid.conv_kernel"):
+        with caplog.at_level(logging.WARNING, logger="mace_grid.native"):
             assert conv_kernel.native() is None
         assert caplog.messages == [
             "conv=fast: the C++ CPU kernel could not be built (Error building extension "
@@ -271,7 +261,7 @@ def test_cpp_kernel_threads_match_e3nn(dtype: torch.dtype) -> None:
     a channel count with full vector blocks and a remainder (18: 2 x 8 doubles + 2, 16 floats
     + 2): messages and first and second derivatives equal mace's in float64 on 200 nodes and
     1500 edges (float32: to its rounding)."""
-    require_cpp()
+    require_cpp(conv_kernel.native)
     with default_dtype(torch.float64):
         tp = mace_conv_tp("18x0e+18x1o+18x2e", 3, channels=18)
     with default_dtype(dtype):
@@ -298,7 +288,7 @@ def test_cpp_kernel_reports_its_work() -> None:
     """The C++ ops are visible to `count_work`: the forward is one pass of per-edge matvecs
     (2 E C K flop, K the columns of the edge matrices) writing [n, rows, C]; a VJP of x, a and
     r three such passes writing the three gradients."""
-    require_cpp()
+    require_cpp(conv_kernel.native)
     with default_dtype(torch.float64):
         fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o", 2, channels=3))
     groups = conv_kernel.groups_of(fast.group_dims, fast.group_rows, fast.group_in)
@@ -322,7 +312,7 @@ def test_cpp_kernel_reports_its_work() -> None:
 
 def test_cpp_kernel_refuses_nodes_out_of_range() -> None:
     """An edge to or from a node that does not exist is an error, not a read out of bounds."""
-    require_cpp()
+    require_cpp(conv_kernel.native)
     with default_dtype(torch.float64):
         fast = FastConvolution.like(mace_conv_tp("2x0e+2x1o", 1, channels=2))
     x = torch.randn(3, fast.irreps_in1.dim, dtype=torch.float64)
@@ -336,7 +326,7 @@ def test_cpp_kernel_refuses_nodes_out_of_range() -> None:
 def test_cpp_ops_refuse_inconsistent_tables() -> None:
     """The C++ ops check the shapes they index with (a rows table outside x or a, edge orders
     of another size) and raise instead of reading out of bounds."""
-    require_cpp()
+    require_cpp(conv_kernel.native)
     ops = conv_kernel.native()
     x, a, r = torch.randn(3, 4, 2), torch.randn(2, 4), torch.randn(2, 1, 2)
     senders = torch.tensor([0, 1])

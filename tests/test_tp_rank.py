@@ -1,15 +1,17 @@
 """tp=grid_rank and tp=grid_chain: equivariance, reach (Jacobian rank) against cg, the grid
-function at init, fused derivatives against plain autograd, TorchScript, training, refusals."""
+function at init, both fused kernels' derivatives (the C++ CPU kernel and the blocked PyTorch
+one) against plain autograd, TorchScript, training, refusals."""
 
 import mace_grid  # noqa: F401  (first: it lets e3nn load its constants under torch >= 2.6)
 
 # isort: split
 import csv
 import json
+import logging
 
 import pytest
 import torch
-from _helpers import trained_runs
+from _helpers import require_cpp, trained_runs
 from e3nn import o3
 from test_tp import (
     assert_script_round_trip,
@@ -24,10 +26,11 @@ from test_tp import (
 )
 
 from mace_grid.errors import ConfigError
-from mace_grid.tp import build, expressivity, sphere
+from mace_grid.tp import build, expressivity, grid_rank, rank_kernel, sphere
 from mace_grid.tp.engine import PointSet
 from mace_grid.tp.grid import gauss_legendre_points
 from mace_grid.tp.grid_chain import chain_degree
+from mace_grid.tp.work import count_work
 
 F64 = torch.float64
 NEW = ["grid_rank", "grid_chain"]
@@ -39,6 +42,23 @@ def plain_ops(module):
         features, module.node_species(node_attrs)
     )
     return module
+
+
+@pytest.fixture(params=["cpp", "pytorch"])
+def kernel(request, monkeypatch) -> str:
+    """Runs the test with the C++ kernel and with the PyTorch one (as without a compiler), and
+    checks that the chosen one ran."""
+    if request.param == "cpp":
+        require_cpp(rank_kernel.native)
+        function = rank_kernel._Rank
+    else:
+        monkeypatch.setattr(rank_kernel, "native", lambda: None)
+        function = grid_rank._RankProduct
+    ran = []
+    apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: ran.append(1) or apply(*args))
+    yield request.param
+    assert ran, f"the {request.param} kernel did not run"
 
 
 def randomise(module, seed=3):
@@ -222,13 +242,19 @@ def test_init_factor_weights_are_order_one_and_the_output_weights_carry_the_scal
 
 
 @pytest.mark.parametrize("name", NEW)
-@pytest.mark.parametrize("correlation,block", [(2, 16), (3, 3), (3, 16), (3, None), (4, 3)])
-def test_fused_derivatives_match_plain_autograd(name, correlation, block):
-    """The fused kernel's forward, forces and second derivatives (into inputs and every weight)
+@pytest.mark.parametrize(
+    "kernel,correlation,block",
+    [("pytorch", 2, 16), ("pytorch", 3, 3), ("pytorch", 3, 16), ("pytorch", 3, None)]
+    + [("pytorch", 4, 3), ("cpp", 2, None), ("cpp", 3, None), ("cpp", 4, None)],
+    indirect=["kernel"],
+)
+def test_fused_derivatives_match_plain_autograd(name, kernel, correlation, block):
+    """The fused kernels' forward, forces and second derivatives (into inputs and every weight)
     against autograd through the plain-ops TorchScript path (dense evaluation and round trip),
-    over blocks of 7 nodes x 5 channels: block 3 splits each channel's nodes 3 + 3 + 1 (weight
-    gradients summed over node blocks), block 16 takes 2 channels at a time (the last alone),
-    None all in one (as on a GPU)."""
+    on 7 nodes x 5 channels (35 columns: the C++ kernel's vectors of 16 floats or 8 doubles and
+    a remainder). The PyTorch kernel in blocks: 3 splits each channel's nodes 3 + 3 + 1 (weight
+    gradients summed over node blocks), 16 takes 2 channels at a time (the last alone), None
+    all in one (as on a GPU)."""
     irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
     fused = randomise(make(name, irreps_in, irreps_out, correlation, 3, rank=2))
     fused.block = block
@@ -248,7 +274,7 @@ def test_fused_derivatives_match_plain_autograd(name, correlation, block):
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_fused_kernel_at_high_l_in(name):
+def test_fused_kernel_at_high_l_in(name, kernel):
     """L_in = 5 (a larger grid, K = 7 for the chain): the fused training step against plain
     autograd."""
     irreps_in, irreps_out = natural(2, range(6)), natural(2, [0, 2, 1])
@@ -263,7 +289,7 @@ def test_fused_kernel_at_high_l_in(name):
         assert relative_error(a, b) < 1e-12
 
 
-def test_fused_gradgradcheck():
+def test_fused_gradgradcheck(kernel):
     module = randomise(make("grid_chain", natural(1, range(3)), natural(1, [0, 1]), 3, 2))
     module.block = 2
     x, attrs = inputs(3, 1, 2, 2)
@@ -277,6 +303,98 @@ def test_fused_gradgradcheck():
 
     weights = [module.get_parameter(k).detach().clone().requires_grad_(True) for k in names]
     assert torch.autograd.gradgradcheck(func, (x, *weights), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_cpp_kernel_threads_match_plain_autograd(dtype):
+    """The C++ kernel splits its column vectors across 3 threads: grid_chain with per-element
+    weights (each column its own) on 50 nodes x 6 channels (300 columns: full vectors and a
+    remainder), forward, forces and second derivatives equal plain autograd in float64
+    (float32: to its rounding)."""
+    require_cpp(rank_kernel.native)
+    irreps_in, irreps_out = natural(6, range(4)), natural(6, [0, 2, 1])
+    fused = randomise(make("grid_chain", irreps_in, irreps_out, 3, 3, factors="element"))
+    plain = plain_ops(make("grid_chain", irreps_in, irreps_out, 3, 3, factors="element"))
+    plain.load_state_dict(fused.state_dict())
+    x, attrs = inputs(50, 6, 3, 3)
+    expected = training_step(plain, x, attrs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = training_step(fused.to(dtype), x.to(dtype), attrs.to(dtype))
+    finally:
+        torch.set_num_threads(threads)
+    tolerance = 1e-10 if dtype == F64 else 1e-4
+    for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
+        assert relative_error(a.double(), b) < tolerance
+
+
+def test_without_a_compiler_the_pytorch_kernel_runs(monkeypatch, caplog):
+    """A failed build is one warning and ``native() is None``; the product then runs the
+    PyTorch kernel."""
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("Error building extension 'mace_grid_rank'\n[1/2] c++: not found")
+
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    rank_kernel.native.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="mace_grid.native"):
+            assert rank_kernel.native() is None
+        assert caplog.messages == [
+            "tp=grid_rank: the C++ CPU kernel could not be built (Error building extension "
+            "'mace_grid_rank'); using PyTorch ops"
+        ]
+        calls, apply = [], grid_rank._RankProduct.apply
+        function = grid_rank._RankProduct
+        monkeypatch.setattr(function, "apply", lambda *a: calls.append(a) or apply(*a))
+        make("grid_rank", natural(2, range(3)), natural(2, [0, 1]), 3, 2)(*inputs(3, 2, 2, 2))
+        assert len(calls) == 1
+    finally:
+        rank_kernel.native.cache_clear()
+
+
+def kernel_inputs(channels: int = 2, nodes: int = 4):
+    """A grid_rank module (L_in = 2, outputs 0e + 1o, correlation 3, rank 2) and its kernel's
+    inputs: features a [9, N], per-column weights w [6, 3, N], d [2, 0, N], the maps."""
+    module = make("grid_rank", natural(channels, range(3)), natural(channels, [0, 1]), 3, 2)
+    columns = channels * nodes
+    gen = torch.Generator().manual_seed(8)
+    a, w = (torch.randn(*shape, columns, generator=gen, dtype=F64) for shape in ((9,), (6, 3)))
+    return module, a, w, torch.zeros(2, 0, columns, dtype=F64), rank_kernel.maps(module, F64)
+
+
+def test_cpp_kernel_reports_its_work():
+    """The C++ ops are visible to `count_work`: the forward costs per column, at each of the G
+    points, 2 (D_in + J (L_in+1) + rows D_out) flop (evaluation, factor mixing, projections)
+    and writes its [rows, D_out, N] output; the VJP twice those flop."""
+    require_cpp(rank_kernel.native)
+    module, a, w, d, maps = kernel_inputs()
+    points, columns = module.points.n_points, a.shape[1]
+    linear_maps = 2 * columns * points * (9 + 6 * 3 + 4 * 4)
+    forward = count_work(lambda: rank_kernel.products(a, w, d, maps, 3))
+    assert (forward.matmul_flop, forward.pointwise, forward.ops) == (linear_maps, 16 * columns, 1)
+    grad = torch.ones(4, 4, columns, dtype=F64)
+    vjp = count_work(lambda: rank_kernel.native().vjp(a, w, d, grad, maps, 3))
+    assert vjp.matmul_flop == 2 * linear_maps
+
+
+def test_cpp_ops_refuse_inconsistent_shapes():
+    """The C++ ops check the shapes they index with and raise instead of reading out of
+    bounds: columns of w, the factor count for the correlation, the maps, grad's shape."""
+    require_cpp(rank_kernel.native)
+    ops = rank_kernel.native()
+    _, a, w, d, maps = kernel_inputs()
+    assert ops.forward(a, w, d, maps, 3).shape == (4, 4, 8)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+        ops.forward(a, w[..., :7].contiguous(), d, maps, 3)
+    with pytest.raises(RuntimeError, match="inconsistent shapes"):
+        ops.forward(a, w, d, maps, 4)
+    with pytest.raises(RuntimeError, match="do not match"):
+        ops.forward(a, w, d, [maps[2], maps[3], maps[0], maps[1], *maps[4:]], 3)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        ops.vjp(a, w, d, torch.zeros(4, 4, 7, dtype=F64), maps, 3)
 
 
 @pytest.mark.parametrize("name", NEW)
@@ -365,14 +483,18 @@ def test_per_element_factors_with_equal_sets_are_the_shared_function(name):
 
 
 @pytest.mark.parametrize("name", NEW)
-@pytest.mark.parametrize("block", [3, 16, None])
-@pytest.mark.parametrize("per_node", [False, True], ids=["split", "per_node"])
-def test_per_element_fused_derivatives_match_plain_autograd(name, block, per_node, monkeypatch):
-    """Per-element weights, one kernel call per element on its nodes (the CPU's way) or
-    gathered per node into one call (other devices'): forward, forces and second derivatives
-    into inputs and every weight against plain autograd, with an element absent from the batch."""
-    from mace_grid.tp import grid_rank
-
+@pytest.mark.parametrize(
+    "kernel,block,per_node",
+    [("pytorch", b, p) for p in (False, True) for b in (3, 16, None)] + [("cpp", None, False)],
+    indirect=["kernel"],
+)
+def test_per_element_fused_derivatives_match_plain_autograd(
+    name, kernel, block, per_node, monkeypatch
+):
+    """Per-element weights: gathered per column (the C++ kernel), or for the PyTorch kernel one
+    call per element on its nodes (the CPU's way) or gathered per node into one call (other
+    devices'): forward, forces and second derivatives into inputs and every weight against
+    plain autograd, with an element absent from the batch."""
     monkeypatch.setattr(grid_rank, "_gathers_per_node", lambda device: per_node)
     irreps_in, irreps_out = natural(5, range(4)), natural(5, [0, 2, 1])
     fused = randomise(make(name, irreps_in, irreps_out, 3, 4, rank=2, factors="element"))
@@ -391,10 +513,10 @@ def test_per_element_fused_derivatives_match_plain_autograd(name, block, per_nod
 
 @pytest.mark.parametrize("name", NEW)
 def test_per_element_factors_run_one_kernel_call_off_the_cpu(name, monkeypatch):
-    """Off the CPU per-element factor weights are gathered per node: one kernel call for a
-    batch of three elements (no per-element split, which needs the counts on the host)."""
-    from mace_grid.tp import grid_rank
-
+    """Off the CPU per-element factor weights are gathered per node: one call of the PyTorch
+    kernel for a batch of three elements (no per-element split, which needs the counts on the
+    host)."""
+    monkeypatch.setattr(rank_kernel, "native", lambda: None)
     monkeypatch.setattr(grid_rank, "_gathers_per_node", lambda device: True)
     calls = []
     apply = grid_rank._RankProduct.apply

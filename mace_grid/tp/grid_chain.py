@@ -89,6 +89,13 @@ class GridChainProduct(GridRankProduct):
                 column = legendre[:, sphere.lm_index(l, m)]
                 filters[l, m + k] = column[:, None] * (column * polar_weight)[None, :]
         self.register_buffer("trip_filters", filters, persistent=False)
+        # the compiled kernel's polar factors: P_km(beta) with and without the quadrature weight
+        self.register_buffer("trip_legendre", legendre.T.contiguous(), persistent=False)
+        self.register_buffer(
+            "trip_legendre_weighted",
+            (legendre * polar_weight[:, None]).T.contiguous(),
+            persistent=False,
+        )
 
     def round_trip_weight(self) -> torch.Tensor:
         shape = self.trip.shape

@@ -20,14 +20,16 @@ Layout: x [n, C, (L_in+1)^2] (e3nn order), node_attrs [n, E] -> [n, irreps_out.d
 
 Factor weights are per channel because the reach is per channel: shared factors would give every
 channel the same R coupling maps, leaving only their output weights free. They cost nothing
-extra: the fused kernel evaluates the per-degree parts F_l on the grid once per channel and mixes
-every factor from them by one small matmul per channel, g = w F, instead of evaluating each
-factor (R corr evaluations); channels are its blocks (layout [C, ..., n]). The same argument
-holds for elements: with factors shared by the elements (``factors="channel"``, the default) a
-channel of an E-element model reaches fewer maps than E times one element's
-(`mace_grid.tp.expressivity`); ``factors="element"`` gives every (element, channel) its own:
-on the CPU the kernel runs once per element on that element's nodes, elsewhere the weights are
-gathered per node into one call (`_gathers_per_node`).
+extra: the kernels evaluate the per-degree parts F_l on the grid once per column and mix every
+factor from them, g = w F, instead of evaluating each factor (R corr evaluations). The same
+argument holds for elements: with factors shared by the elements (``factors="channel"``, the
+default) a channel of an E-element model reaches fewer maps than E times one element's
+(`mace_grid.tp.expressivity`); ``factors="element"`` gives every (element, channel) its own.
+Kernels: on the CPU the compiled one (`mace_grid.tp.rank_kernel`: one pass per vector of
+columns, weights gathered per column); elsewhere, or without a compiler, `_RankProduct` below,
+channels as its blocks (layout [C, ..., n]) and one small matmul per channel, per-element
+weights gathered per node into one call off the CPU and one call per element on its nodes on
+the CPU (`_gathers_per_node`).
 """
 
 import math
@@ -37,6 +39,7 @@ from e3nn import o3
 from e3nn.util.jit import compile_mode
 
 from mace_grid.errors import ConfigError
+from mace_grid.tp import rank_kernel
 from mace_grid.tp.engine import PointSet, block_size
 from mace_grid.tp.gaunt import GauntProductBasis
 from mace_grid.tp.grid import gauss_legendre_points
@@ -590,6 +593,10 @@ class GridRankProduct(GauntProductBasis):
         # [C, sets, corr R, L_in+1] and [C, sets, R, K+1]
         w = factor.permute(4, 3, 1, 0, 2).reshape(channels, self.factor_sets, -1, self.l_in + 1)
         d = trip.permute(3, 2, 0, 1)
+        if features.device.type == "cpu" and rank_kernel.native() is not None:
+            w, d = (rank_kernel.per_column(t, nodes, species) for t in (w, d))
+            constants = rank_kernel.maps(self, dtype)
+            return rank_kernel.products(features, w, d, constants, self.correlation)
         maps = _ProductMaps(self, dtype)
         # off the CPU one block unless its temporaries (~6 corr R grid-sized ones per column in
         # the double backward, primal and tangent) exceed engine.DEVICE_BLOCK_BYTES
