@@ -30,6 +30,8 @@ Step-size section (--step-size): learning speed per optimiser step. For L_in in 
 C=32, 4 elements, N(0,1) features, 128 nodes, outputs 0e+1o and 0e: the relative change
 |y1 - y0| / |y0| of the block's output after one Adam step (lr 0.01) on a random linear loss
 (`mace_grid.tp.step_size.adam_step_change`), per backend, and its ratio to cg's.
+--pytorch-kernels runs the PyTorch kernels where compiled C++ ones exist (conv=fast's,
+grid_rank's and grid_chain's), as a machine without a compiler would: the before of a kernel change.
 Writes <out>/op.csv, <out>/op.png (log-log time vs L_in), <out>/model.csv, <out>/step_size.csv.
 """
 
@@ -48,10 +50,11 @@ import numpy as np
 import torch
 from e3nn import o3
 
-from mace_grid import tp
+from mace_grid import conv_kernel, tp
 from mace_grid.cli import exit_with_error
 from mace_grid.errors import ConfigError
 from mace_grid.model import DTYPES
+from mace_grid.tp import rank_kernel
 from mace_grid.tp.step_size import adam_step_change
 from mace_grid.tp.work import count_work, limit_ratio, matmul_probe, synchronize, timing_device
 
@@ -572,6 +575,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--step-size", action="store_true", help="also measure one Adam step's output change"
     )
     p.add_argument("--step-size-l", nargs="+", type=int, default=[2, 3], help="L_in values")
+    p.add_argument(
+        "--pytorch-kernels",
+        action="store_true",
+        help="run the PyTorch kernels where compiled C++ ones exist (as without a compiler)",
+    )
     p.add_argument("--out", type=Path, default=Path("results/benchmark_tp"))
     return p.parse_args(argv)
 
@@ -584,9 +592,15 @@ def main(argv=None) -> None:
         exit_with_error(err)
     warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
     torch.set_num_threads(args.threads)
+    if args.pytorch_kernels:
+        conv_kernel.native = rank_kernel.native = lambda: None
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = f", {torch.cuda.get_device_name(args.device)}" if args.device.type == "cuda" else ""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {sys.platform}{gpu}")
+    kernels = "PyTorch kernels only" if args.pytorch_kernels else "compiled CPU kernels where built"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {sys.platform}{gpu}, "
+        f"{kernels}"
+    )
     if args.op:
         rows = run_op(args)
         print_op_table(rows, args.backends)
