@@ -430,6 +430,23 @@ def test_torchscript_round_trip(name):
     assert_script_round_trip(randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2)))
 
 
+@pytest.mark.parametrize("name", NEW)
+def test_torch_compile_traces_the_plain_ops(name):
+    """Under torch.compile the product runs its plain ops (the compiled kernel's ops have no
+    fake-tensor implementation to trace): one graph (fullgraph), the eager values and input
+    gradient."""
+    module = randomise(make(name, natural(3, range(3)), natural(3, [0, 1]), 3, 2))
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    x, attrs = inputs(5, 3, 2, 2)
+    results = []
+    for f in (module, compiled):
+        x_ = x.clone().requires_grad_(True)
+        y = f(x_, attrs)
+        results.append((y, *torch.autograd.grad(y.square().sum(), x_)))
+    for e, g in zip(*results, strict=True):
+        assert relative_error(g, e) < 1e-12
+
+
 @pytest.mark.parametrize("factors", ["channel", "element"])
 def test_whole_mace_model_scripts(factors):
     """A correlation-3 ScaleShiftMACE with the chain (grid_rank's code path plus the round

@@ -582,6 +582,8 @@ class GridRankProduct(GauntProductBasis):
 
     @torch.jit.unused
     def _project_fused(self, features: torch.Tensor, species: torch.Tensor | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # the kernels' ops have no fake tensors to trace
+            return self._project_autograd(features, species)
         dtype, columns = features.dtype, features.shape[1]
         channels = self.num_features
         nodes = columns // channels
