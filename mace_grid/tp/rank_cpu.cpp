@@ -15,7 +15,7 @@
 // transposes, and the round trip's A [2K+1, n_alpha], Lp and Ls [(K+1)^2, n_beta] (empty
 // without one). Columns go in vectors of 32 bytes; a vector's grid-sized intermediates live in
 // a per-thread scratch (L1/L2-sized), so nothing grid-sized is written to memory. Templated on
-// the value type: `Primal` for the forward and VJP, `Dual` (value and tangent) for their
+// the value type: `Vec` for the forward and VJP, `Dual` (value and tangent) for their
 // forward-mode derivatives, the same code giving the second derivatives.
 
 #include <ATen/ATen.h>
@@ -53,22 +53,9 @@ struct Vec {
 template <typename T>
 constexpr int64_t kLanes = sizeof(Vec<T>) / sizeof(T);
 
-template <typename T>
-struct Primal {
-  using Scalar = T;
-  Vec<T> v{};
-  Primal operator*(const Primal& o) const { return {v * o.v}; }
-  Primal operator+(const Primal& o) const { return {v + o.v}; }
-  Primal& operator+=(const Primal& o) {
-    v += o.v;
-    return *this;
-  }
-  friend Primal operator*(T s, const Primal& x) { return {s * x.v}; }
-};
-
+// A value and its tangent (forward-mode derivative); `Vec` itself is the primal value type.
 template <typename T>
 struct Dual {
-  using Scalar = T;
   Vec<T> v{}, t{};
   Dual operator*(const Dual& o) const { return {v * o.v, t * o.v + v * o.t}; }
   Dual operator+(const Dual& o) const { return {v + o.v, t + o.t}; }
@@ -94,9 +81,9 @@ inline void store_vec(T* p, const Vec<T>& x, int64_t n) {
 
 // rows values [rows, N] (and their tangents, or zero) at columns col .. col + n into x[rows]
 template <typename T>
-inline void load(Primal<T>* x, const T* values, const T*, int64_t rows, int64_t N, int64_t col,
+inline void load(Vec<T>* x, const T* values, const T*, int64_t rows, int64_t N, int64_t col,
                  int64_t n) {
-  for (int64_t i = 0; i < rows; ++i) x[i].v = load_vec(values + i * N + col, n);
+  for (int64_t i = 0; i < rows; ++i) x[i] = load_vec(values + i * N + col, n);
 }
 
 template <typename T>
@@ -116,7 +103,7 @@ inline void store(T* out, const V* x, int64_t rows, int64_t N, int64_t col, int6
     if constexpr (std::is_same_v<V, Dual<T>>)
       store_vec(out + i * N + col, tangent ? x[i].t : x[i].v, n);
     else
-      store_vec(out + i * N + col, x[i].v, n);
+      store_vec(out + i * N + col, x[i], n);
   }
 }
 
@@ -440,7 +427,7 @@ Tensor rank_forward(const Tensor& a, const Tensor& w, const Tensor& d, at::Tenso
                     int64_t corr) {
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rank_forward", [&] {
-    using V = Primal<scalar_t>;
+    using V = Vec<scalar_t>;
     const Maps<scalar_t> m = read_maps<scalar_t>(maps, a, w, d, corr);
     const int64_t N = a.size(1), rows = (corr - 1) * m.R;
     out = at::empty({rows, m.D_out, N}, a.options());
@@ -464,7 +451,7 @@ std::tuple<Tensor, Tensor, Tensor> rank_vjp(const Tensor& a, const Tensor& w, co
                                             int64_t corr) {
   Tensor grad_a = at::empty_like(a), grad_w = at::empty_like(w), grad_d = at::empty_like(d);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rank_vjp", [&] {
-    using V = Primal<scalar_t>;
+    using V = Vec<scalar_t>;
     const Maps<scalar_t> m = read_maps<scalar_t>(maps, a, w, d, corr);
     const int64_t N = a.size(1), rows = (corr - 1) * m.R;
     check_input(grad, "grad", 3);
