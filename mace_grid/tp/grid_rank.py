@@ -587,7 +587,6 @@ class GridRankProduct(GauntProductBasis):
         dtype, columns = features.dtype, features.shape[1]
         channels = self.num_features
         nodes = columns // channels
-        a = features.view(features.shape[0], nodes, channels).permute(2, 0, 1).contiguous()
         if nodes == 0:  # an empty batch: nothing to compute (the kernels' views need nodes)
             return features.new_zeros(self.n_terms * self.rank, self.dim_out, 0)
         factor = self.factor_weights().to(dtype)  # [R, corr, L_in+1, sets, C]
@@ -599,6 +598,7 @@ class GridRankProduct(GauntProductBasis):
             w, d = (rank_kernel.per_column(t, nodes, species) for t in (w, d))
             constants = rank_kernel.maps(self, dtype)
             return rank_kernel.products(features, w, d, constants, self.correlation)
+        a = features.view(features.shape[0], nodes, channels).permute(2, 0, 1).contiguous()
         maps = _ProductMaps(self, dtype)
         # off the CPU one block unless its temporaries (~6 corr R grid-sized ones per column in
         # the double backward, primal and tangent) exceed engine.DEVICE_BLOCK_BYTES
