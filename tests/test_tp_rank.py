@@ -343,8 +343,8 @@ def test_without_a_compiler_the_pytorch_kernel_runs(monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger="mace_grid.native"):
             assert rank_kernel.native() is None
         assert caplog.messages == [
-            "tp=grid_rank: the C++ CPU kernel could not be built (Error building extension "
-            "'mace_grid_rank'); using PyTorch ops"
+            "tp=grid_rank/grid_chain: the C++ CPU kernel could not be built (Error building "
+            "extension 'mace_grid_rank'); using PyTorch ops"
         ]
         calls, apply = [], grid_rank._RankProduct.apply
         function = grid_rank._RankProduct
@@ -362,7 +362,8 @@ def kernel_inputs(channels: int = 2, nodes: int = 4):
     columns = channels * nodes
     gen = torch.Generator().manual_seed(8)
     a, w = (torch.randn(*shape, columns, generator=gen, dtype=F64) for shape in ((9,), (6, 3)))
-    return module, a, w, torch.zeros(2, 0, columns, dtype=F64), rank_kernel.maps(module, F64)
+    d = torch.zeros(2, 0, columns, dtype=F64)
+    return module, a, w, d, rank_kernel.constant_maps(module, F64)
 
 
 def test_cpp_kernel_reports_its_work():

@@ -596,7 +596,7 @@ class GridRankProduct(GauntProductBasis):
         d = trip.permute(3, 2, 0, 1)
         if features.device.type == "cpu" and rank_kernel.native() is not None:
             w, d = (rank_kernel.per_column(t, nodes, species) for t in (w, d))
-            constants = rank_kernel.maps(self, dtype)
+            constants = rank_kernel.constant_maps(self, dtype)
             return rank_kernel.products(features, w, d, constants, self.correlation)
         a = features.view(features.shape[0], nodes, channels).permute(2, 0, 1).contiguous()
         maps = _ProductMaps(self, dtype)

@@ -26,14 +26,15 @@ from mace_grid.tp import work
 def native():
     """``torch.ops.mace_grid_rank`` (built on first use, `mace_grid.native.load`), or None with
     one warning where it cannot be built."""
-    ops = load(Path(__file__).with_name("rank_cpu.cpp"), "mace_grid_rank", "tp=grid_rank")
+    source = Path(__file__).with_name("rank_cpu.cpp")
+    ops = load(source, "mace_grid_rank", "tp=grid_rank/grid_chain")
     if ops is not None:
         for name, passes in _PASSES.items():
             work.register_kernel(getattr(ops, name), functools.partial(_cost, passes))
     return ops
 
 
-def maps(module, dtype: torch.dtype) -> list[torch.Tensor]:
+def constant_maps(module, dtype: torch.dtype) -> list[torch.Tensor]:
     """The kernel's constant maps of a `GridRankProduct` in ``dtype``: Y [G, D_in] (the
     harmonics at the points) and the projector P [D_out, G], each followed by its transpose;
     for a round trip (else empty) its azimuth analysis A [2K+1, n_alpha] and polar factors
