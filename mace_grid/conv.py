@@ -118,12 +118,12 @@ class FastConvolution(o3.TensorProduct):
         self.register_buffer("cg", torch.cat(cgs, dim=1).to(dtype), persistent=False)
         self.register_buffer("paths", torch.tensor(paths, dtype=torch.long), persistent=False)
         self.register_buffer("path_of_row", torch.tensor(locals_), persistent=False)
-        # the fused kernel's r is in group order: each row's path there (global, not per group)
+        # each row's path in the radial weights as they come (instruction order), so the fused
+        # kernel reads them in place (no reordering copy, nor its gradient's scatter)
         starts = _offsets(self.group_paths)
         group_of_row = [g for g, n in enumerate(self.group_rows) for _ in range(n)]
-        row_path = [starts[g] + k for g, k in zip(group_of_row, locals_, strict=True)]
+        row_path = [paths[starts[g] + k] for g, k in zip(group_of_row, locals_, strict=True)]
         self.register_buffer("row_path", torch.tensor(row_path), persistent=False)
-        self.paths_in_order = paths == list(range(len(paths)))
         # e3nn layout of irreps_in1 -> [d_in, channels]; [grouped rows, channels] -> irreps_out.
         in_index = torch.cat(
             [
@@ -180,9 +180,7 @@ class FastConvolution(o3.TensorProduct):
             return self.convolve_autograd(node_feats, edge_attrs, weights, edge_index)
         n_nodes, n_edges, c = node_feats.shape[0], edge_attrs.shape[0], self.channels
         x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)
-        r = weights.view(n_edges, self.num_paths, c)  # weights come in instruction order
-        if not self.paths_in_order:
-            r = r.index_select(1, self.paths)
+        r = weights.view(n_edges, self.num_paths, c)  # instruction order, as row_path reads it
         a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
         groups = groups_of(self.group_dims, self.group_rows, self.group_in)
         out = convolve(x, a_all, r, edge_index[0], edge_index[1], self.row_path, groups)

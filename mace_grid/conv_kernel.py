@@ -8,8 +8,8 @@ k(o)), the summed messages are
 
 Layout: ``x [n, d_in, C]`` (irreps_in1 order, channels last), ``a [E, sum_g rows_g d_g]`` (per
 group a row-major [rows_g, d_g] block: the edge harmonics contracted with Clebsch-Gordan, the
-same for every channel), ``r [E, P, C]`` (paths in group order), ``row_path [rows]`` (the path
-of each output row) -> ``out [n, rows, C]`` (group order); `mace_grid.conv.FastConvolution`
+same for every channel), ``r [E, P, C]`` (paths in any order), ``row_path [rows]`` (the path
+of each output row in r) -> ``out [n, rows, C]`` (group order); `mace_grid.conv.FastConvolution`
 maps e3nn's layouts to these.
 
 Fused: edges are visited in blocks (sorted by receiver once per call, so a block scatters into
