@@ -18,6 +18,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -159,6 +160,9 @@ struct Lanes<T, false> {
   void fma(T s, const Lanes& b) {
     for (int64_t l = 0; l < n; ++l) v[l] += s * b.v[l];
   }
+  void fma(const Lanes& a, const Lanes& b) {
+    for (int64_t l = 0; l < n; ++l) v[l] += a.v[l] * b.v[l];
+  }
   Lanes operator*(const Lanes& b) const {
     Lanes out = *this;
     for (int64_t l = 0; l < n; ++l) out.v[l] *= b.v[l];
@@ -218,32 +222,71 @@ inline L combine(const T* __restrict a, const L* xs, int64_t d) {
   return y;
 }
 
-// out[t d + m] += sum_c u[o, c] v[path[o], c] x[m, c] for the group's rows o = row0 + t and
-// its d input rows x[m] (the gradient of a), each sum over all channels: register blocks of
-// d partial sums, reduced once per row.
+// out[q] += the sum of s[q]'s lanes, for q < kLanes<T>: a transposing tree of horizontal adds
+// on AVX (nine instructions for eight sums), lane by lane elsewhere.
 template <typename T>
+inline void add_lane_sums(const V<T>* s, T* out) {
+#ifdef __AVX__
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+    const __m256 ef = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+    const __m256 sums =
+        _mm256_permute2f128_ps(ab, ef, 0x20) + _mm256_permute2f128_ps(ab, ef, 0x31);
+    _mm256_storeu_ps(out, _mm256_loadu_ps(out) + sums);
+    return;
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m256d ab = _mm256_hadd_pd(s[0], s[1]), cd = _mm256_hadd_pd(s[2], s[3]);
+    const __m256d sums =
+        _mm256_permute2f128_pd(ab, cd, 0x20) + _mm256_permute2f128_pd(ab, cd, 0x31);
+    _mm256_storeu_pd(out, _mm256_loadu_pd(out) + sums);
+    return;
+  }
+#endif
+  for (int64_t q = 0; q < kLanes<T>; ++q)
+    for (int64_t l = 0; l < kLanes<T>; ++l) out[q] += s[q][l];
+}
+
+// out[t d + m] += sum_c u[o, c] sum_q v_q[path[o], c] x_q[m, c] for the group's rows o = row0 + t,
+// its d input rows and NT (v, x) pairs (the gradient of a, or its tangent's two terms), each
+// sum over all channels: register blocks of d partial sums per row, whose lanes are summed
+// kLanes outputs at a time (outputs t d + m are consecutive).
+template <typename T, size_t NT>
 inline void group_dots(const Group& gg, const int64_t* path, const T* __restrict u,
-                       const T* __restrict v, const T* __restrict x, int64_t C, T* __restrict out) {
+                       const std::array<std::pair<const T*, const T*>, NT>& vx, int64_t C,
+                       T* __restrict out) {
   using F = Lanes<T, true>;
+  V<T> pending[kLanes<T>];
+  int64_t n_pending = 0, done = 0;
   with_dim(gg.d, [&](auto dim) {
     constexpr int64_t Dc = decltype(dim)::value;
     const int64_t d = Dc ? Dc : gg.d;
     for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-      const T *uo = u + o * C, *vo = v + path[o] * C;
+      const T* uo = u + o * C;
       F acc[Dc ? Dc : kMaxDim];
       for (int64_t m = 0; m < d; ++m) acc[m] = F::zero(0);
       int64_t c = 0;
       for (; c + kBlock<T> <= C; c += kBlock<T>) {
-        const F uv = F::load(uo + c, 0) * F::load(vo + c, 0);
-        for (int64_t m = 0; m < d; ++m) acc[m].fma(uv, F::load(x + m * C + c, 0));
+        const F uc = F::load(uo + c, 0);
+        for (const auto& [v, x] : vx) {
+          const F uv = uc * F::load(v + path[o] * C + c, 0);
+          for (int64_t m = 0; m < d; ++m) acc[m].fma(uv, F::load(x + m * C + c, 0));
+        }
       }
       for (int64_t m = 0; m < d; ++m) {
-        T total = acc[m].sum();
-        for (int64_t cc = c; cc < C; ++cc) total += uo[cc] * vo[cc] * x[m * C + cc];
-        out[t * d + m] += total;
+        V<T> lanes = acc[m].v[0];
+        for (int q = 1; q < kVecs; ++q) lanes += acc[m].v[q];
+        for (const auto& [v, x] : vx)  // the last C % kBlock channels, into lane 0
+          for (int64_t cc = c; cc < C; ++cc) lanes[0] += uo[cc] * v[path[o] * C + cc] * x[m * C + cc];
+        pending[n_pending++] = lanes;
+        if (n_pending == kLanes<T>) {
+          add_lane_sums<T>(pending, out + done);
+          done += kLanes<T>, n_pending = 0;
+        }
       }
     }
   });
+  for (int64_t q = 0; q < n_pending; ++q)
+    for (int64_t l = 0; l < kLanes<T>; ++l) out[done + q] += pending[q][l];
 }
 
 // For every node i in [0, n): start(i), then f(i, edge, next) for each of its edges (from
@@ -264,6 +307,42 @@ void per_node(const Tensor& order, const Tensor& ptr, S start, F f) {
 }
 
 inline void nothing(int64_t) {}
+
+// per_node with each node's channel blocks outermost: start(i), then for each block of channels
+// [c0, c0 + n) f(L tag, i, edge, next, c0, n) for each of i's edges. A node's accumulators for
+// one block (its rows x one cache line) and an edge's lines of that block stay in L1, where all
+// channels' accumulators of a node with many rows (18 KB at 71 rows x 64 channels) would not.
+template <typename T, typename S, typename F>
+void per_node_blocks(int64_t C, const Tensor& order, const Tensor& ptr, S start, F f) {
+  const int64_t* ord = order.data_ptr<int64_t>();
+  const int64_t* p = ptr.data_ptr<int64_t>();
+  const int64_t n = ptr.size(0) - 1;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      start(i);
+      channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t nc) {
+        for (int64_t q = p[i]; q < p[i + 1]; ++q)
+          f(tag, i, ord[q], q + 1 < p[i + 1] ? ord[q + 1] : -1, c0, nc);
+      });
+    }
+  });
+}
+
+// body(group, d) for each group (d compile-time where with_dim knows it)
+template <typename F>
+inline void groups(const Table& tab, F&& body) {
+  for (const Group& g : tab.groups)
+    with_dim(g.d, [&](auto dim) {
+      constexpr int64_t Dc = decltype(dim)::value;
+      body(dim, g, Dc ? Dc : g.d);
+    });
+}
+
+// asks for one block of channels (one cache line at most) of each of the n rows p + t stride
+template <typename T>
+inline void prefetch_rows(const T* p, int64_t n, int64_t stride) {
+  for (int64_t t = 0; t < n; ++t) __builtin_prefetch(p + t * stride);
+}
 
 // Asks for the cache lines of p[0 .. count) ahead of use: an edge's radial weights and edge
 // matrices are read once, from memory, in an order (channel blocks of each path) the hardware
@@ -362,18 +441,18 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>();
     T* op = out.data_ptr<T>();
     auto zero = [&](int64_t i) { std::fill_n(op + i * R * C, R * C, T(0)); };
-    per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
-      const T *xj = xp + snd[e] * D * C, *ae = ap + e * K, *re = rp + e * P * C;
-      T* oi = op + i * R * C;
-      if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
-      blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& g, int64_t d, int64_t c0,
-                                       int64_t n) {
-        MACE_GRID_BLOCK_TYPES(tag, dim);
-        L xs[kRows];
-        load_rows(xs, xj + g.s * C + c0, d, C, n);
+    per_node_blocks<T>(C, recv_order, recv_ptr, zero, [&](auto tag, int64_t i, int64_t e,
+                                                          int64_t next, int64_t c0, int64_t n) {
+      using L = decltype(tag);
+      const T *xj = xp + snd[e] * D * C + c0, *ae = ap + e * K, *re = rp + e * P * C + c0;
+      T* oi = op + i * R * C + c0;
+      if (next >= 0) prefetch_rows(rp + next * P * C + c0, P, C), prefetch(ap + next * K, K);
+      groups(tab, [&](auto dim, const Group& g, int64_t d) {
+        constexpr int64_t Dc = decltype(dim)::value;
+        L xs[Dc ? Dc : kMaxDim];
+        load_rows(xs, xj + g.s * C, d, C, n);
         for (int64_t t = 0, o = g.row0; t < g.n; ++t, ++o)
-          (L::load(re + path[o] * C + c0, n) * combine(ae + g.ac + t * d, xs, d))
-              .add_to(oi + o * C + c0);
+          (L::load(re + path[o] * C, n) * combine(ae + g.ac + t * d, xs, d)).add_to(oi + o * C);
       });
     });
   });
@@ -401,32 +480,35 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
             *gp = g.data_ptr<T>();
-    if (want_a || want_r) {  // per edge: <g r, x> per column of a, <g, a x> per path
-      T* gap = want_a ? ga.data_ptr<T>() : nullptr;
-      T* grp = want_r ? gr.data_ptr<T>() : nullptr;
+    if (want_a) {  // per edge: <g r, x> per column of a (a reduction over all channels)
+      T* gap = ga.data_ptr<T>();
       per_node(recv_order, recv_ptr, nothing, [&](int64_t i, int64_t e, int64_t next) {
-        const T *xj = xp + snd[e] * D * C, *ae = ap + e * K, *re = rp + e * P * C,
-                *gi = gp + i * R * C;
-        if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
-        if (want_a) {
-          T* gae = gap + e * K;
-          std::fill_n(gae, K, T(0));
-          for (const Group& gg : tab.groups)
-            group_dots(gg, path, gi, re, xj + gg.s * C, C, gae + gg.ac);
-        }
-        if (want_r) {
-          T* gre = grp + e * P * C;
-          std::fill_n(gre, P * C, T(0));
-          blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
-                                           int64_t c0, int64_t n) {
-            MACE_GRID_BLOCK_TYPES(tag, dim);
-            L xs[kRows];
-            load_rows(xs, xj + gg.s * C + c0, d, C, n);
-            for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o)
-              (L::load(gi + o * C + c0, n) * combine(ae + gg.ac + t * d, xs, d))
-                  .add_to(gre + path[o] * C + c0);
-          });
-        }
+        const T *xj = xp + snd[e] * D * C, *re = rp + e * P * C, *gi = gp + i * R * C;
+        if (next >= 0) prefetch(rp + next * P * C, P * C);
+        T* gae = gap + e * K;
+        std::fill_n(gae, K, T(0));
+        for (const Group& gg : tab.groups)
+          group_dots<T, 1>(gg, path, gi, {{{re, xj + gg.s * C}}}, C, gae + gg.ac);
+      });
+    }
+    if (want_r) {  // per edge: <g, a x> per path
+      T* grp = gr.data_ptr<T>();
+      per_node_blocks<T>(C, recv_order, recv_ptr, nothing, [&](auto tag, int64_t i, int64_t e,
+                                                               int64_t next, int64_t c0,
+                                                               int64_t n) {
+        using L = decltype(tag);
+        const T *xj = xp + snd[e] * D * C + c0, *ae = ap + e * K, *gi = gp + i * R * C + c0;
+        if (next >= 0) prefetch(ap + next * K, K);
+        T* gre = grp + e * P * C;
+        if (c0 == 0) std::fill_n(gre, P * C, T(0));
+        groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+          constexpr int64_t Dc = decltype(dim)::value;
+          L xs[Dc ? Dc : kMaxDim];
+          load_rows(xs, xj + gg.s * C, d, C, n);
+          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o)
+            (L::load(gi + o * C, n) * combine(ae + gg.ac + t * d, xs, d))
+                .add_to(gre + path[o] * C + c0);
+        });
       });
     }
     if (want_x)  // per sender: a^T (g r)
@@ -475,57 +557,70 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const T* vxp = has_vx ? v_x.data_ptr<T>() : nullptr;
     const T* vap = has_va ? v_a.data_ptr<T>() : nullptr;
     const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
-    const bool row_pass = write_r || write_g;
-    if (write_a || row_pass) {
+    if (write_a || write_r || write_g) {  // per edge and receiver, one block of channels at a time
       T* oap = need_a ? oa.data_ptr<T>() : nullptr;
       T* orp = need_r ? orr.data_ptr<T>() : nullptr;
       T* ogp = need_g ? og.data_ptr<T>() : nullptr;
       auto zero = [&](int64_t i) {
         if (write_g) std::fill_n(ogp + i * R * C, R * C, T(0));
       };
-      per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
+      const bool need_ax = has_va || (need_g && has_vr);
+      per_node_blocks<T>(C, recv_order, recv_ptr, zero, [&](auto tag, int64_t i, int64_t e,
+                                                            int64_t next, int64_t c0, int64_t n) {
+        using L = decltype(tag);
         const int64_t j = snd[e];
-        if (next >= 0) {
-          prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+        if (next >= 0 && write_a && c0 == 0) {  // the next edge's for all channels
+          prefetch(ap + next * K, K), prefetch(rp + next * P * C, P * C);
           if (has_vr) prefetch(vrp + next * P * C, P * C);
           if (has_va) prefetch(vap + next * K, K);
+        } else if (next >= 0) {
+          prefetch(ap + next * K, K);
+          if (need_g) prefetch_rows(rp + next * P * C + c0, P, C);
+          if (need_g && has_vr) prefetch_rows(vrp + next * P * C + c0, P, C);
+          if (has_va) prefetch(vap + next * K, K);
         }
-        const T *xj = xp + j * D * C, *ae = ap + e * K, *re = rp + e * P * C,
-                *gi = gp + i * R * C;
-        const T* vxj = has_vx ? vxp + j * D * C : nullptr;
-        const T* vae = has_va ? vap + e * K : nullptr;
-        const T* vre = has_vr ? vrp + e * P * C : nullptr;
-        if (write_a) {  // tangent of (g r) x^T: (g v_r) x^T + (g r) v_x^T
+        if (write_a && c0 == 0) {  // tangent of (g r) x^T: (g v_r) x^T + (g r) v_x^T, all channels
+          const T *xa = xp + j * D * C, *ra = rp + e * P * C, *ga = gp + i * R * C;
           T* oae = oap + e * K;
           std::fill_n(oae, K, T(0));
           for (const Group& gg : tab.groups) {
-            if (has_vr) group_dots(gg, path, gi, vre, xj + gg.s * C, C, oae + gg.ac);
-            if (has_vx) group_dots(gg, path, gi, re, vxj + gg.s * C, C, oae + gg.ac);
+            const int64_t s0 = gg.s * C;
+            if (has_vr && has_vx)
+              group_dots<T, 2>(gg, path, ga,
+                               {{{vrp + e * P * C, xa + s0}, {ra, vxp + j * D * C + s0}}}, C,
+                               oae + gg.ac);
+            else if (has_vr)
+              group_dots<T, 1>(gg, path, ga, {{{vrp + e * P * C, xa + s0}}}, C, oae + gg.ac);
+            else
+              group_dots<T, 1>(gg, path, ga, {{{ra, vxp + j * D * C + s0}}}, C, oae + gg.ac);
           }
         }
-        if (!row_pass) return;
+        if (!(write_r || write_g)) return;
+        const T *xj = xp + j * D * C + c0, *ae = ap + e * K, *re = rp + e * P * C + c0,
+                *gi = gp + i * R * C + c0;
+        const T* vxj = has_vx ? vxp + j * D * C + c0 : nullptr;
+        const T* vae = has_va ? vap + e * K : nullptr;
+        const T* vre = has_vr ? vrp + e * P * C + c0 : nullptr;
         T* ore = write_r ? orp + e * P * C : nullptr;
-        if (write_r) std::fill_n(ore, P * C, T(0));
-        T* ogi = need_g ? ogp + i * R * C : nullptr;
-        blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d,
-                                         int64_t c0, int64_t n) {
-          MACE_GRID_BLOCK_TYPES(tag, dim);
-          L xs[kRows], vxs[kRows];
-          const bool need_ax = has_va || (need_g && has_vr);
-          if (need_ax) load_rows(xs, xj + gg.s * C + c0, d, C, n);
-          if (has_vx) load_rows(vxs, vxj + gg.s * C + c0, d, C, n);
+        if (write_r && c0 == 0) std::fill_n(ore, P * C, T(0));
+        T* ogi = need_g ? ogp + i * R * C + c0 : nullptr;
+        groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+          constexpr int64_t Dc = decltype(dim)::value;
+          L xs[Dc ? Dc : kMaxDim], vxs[Dc ? Dc : kMaxDim];
+          if (need_ax) load_rows(xs, xj + gg.s * C, d, C, n);
+          if (has_vx) load_rows(vxs, vxj + gg.s * C, d, C, n);
           for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
             const T* at = ae + gg.ac + t * d;
+            L dm = L::zero(n);  // the tangent of the messages: dax r + (a x) v_r
             if (has_dax) {  // dax = v_a x + a v_x
               L dax = has_va ? combine(vae + gg.ac + t * d, xs, d) : combine(at, vxs, d);
               if (has_va && has_vx)
                 for (int64_t m = 0; m < d; ++m) dax.fma(at[m], vxs[m]);
-              if (write_r) (L::load(gi + o * C + c0, n) * dax).add_to(ore + path[o] * C + c0);
-              if (need_g)  // tangent of the messages: dax r + (a x) v_r
-                (L::load(re + path[o] * C + c0, n) * dax).add_to(ogi + o * C + c0);
+              if (write_r) (L::load(gi + o * C, n) * dax).add_to(ore + path[o] * C + c0);
+              if (need_g) dm = L::load(re + path[o] * C, n) * dax;
             }
-            if (need_g && has_vr)
-              (L::load(vre + path[o] * C + c0, n) * combine(at, xs, d)).add_to(ogi + o * C + c0);
+            if (need_g && has_vr) dm.fma(L::load(vre + path[o] * C, n), combine(at, xs, d));
+            if (write_g) dm.add_to(ogi + o * C);
           }
         });
       });
