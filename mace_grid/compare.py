@@ -145,6 +145,11 @@ class CompareArgs:
     # Only the timing pass: time `configs` and table them, train nothing (e.g. a width too
     # slow to train here; pass trainer.limit_train_batches=N to time N steps per epoch).
     timing_only: bool = False
+    # With time_s: after a re-timing (faster kernels, so T covers more epochs), false keeps
+    # the epoch budget a backend's runs were started with instead of extending them (an exact
+    # kernel changes time per epoch, not accuracy per epoch); its runs not yet started get the
+    # same, and curves that then end before T are marked so in the tables.
+    extend: bool = True
     # File stem of the table, CSV and plots in out_dir.
     name: str = "study"
     out_dir: str | None = None  # default: results/<data>
@@ -232,6 +237,8 @@ def validate_args(args, overrides: list[str]) -> None:
         raise ConfigError("timing_only=true needs configs=[…] to time")
     if args.time_s is not None and (args.time_s <= 0 or not configs):
         raise ConfigError(f"time_s={args.time_s} needs configs=[…] and a positive T in seconds")
+    if not args.extend and args.time_s is None:
+        raise ConfigError("extend=false only applies with time_s (equal training time T)")
     if configs and any(o.split("=", 1)[0] in ("conv", "tp.options.method") for o in overrides):
         raise ConfigError("configs=[…] sets conv and gaunt's method; drop conv=/tp.options.method=")
     for key, instead in STUDY_KEYS.items():
@@ -386,6 +393,18 @@ def _finished(run_dir: Path, record: dict[str, Any] | None, cmd: list[str]) -> b
     has the same train.py arguments (the interpreter, script and run dir may have moved)."""
     same = record is not None and record["command"][2:-1] == cmd[2:-1]
     return same and (run_dir / "summary.json").is_file()
+
+
+def _trained_epochs(runs: list[Run]) -> int | None:
+    """The epoch budget the started ones of ``runs`` were started with (their recorded
+    command), or None (none started, or budgets that differ)."""
+    budgets = set()
+    for run in runs:
+        record_path = run.dir / "resources.json"
+        if record_path.is_file():
+            command = json.loads(record_path.read_text())["command"]
+            budgets |= {a.split("=", 1)[1] for a in command if a.startswith("trainer.max_epochs=")}
+    return int(budgets.pop()) if len(budgets) == 1 else None
 
 
 def _without_budget(args: list[str]) -> list[str]:
@@ -1117,6 +1136,10 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
         for tp in epochs:
             fastest = min(timings[c.name]["s_per_epoch"] for c in configs if c.tp == tp)
             epochs[tp] = max(args.epochs or 1, math.ceil(args.time_s / fastest))
+        if not args.extend:
+            for tp in epochs:
+                trained = _trained_epochs([run for run in runs if run.tp == tp])
+                epochs[tp] = trained or epochs[tp]
         log.info("epochs to cover T = %g s: %s", args.time_s, epochs)
     commands = [train_command(run, args, overrides, epochs[run.tp]) for run in runs]
     slots = gpu_slots(args.jobs, overrides, torch.cuda.device_count())

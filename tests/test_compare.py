@@ -252,6 +252,21 @@ def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_fa
     stamps = {p: p.stat().st_mtime_ns for p in (out / "timing").glob("*/summary.json")}
     study(argv)  # timings are reused, not measured again
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # A re-timing that makes cg+fast 4x faster (faster kernels): T now covers more epochs, and
+    # extend=false keeps the finished run instead of extending it; the tables use the new clock.
+    timing = out / "timing" / "cg+fast" / "summary.json"
+    timed = json.loads(timing.read_text())
+    timed["epoch_train_time_s"] = [t / 4 for t in timed["epoch_train_time_s"]]
+    timing.write_text(json.dumps(timed))
+    finished = (run / "summary.json").stat().st_mtime_ns
+    study([*argv, "extend=false"])
+    assert (run / "summary.json").stat().st_mtime_ns == finished  # reused, not trained
+    with open(out / "time_to_accuracy.csv") as handle:
+        retimed = {r["config"]: r for r in csv.DictReader(handle)}["cg+fast"]
+    assert float(retimed["s_per_epoch"]) == pytest.approx(float(fast["s_per_epoch"]) / 4)
+    assert float(retimed["seconds_to_stock"]) == pytest.approx(
+        float(fast["seconds_to_stock"]) / 4
+    )
 
 
 def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
@@ -329,6 +344,7 @@ def test_epoch_timer_waits_for_the_gpu(monkeypatch) -> None:
         (["configs=[cg+e3nn]", "backends=[grid]"], "configs time backends ['cg']"),
         (["configs=[grid+fast+fft]"], "a method for gaunt only"),
         (["time_s=60"], "time_s=60.0 needs configs"),
+        (["extend=false"], "extend=false only applies with time_s"),
     ],
 )
 def test_bad_arguments_are_refused_before_running(argv, message, tmp_path: Path) -> None:
