@@ -264,9 +264,7 @@ def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_fa
     with open(out / "time_to_accuracy.csv") as handle:
         retimed = {r["config"]: r for r in csv.DictReader(handle)}["cg+fast"]
     assert float(retimed["s_per_epoch"]) == pytest.approx(float(fast["s_per_epoch"]) / 4)
-    assert float(retimed["seconds_to_stock"]) == pytest.approx(
-        float(fast["seconds_to_stock"]) / 4
-    )
+    assert float(retimed["seconds_to_stock"]) == pytest.approx(float(fast["seconds_to_stock"]) / 4)
 
 
 def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
