@@ -1174,13 +1174,20 @@ def compare(args, overrides: list[str]) -> list[dict[str, Any]]:
             f"seeds=[{','.join(map(str, args.seeds))}]",
             *([f"epochs={args.epochs}"] if args.epochs is not None else []),
             *([f"budget_s={args.budget_s}"] if args.budget_s is not None else []),
+            *([f"configs=[{','.join(args.configs)}]"] if args.configs else []),
+            *([f"timing_epochs={args.timing_epochs}"] if args.configs else []),
+            *([f"time_s={args.time_s:g}"] if args.time_s is not None else []),
+            *(["extend=false"] if not args.extend else []),
             f"jobs={args.jobs}",
             *([f"name={args.name}"] if args.name != "study" else []),
             *([f"out_dir={args.out_dir}"] if out_dir.resolve() != default_dir.resolve() else []),
             *overrides,
         ]
     )
-    if args.budget_s is None:
+    if args.time_s is not None:
+        per_tp = ", ".join(f"{tp} {n}" for tp, n in epochs.items())
+        budget = f"epochs covering T = {args.time_s:g} s on each backend's fastest clock ({per_tp})"
+    elif args.budget_s is None:
         budget = f"{args.epochs or DEFAULT_EPOCHS} epochs per run"
     else:
         cap = f" (at most {args.epochs} epochs)" if args.epochs is not None else ""

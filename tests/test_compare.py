@@ -261,6 +261,11 @@ def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_fa
     finished = (run / "summary.json").stat().st_mtime_ns
     study([*argv, "extend=false"])
     assert (run / "summary.json").stat().st_mtime_ns == finished  # reused, not trained
+    header = (out / "study.md").read_text().split("\n\n")[:2]  # the title and the command
+    assert f"epochs covering T = {2 * s_stock:g} s" in header[0] and f"cg {reached}" in header[0]
+    for arg in ("configs=[cg+e3nn,cg+fast]", "timing_epochs=2", f"time_s={2 * s_stock:g}"):
+        assert arg in header[1]
+    assert "extend=false" in header[1]
     with open(out / "time_to_accuracy.csv") as handle:
         retimed = {r["config"]: r for r in csv.DictReader(handle)}["cg+fast"]
     assert float(retimed["s_per_epoch"]) == pytest.approx(float(fast["s_per_epoch"]) / 4)
