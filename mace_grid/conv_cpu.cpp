@@ -18,7 +18,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+#if defined(__AVX__)
+#include <immintrin.h>  // add_lane_sums' horizontal adds; elsewhere lane by lane
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
