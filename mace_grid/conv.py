@@ -19,7 +19,9 @@ hand-written first and second derivatives; under TorchScript and torch.compile t
 runs as plain differentiable ops (`FastConvolution.convolve_autograd`, its reference).
 
 ``FastConvolution`` subclasses e3nn's ``TensorProduct`` (built with mace's arguments), so a
-model's state_dict is the same with either conv and checkpoints load into both.
+model's state_dict is the same with either conv and checkpoints load into both. conv=fast also
+computes the block's e3nn ``Linear`` after the convolution (17 input irreps at max_ell 3, L = 2)
+as `mace_grid.linear.StackedLinear`, one matmul per output irrep, on the same weight.
 """
 
 from collections.abc import Mapping
@@ -32,6 +34,7 @@ from mace.modules.blocks import RealAgnosticInteractionBlock, RealAgnosticResidu
 
 from mace_grid.conv_kernel import convolve, groups_of
 from mace_grid.errors import ConfigError
+from mace_grid.linear import StackedLinear, restore
 
 CONVS = ("e3nn", "fast")
 # Interaction blocks whose forward computes exactly gather -> conv_tp -> scatter_sum (or, with
@@ -231,8 +234,8 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """Give every interaction block of ``model`` the convolution ``name``, in place.
 
     The weights (the radial MLP outputs) and the state_dict are the same for both, so a model
-    can be switched at any time; ``e3nn`` restores mace's own module, so the result is a stock
-    mace-torch model.
+    can be switched at any time; ``e3nn`` restores mace's own modules (``conv_tp`` and the
+    ``linear`` after it, on the same Parameter), so the result is a stock mace-torch model.
     """
     if name not in CONVS:
         raise ConfigError(f"conv.name={name!r}; choose one of {', '.join(CONVS)} (conv=<name>)")
@@ -242,10 +245,20 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             check_fast_block(block)
             block.conv_tp = FastConvolution.like(tp).to(**_placement(block))
             block.conv_fusion = "mace_grid"  # mace's blocks then call the fused signature
+            block.linear = _same_weights(StackedLinear.like(block.linear), block.linear)
         elif name == "e3nn" and isinstance(tp, FastConvolution):
             block.conv_tp = o3.TensorProduct(**_init_args(tp)).to(**_placement(block))
             del block.conv_fusion
+            block.linear = _same_weights(restore(block.linear), block.linear)
     return model
+
+
+def _same_weights(new: o3.Linear, old: o3.Linear) -> o3.Linear:
+    """``new`` on ``old``'s device and dtype, holding ``old``'s weight (the same Parameter, so
+    an optimiser built before the swap keeps training it)."""
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    new.weight = old.weight
+    return new
 
 
 def check_fast_block(block: torch.nn.Module) -> None:

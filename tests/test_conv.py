@@ -21,6 +21,7 @@ from mace_grid.calculator import MaceGridCalculator, read_checkpoint, trained_co
 from mace_grid.conv import FastConvolution, set_conv, validate_conv
 from mace_grid.data.io import read_atoms
 from mace_grid.errors import ConfigError
+from mace_grid.linear import StackedLinear
 from mace_grid.model import build_model
 
 STATISTICS = dict(
@@ -150,6 +151,8 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
             p.data.add_(0.1 * torch.randn_like(p))
         fast.load_state_dict(stock.state_dict())
     assert all(type(b.conv_tp) is FastConvolution for b in fast.interactions)
+    assert all(type(b.linear) is StackedLinear for b in fast.interactions)
+    assert fast.state_dict().keys() == stock.state_dict().keys()
     batch = molecule_batch()
     expected = energy_forces_and_second_derivatives(stock, batch)
     got = energy_forces_and_second_derivatives(fast, batch)
@@ -157,9 +160,13 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
-    back = set_conv(copy.deepcopy(fast), "e3nn")
+    back = copy.deepcopy(fast)
+    weights = [b.linear.weight for b in back.interactions]
+    back = set_conv(back, "e3nn")  # in place, on the same Parameters (an optimiser keeps them)
+    assert all(b.linear.weight is w for b, w in zip(back.interactions, weights, strict=True))
     assert all(type(b.conv_tp) is o3.TensorProduct for b in back.interactions)
     assert all(not hasattr(b, "conv_fusion") for b in back.interactions)
+    assert all(type(b.linear) is o3.Linear for b in back.interactions)
     torch.testing.assert_close(
         energy_forces_and_second_derivatives(back, batch)[1], expected[1], rtol=0, atol=1e-10
     )

@@ -1,0 +1,64 @@
+"""StackedLinear against e3nn's own o3.Linear (an independent implementation), float64: values,
+first and second derivatives, the state_dict, TorchScript and errors."""
+
+import pytest
+import torch
+from e3nn import o3
+from e3nn.util import jit
+from mace.tools.torch_tools import default_dtype
+
+from mace_grid.errors import ConfigError
+from mace_grid.linear import StackedLinear, restore
+
+# mace's linear after the convolution at max_ell 3, L = 1 (several paths per output), an output
+# no input reaches, and multiplicities that differ per irrep
+CASES = [
+    ("3x0e+3x0e+3x1o+3x1o+3x1o+3x2e+3x2e+3x3o", "3x0e+3x1o+3x2e+3x3o"),
+    ("2x0e+3x1o", "4x0e+2x1o+2x2e"),
+]
+
+
+@pytest.mark.parametrize("irreps_in, irreps_out", CASES)
+def test_matches_e3nn_linear_with_derivatives(irreps_in: str, irreps_out: str) -> None:
+    with default_dtype(torch.float64):
+        e3nn_linear = o3.Linear(irreps_in, irreps_out)
+        stacked = StackedLinear.like(e3nn_linear)
+    stacked.load_state_dict(e3nn_linear.state_dict())
+    assert stacked.state_dict().keys() == e3nn_linear.state_dict().keys()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        e3nn_linear.weight.normal_(generator=gen)
+        stacked.weight.copy_(e3nn_linear.weight)
+    x = torch.randn(2, 5, e3nn_linear.irreps_in.dim, dtype=torch.float64, generator=gen)
+    probe = torch.randn(2, 5, e3nn_linear.irreps_out.dim, dtype=torch.float64, generator=gen)
+
+    def derivatives(linear):
+        xi = x.clone().requires_grad_()
+        y = linear(xi)
+        (dx,) = torch.autograd.grad((y * probe).sum(), xi, create_graph=True)
+        second = torch.autograd.grad((dx**2).sum(), [xi, linear.weight], allow_unused=True)
+        return [y, dx, *second]
+
+    for got, expected in zip(derivatives(stacked), derivatives(e3nn_linear), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert derivatives(e3nn_linear)[-1].abs().max() > 1e-3  # the weights' gradient is not zero
+
+
+def test_torchscript_and_restore_give_the_same_function() -> None:
+    with default_dtype(torch.float64):
+        stacked = StackedLinear.like(o3.Linear(*CASES[0]))
+        with torch.no_grad():
+            stacked.weight.normal_()
+        x = torch.randn(4, stacked.irreps_in.dim)
+        back = restore(stacked)
+    back.load_state_dict(stacked.state_dict())
+    assert type(back) is o3.Linear
+    torch.testing.assert_close(back(x), stacked(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(jit.compile(stacked)(x), stacked(x), rtol=0, atol=1e-12)
+
+
+def test_refuses_what_it_does_not_compute() -> None:
+    with pytest.raises(ConfigError, match="biases"):
+        StackedLinear.like(o3.Linear("2x0e", "2x0e", biases=True))
+    with pytest.raises(ConfigError, match="normalises"):
+        StackedLinear.like(o3.Linear("1x0e+3x0e", "2x0e", path_normalization="path"))
