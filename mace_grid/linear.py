@@ -4,9 +4,9 @@ A linear map of irreps is a sum of per-path channel mixings, y_o = sum_{paths i 
 e3nn's generated code slices the input once per path, so autograd's backward zero-fills a
 full-size gradient for every slice and sums them: for mace's linear after the convolution (17
 input irreps at max_ell 3, L = 2) that is most of a training step's elementwise passes outside
-the kernels. ``StackedLinear`` gathers, per output irrep, its paths' inputs into one
-[nodes * (2l + 1), paths * channels] matrix (one ``index_select``) and multiplies it by the
-stacked, path-normalised weights: one gather and one matmul per output, the same numbers.
+the kernels. ``StackedLinear`` splits the input once, stacks each output irrep's path inputs
+into one [nodes * (2l + 1), paths * channels] matrix and multiplies it by the stacked,
+path-normalised weights: one matmul per output, the same numbers.
 """
 
 import torch
@@ -24,31 +24,20 @@ class StackedLinear(o3.Linear):
 
     def __init__(self, irreps_in, irreps_out, instructions) -> None:
         super().__init__(irreps_in, irreps_out, instructions=instructions, biases=False)
-        in_offsets = [0]
-        for mul_ir in self.irreps_in:
-            in_offsets.append(in_offsets[-1] + mul_ir.dim)
-        weight_offsets = [0]
-        for ins in self.instructions:
-            n = self.irreps_in[ins.i_in].mul * self.irreps_out[ins.i_out].mul
-            weight_offsets.append(weight_offsets[-1] + n)
-        columns = []
-        # per output irrep: its paths (instruction indices), dim, and slice of ``columns``
-        self.out_paths, self.out_dims, self.out_columns = [], [], []
-        for o, (_, ir) in enumerate(self.irreps_out):
-            paths = [k for k, ins in enumerate(self.instructions) if ins.i_out == o]
-            start = len(columns)
-            # rows (node, m) x columns (path, input channel u): x_i[u, m] at u * dim + m
-            columns += [
-                in_offsets[self.instructions[k].i_in] + u * ir.dim + m
-                for m in range(ir.dim)
-                for k in paths
-                for u in range(self.irreps_in[self.instructions[k].i_in].mul)
-            ]
-            self.out_paths.append(paths)
-            self.out_dims.append(ir.dim)
-            self.out_columns.append((start, len(columns)))
-        self.weight_offsets = weight_offsets
-        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.in_dims = [mul_ir.dim for mul_ir in self.irreps_in]
+        self.path_sizes = [
+            self.irreps_in[i.i_in].mul * self.irreps_out[i.i_out].mul for i in self.instructions
+        ]
+        self.out_paths = [
+            [k for k, ins in enumerate(self.instructions) if ins.i_out == o]
+            for o in range(len(self.irreps_out))
+        ]
+        scale = [
+            i.path_weight
+            for i, n in zip(self.instructions, self.path_sizes, strict=True)
+            for _ in range(n)
+        ]
+        self.register_buffer("path_scale", torch.tensor(scale), persistent=False)
 
     @classmethod
     def like(cls, linear: o3.Linear) -> "StackedLinear":
@@ -71,26 +60,28 @@ class StackedLinear(o3.Linear):
 
     @torch.jit.unused
     def _stacked(self, features: torch.Tensor) -> torch.Tensor:
+        # split, not slices: autograd's backward of a split is one cat, of each slice a
+        # zero-filled full-size gradient
         lead = features.shape[:-1]
         x = features.reshape(-1, self.irreps_in.dim)
         z = x.shape[0]
+        inputs = x.split(self.in_dims, dim=1)
+        weights = (self.weight * self.path_scale).split(self.path_sizes)
         parts = []
-        for (mul, _), paths, dim, (c0, c1) in zip(
-            self.irreps_out, self.out_paths, self.out_dims, self.out_columns, strict=True
-        ):
+        for (mul, ir), paths in zip(self.irreps_out, self.out_paths, strict=True):
             if not paths:
-                parts.append(x.new_zeros(z, mul * dim))
+                parts.append(x.new_zeros(z, mul * ir.dim))
                 continue
-            weight = torch.cat(
-                [
-                    self.instructions[k].path_weight
-                    * self.weight[self.weight_offsets[k] : self.weight_offsets[k + 1]].view(-1, mul)
-                    for k in paths
-                ]
-            )  # [paths * u, mul]
-            y = x.index_select(1, self.columns[c0:c1]).view(z * dim, -1) @ weight
-            # [z, m, w] -> e3nn's layout [z, w, m]
-            parts.append(y.view(z, dim, mul).transpose(1, 2).reshape(z, mul * dim))
+            # [z, paths * u, m] and [paths * u, w]: y[z, w, m] = sum_(path, u) x w
+            x_o = torch.cat(
+                [inputs[self.instructions[k].i_in].view(z, -1, ir.dim) for k in paths], 1
+            )
+            w_o = torch.cat([weights[k].view(-1, mul) for k in paths])
+            if ir.dim == 1:
+                parts.append(x_o.view(z, -1) @ w_o)
+                continue
+            y = x_o.transpose(1, 2).reshape(z * ir.dim, -1) @ w_o  # rows (z, m)
+            parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
         return torch.cat(parts, dim=1).reshape(*lead, self.irreps_out.dim)
 
 
