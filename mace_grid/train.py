@@ -28,7 +28,7 @@ from mace_grid.lit_module import METRIC_NAMES, MaceLitModule
 from mace_grid.loggers import ResumableCSVLogger
 from mace_grid.model import DTYPES, count_parameters, describe_products, validate_model_config
 from mace_grid.resume import RUN_DEFINING, resume_config
-from mace_grid.utils import atomic_write_text, format_metrics_table
+from mace_grid.utils import atomic_write_text, format_metrics_table, retain_freed_memory
 
 log = logging.getLogger("mace_grid.train")
 
@@ -120,6 +120,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     torch.set_default_dtype(DTYPES[cfg.dtype])
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
+    retain_freed_memory()
     out_dir = Path(cfg.paths.output_dir)
 
     log.info("Instantiating data <%s> (%s)", cfg.data._target_, cfg.data.name)

@@ -29,6 +29,7 @@ from mace_grid import conv_kernel
 from mace_grid.conv import FastConvolution
 from mace_grid.model import DTYPES, build_model
 from mace_grid.tp.work import count_work
+from mace_grid.utils import retain_freed_memory
 
 
 def on_plain_ops(model: torch.nn.Module) -> torch.nn.Module:
@@ -100,6 +101,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as training runs (mace_grid.train)
     torch.set_default_dtype(DTYPES[args.dtype])
     data, statistics_ = molecule_batch(args.molecules)
     n_nodes, edge_index = data["positions"].shape[0], data["edge_index"]

@@ -57,6 +57,7 @@ from mace_grid.model import DTYPES
 from mace_grid.tp import rank_kernel
 from mace_grid.tp.step_size import adam_step_change
 from mace_grid.tp.work import count_work, limit_ratio, matmul_probe, synchronize, timing_device
+from mace_grid.utils import retain_freed_memory
 
 BACKEND_SPECS = {
     "cg": ("cg", {}),
@@ -592,6 +593,7 @@ def main(argv=None) -> None:
         exit_with_error(err)
     warnings.filterwarnings("ignore", category=UserWarning)  # e3nn/mace TorchScript chatter
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as training runs (mace_grid.train)
     if args.pytorch_kernels:
         conv_kernel.native = rank_kernel.native = lambda: None
     args.out.mkdir(parents=True, exist_ok=True)

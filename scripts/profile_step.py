@@ -60,7 +60,7 @@ from mace_grid.cli import exit_with_error  # noqa: E402
 from mace_grid.errors import ConfigError  # noqa: E402
 from mace_grid.model import build_model  # noqa: E402
 from mace_grid.tp.work import count_work, limit_ratio, matmul_probe, timing_device  # noqa: E402
-from mace_grid.utils import atomic_path  # noqa: E402
+from mace_grid.utils import atomic_path, retain_freed_memory  # noqa: E402
 
 FAMILY_OF_MODULE = (
     (r"spherical_harmonics", "spherical harmonics"),
@@ -181,6 +181,7 @@ def main(argv=None) -> None:
         exit_with_error(err)
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as training runs (mace_grid.train)
     torch.set_default_dtype(torch.float32)
     data, statistics = molecule_batch(args.molecules, device=args.device)
     on_gpu = args.device.type == "cuda"
