@@ -44,9 +44,13 @@ class StackedLinear(o3.Linear):
         """The stacked version of mace's ``linear`` (its weights are not copied)."""
         if not (linear.internal_weights and linear.shared_weights) or linear.bias_numel:
             raise ConfigError(f"{linear} has external weights or biases; use conv=e3nn")
-        stacked = cls(
-            linear.irreps_in, linear.irreps_out, [(i.i_in, i.i_out) for i in linear.instructions]
-        )
+        with torch.random.fork_rng(devices=[]):  # e3nn draws a weight we replace: keep the
+            # global RNG where conv=e3nn leaves it, so twins shuffle the same batches
+            stacked = cls(
+                linear.irreps_in,
+                linear.irreps_out,
+                [(i.i_in, i.i_out) for i in linear.instructions],
+            )
         if [i.path_weight for i in stacked.instructions] != [
             i.path_weight for i in linear.instructions
         ]:
@@ -86,10 +90,11 @@ class StackedLinear(o3.Linear):
 
 
 def restore(linear: StackedLinear) -> o3.Linear:
-    """e3nn's own module computing ``linear`` (weights not copied)."""
-    return o3.Linear(
-        linear.irreps_in,
-        linear.irreps_out,
-        instructions=[(i.i_in, i.i_out) for i in linear.instructions],
-        biases=False,
-    )
+    """e3nn's own module computing ``linear`` (weights not copied; the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        return o3.Linear(
+            linear.irreps_in,
+            linear.irreps_out,
+            instructions=[(i.i_in, i.i_out) for i in linear.instructions],
+            biases=False,
+        )

@@ -96,11 +96,12 @@ def retain_freed_memory() -> bool:
 
     A training step frees and reallocates the same large tensors every step. By default glibc
     maps each allocation above its mmap threshold afresh and unmaps it when freed, so every page
-    faults (and is zeroed by the kernel) again on first write: measured at 64 channels, 10^4
-    faults and ~5 % of a grid+fast step, 2 x 10^5 faults and ~18 % of stock mace's
+    faults (and is zeroed by the kernel) again on first write: at 64 channels about 10^4 faults
+    per grid+fast step and 2 x 10^5 per stock step, whose step time fell by 18 % without them
     (``scripts/benchmark_tp.py --model``). With mmap off and trimming at 2 GiB the heap keeps the
-    step's peak, and later steps fault nothing. Process-wide, so called by the entry points
-    (training, benchmarks), never on import. Returns False where malloc is not glibc's.
+    step's peak, and steady-state steps fault next to nothing. Process-wide, so called by the
+    entry points (training, benchmarks), never on import. Returns False where malloc is not
+    glibc's.
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
