@@ -23,7 +23,7 @@ class StackedLinear(o3.Linear):
     """
 
     def __init__(self, irreps_in, irreps_out, instructions) -> None:
-        super().__init__(irreps_in, irreps_out, instructions=instructions, biases=False)
+        super().__init__(irreps_in, irreps_out, instructions=instructions)
         self.in_dims = [mul_ir.dim for mul_ir in self.irreps_in]
         self.path_sizes = [
             self.irreps_in[i.i_in].mul * self.irreps_out[i.i_out].mul for i in self.instructions
@@ -44,13 +44,7 @@ class StackedLinear(o3.Linear):
         """The stacked version of mace's ``linear`` (its weights are not copied)."""
         if not (linear.internal_weights and linear.shared_weights) or linear.bias_numel:
             raise ConfigError(f"{linear} has external weights or biases; use conv=e3nn")
-        with torch.random.fork_rng(devices=[]):  # e3nn draws a weight we replace: keep the
-            # global RNG where conv=e3nn leaves it, so twins shuffle the same batches
-            stacked = cls(
-                linear.irreps_in,
-                linear.irreps_out,
-                [(i.i_in, i.i_out) for i in linear.instructions],
-            )
+        stacked = _same_paths(cls, linear)
         if [i.path_weight for i in stacked.instructions] != [
             i.path_weight for i in linear.instructions
         ]:
@@ -90,11 +84,17 @@ class StackedLinear(o3.Linear):
 
 
 def restore(linear: StackedLinear) -> o3.Linear:
-    """e3nn's own module computing ``linear`` (weights not copied; the global RNG untouched)."""
+    """e3nn's own module computing ``linear`` (weights not copied)."""
+    return _same_paths(o3.Linear, linear)
+
+
+def _same_paths(cls: type[o3.Linear], linear: o3.Linear) -> o3.Linear:
+    """A ``cls`` with ``linear``'s irreps and paths (no biases: e3nn's default). Built without
+    moving the global RNG: e3nn draws an initial weight that the caller replaces, and conv=fast
+    and conv=e3nn twins must shuffle the same batches."""
     with torch.random.fork_rng(devices=[]):
-        return o3.Linear(
+        return cls(
             linear.irreps_in,
             linear.irreps_out,
             instructions=[(i.i_in, i.i_out) for i in linear.instructions],
-            biases=False,
         )
