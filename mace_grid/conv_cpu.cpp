@@ -12,9 +12,12 @@
 // edge) are computed per receiver from edges sorted by receiver (`recv_order`, CSR `recv_ptr`);
 // sender-side results (d/dx and its tangent) per sender from edges sorted by sender. Each node
 // is written by one thread, so the passes run in parallel (at::parallel_for) without atomics.
-// Per edge, channels go in register-sized blocks, and per block the rows of one input irrep
-// (a group, its dimension d a template parameter up to 7) share that irrep's d input rows (or
-// their gradient accumulators) held in registers.
+// The node-side passes (out, d/dx) go over channels in register-sized blocks, and per block
+// the rows of one input irrep (a group, its dimension d a template parameter up to 7) share
+// that irrep's d input rows (or their gradient accumulators) held in registers. The per-edge
+// passes (the VJP's d/da and d/dr, the tangent's receiver side) sweep an edge's rows with the
+// channels innermost, one vector at a time: a's sums over channels finish in registers, and
+// each row's g, r and x are loaded once for every output that reads them.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -197,17 +200,14 @@ inline void with_dim(int64_t d, F&& f) {
   }
 }
 
-// body(L, group, d) for each block of channels [c0, c0 + n) and each group (L the block's
-// Lanes type, d the group's dimension, compile-time where with_dim knows it)
-template <typename T, typename F>
-inline void blocks_and_groups(int64_t C, const Table& tab, F&& body) {
-  channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t n) {
-    for (const Group& g : tab.groups)
-      with_dim(g.d, [&](auto dim) {
-        constexpr int64_t Dc = decltype(dim)::value;
-        body(tag, dim, g, Dc ? Dc : g.d, c0, n);
-      });
-  });
+// body(group, d) for each group (d compile-time where with_dim knows it)
+template <typename F>
+inline void groups(const Table& tab, F&& body) {
+  for (const Group& g : tab.groups)
+    with_dim(g.d, [&](auto dim) {
+      constexpr int64_t Dc = decltype(dim)::value;
+      body(dim, g, Dc ? Dc : g.d);
+    });
 }
 
 // the d rows x[m * C + c0 ..] of a block
@@ -248,47 +248,153 @@ inline void add_lane_sums(const V<T>* s, T* out) {
     for (int64_t l = 0; l < kLanes<T>; ++l) out[q] += s[q][l];
 }
 
-// out[t d + m] += sum_c u[o, c] sum_q v_q[path[o], c] x_q[m, c] for the group's rows o = row0 + t,
-// its d input rows and NT (v, x) pairs (the gradient of a, or its tangent's two terms), each
-// sum over all channels: register blocks of d partial sums per row, whose lanes are summed
-// kLanes outputs at a time (outputs t d + m are consecutive).
-template <typename T, size_t NT>
-inline void group_dots(const Group& gg, const int64_t* path, const T* __restrict u,
-                       const std::array<std::pair<const T*, const T*>, NT>& vx, int64_t C,
-                       T* __restrict out) {
-  using F = Lanes<T, true>;
+// One vector of channels (unaligned load and store).
+template <typename T>
+inline V<T> vload(const T* p) {
+  V<T> v;
+  std::memcpy(&v, p, sizeof(V<T>));
+  return v;
+}
+template <typename T>
+inline void vstore(T* p, const V<T>& v) {
+  std::memcpy(p, &v, sizeof(V<T>));
+}
+
+// Sums of vectors' lanes added to consecutive outputs, kLanes<T> at a time (add_lane_sums).
+template <typename T>
+struct LaneSums {
+  T* out;
   V<T> pending[kLanes<T>];
-  int64_t n_pending = 0, done = 0;
-  with_dim(gg.d, [&](auto dim) {
+  int64_t n = 0;
+  explicit LaneSums(T* out_) : out(out_) {}
+  void push(const V<T>& v) {
+    pending[n++] = v;
+    if (n == kLanes<T>) add_lane_sums<T>(pending, out), out += kLanes<T>, n = 0;
+  }
+  ~LaneSums() {
+    for (int64_t q = 0; q < n; ++q)
+      for (int64_t l = 0; l < kLanes<T>; ++l) out[q] += pending[q][l];
+  }
+};
+
+// Per edge (receiver rows gi, sender rows xj, its a and r), d/da (WA: ga[t d + m] = sum_c
+// g r x_m, into gae, zeroed) and d/dr (WR: g (a x) added to each row's path, into gre, zeroed)
+// in one sweep of the rows, channels innermost one vector at a time, so g, r and x are loaded
+// once for both.
+template <typename T, bool WA, bool WR>
+void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
+              const T* __restrict xj, const T* __restrict ae, int64_t C, T* __restrict gae,
+              T* __restrict gre) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t* path = tab.path.data();
+  const int64_t Cv = C - C % W;
+  groups(tab, [&](auto dim, const Group& gg, int64_t d) {
     constexpr int64_t Dc = decltype(dim)::value;
-    const int64_t d = Dc ? Dc : gg.d;
+    const T* xg = xj + gg.s * C;
+    LaneSums<T> sums(WA ? gae + gg.ac : nullptr);
     for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-      const T* uo = u + o * C;
-      F acc[Dc ? Dc : kMaxDim];
-      for (int64_t m = 0; m < d; ++m) acc[m] = F::zero(0);
-      int64_t c = 0;
-      for (; c + kBlock<T> <= C; c += kBlock<T>) {
-        const F uc = F::load(uo + c, 0);
-        for (const auto& [v, x] : vx) {
-          const F uv = uc * F::load(v + path[o] * C + c, 0);
-          for (int64_t m = 0; m < d; ++m) acc[m].fma(uv, F::load(x + m * C + c, 0));
+      const T *go = gi + o * C, *ro = re + path[o] * C, *at = ae + gg.ac + t * d;
+      T* gro = WR ? gre + path[o] * C : nullptr;
+      V<T> acc[Dc ? Dc : kMaxDim];
+      if constexpr (WA)
+        for (int64_t m = 0; m < d; ++m) acc[m] = V<T>{};
+      for (int64_t c = 0; c < Cv; c += W) {
+        const V<T> gc = vload(go + c);
+        const V<T> u = gc * vload(ro + c);
+        V<T> ax{};
+        for (int64_t m = 0; m < d; ++m) {
+          const V<T> xm = vload(xg + m * C + c);
+          if constexpr (WA) acc[m] += u * xm;
+          if constexpr (WR) ax += at[m] * xm;
         }
+        if constexpr (WR) vstore(gro + c, vload(gro + c) + gc * ax);
       }
-      for (int64_t m = 0; m < d; ++m) {
-        V<T> lanes = acc[m].v[0];
-        for (int q = 1; q < kVecs; ++q) lanes += acc[m].v[q];
-        for (const auto& [v, x] : vx)  // the last C % kBlock channels, into lane 0
-          for (int64_t cc = c; cc < C; ++cc) lanes[0] += uo[cc] * v[path[o] * C + cc] * x[m * C + cc];
-        pending[n_pending++] = lanes;
-        if (n_pending == kLanes<T>) {
-          add_lane_sums<T>(pending, out + done);
-          done += kLanes<T>, n_pending = 0;
+      for (int64_t c = Cv; c < C; ++c) {  // the last C % W channels, into lane 0
+        const T u = go[c] * ro[c];
+        T ax = 0;
+        for (int64_t m = 0; m < d; ++m) {
+          if constexpr (WA) acc[m][0] += u * xg[m * C + c];
+          if constexpr (WR) ax += at[m] * xg[m * C + c];
         }
+        if constexpr (WR) gro[c] += go[c] * ax;
+      }
+      if constexpr (WA)
+        for (int64_t m = 0; m < d; ++m) sums.push(acc[m]);
+    }
+  });
+}
+
+// Per edge, the receiver-side outputs of the VJP's tangent along (v_x, v_a, v_r) (VX, VA, VR:
+// which are given) in one sweep of the rows, channels innermost one vector at a time:
+//   oa[t d + m] = sum_c g (v_r x_m + r v_x_m)          the tangent of (g r) x^T  (into oae)
+//   or[path]   += g dax,  dax = v_a x + a v_x           the tangent of g (a x)     (into ore)
+//   og[o]      += r dax + v_r (a x)                     the tangent of the messages (into ogi)
+// each where its pointer is not null (oae and ore zeroed by the caller).
+template <typename T, bool VX, bool VA, bool VR>
+void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
+                  const T* __restrict vre, const T* __restrict xj, const T* __restrict vxj,
+                  const T* __restrict ae, const T* __restrict vae, int64_t C, T* __restrict oae,
+                  T* __restrict ore, T* __restrict ogi) {
+  constexpr int64_t W = kLanes<T>;
+  const int64_t* path = tab.path.data();
+  const int64_t Cv = C - C % W;
+  const bool wa = oae && (VX || VR), wr = ore && (VX || VA), wg = ogi != nullptr;
+  groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+    constexpr int64_t Dc = decltype(dim)::value;
+    const T* xg = xj + gg.s * C;
+    const T* vxg = VX ? vxj + gg.s * C : nullptr;
+    LaneSums<T> sums(wa ? oae + gg.ac : nullptr);
+    for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+      const int64_t k = path[o];
+      const T *go = gi + o * C, *ro = re + k * C, *at = ae + gg.ac + t * d;
+      const T* vro = VR ? vre + k * C : nullptr;
+      const T* vat = VA ? vae + gg.ac + t * d : nullptr;
+      T* oro = wr ? ore + k * C : nullptr;
+      T* ogo = wg ? ogi + o * C : nullptr;
+      if (wa) {  // a's d sums over all channels: (g v_r) x_m + (g r) v_x_m
+        V<T> acc[Dc ? Dc : kMaxDim];
+        for (int64_t m = 0; m < d; ++m) acc[m] = V<T>{};
+        auto dot = [&](auto load, int64_t c, auto&& add) {
+          const auto gc = load(go + c);
+          const auto du = VR ? gc * load(vro + c) : gc, u = VX ? gc * load(ro + c) : gc;
+          for (int64_t m = 0; m < d; ++m) {
+            if constexpr (VR) add(m, du * load(xg + m * C + c));
+            if constexpr (VX) add(m, u * load(vxg + m * C + c));
+          }
+        };
+        for (int64_t c = 0; c < Cv; c += W)
+          dot([](const T* p) { return vload(p); }, c, [&](int64_t m, V<T> v) { acc[m] += v; });
+        for (int64_t c = Cv; c < C; ++c)  // the last C % W channels, into lane 0
+          dot([](const T* p) { return *p; }, c, [&](int64_t m, T v) { acc[m][0] += v; });
+        for (int64_t m = 0; m < d; ++m) sums.push(acc[m]);
+      }
+      if (!(wr || wg)) continue;
+      // dax = v_a x + a v_x; or += g dax; og += r dax + v_r (a x)
+      auto row = [&](auto load, int64_t c) {
+        using S = decltype(load(go + c));
+        S dax{}, ax{};
+        for (int64_t m = 0; m < d; ++m) {
+          const S xm = load(xg + m * C + c);
+          if constexpr (VA) dax += vat[m] * xm;
+          if constexpr (VX) dax += at[m] * load(vxg + m * C + c);
+          if constexpr (VR) ax += at[m] * xm;
+        }
+        S dg = load(ro + c) * dax;
+        if constexpr (VR) dg += load(vro + c) * ax;
+        return std::pair<S, S>{load(go + c) * dax, dg};
+      };
+      for (int64_t c = 0; c < Cv; c += W) {
+        const auto [dr, dg] = row([](const T* p) { return vload(p); }, c);
+        if (wr) vstore(oro + c, vload(oro + c) + dr);
+        if (wg) vstore(ogo + c, vload(ogo + c) + dg);
+      }
+      for (int64_t c = Cv; c < C; ++c) {
+        const auto [dr, dg] = row([](const T* p) { return *p; }, c);
+        if (wr) oro[c] += dr;
+        if (wg) ogo[c] += dg;
       }
     }
   });
-  for (int64_t q = 0; q < n_pending; ++q)
-    for (int64_t l = 0; l < kLanes<T>; ++l) out[done + q] += pending[q][l];
 }
 
 // For every node i in [0, n): start(i), then f(i, edge, next) for each of its edges (from
@@ -328,16 +434,6 @@ void per_node_blocks(int64_t C, const Tensor& order, const Tensor& ptr, S start,
       });
     }
   });
-}
-
-// body(group, d) for each group (d compile-time where with_dim knows it)
-template <typename F>
-inline void groups(const Table& tab, F&& body) {
-  for (const Group& g : tab.groups)
-    with_dim(g.d, [&](auto dim) {
-      constexpr int64_t Dc = decltype(dim)::value;
-      body(dim, g, Dc ? Dc : g.d);
-    });
 }
 
 // asks for one block of channels (one cache line at most) of each of the n rows p + t stride
@@ -381,11 +477,6 @@ Table checked_table(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   return tab;
 }
 
-#define MACE_GRID_BLOCK_TYPES(tag, dim)         \
-  using L = decltype(tag);                      \
-  constexpr int64_t Dc = decltype(dim)::value;  \
-  constexpr int64_t kRows = Dc ? Dc : kMaxDim
-
 // One term of a sender-side sum: edge matrices m [E, K] and radial weights w [E, P, C].
 template <typename T>
 struct Term {
@@ -412,20 +503,21 @@ void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P
         prefetch(term.m + next * K, K), prefetch(term.w + next * P * C, P * C);
     }
     T* oj = out + j * D * C;
-    blocks_and_groups<T>(C, tab, [&](auto tag, auto dim, const Group& gg, int64_t d, int64_t c0,
-                                     int64_t n) {
-      MACE_GRID_BLOCK_TYPES(tag, dim);
-      L acc[kRows];
-      for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
-      for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-        const L gio = L::load(gi + o * C + c0, n);
-        for (const Term<T>& term : terms) {
-          const L u = gio * L::load(term.w + (e * P + path[o]) * C + c0, n);
-          const T* mt = term.m + e * K + gg.ac + t * d;
-          for (int64_t m = 0; m < d; ++m) acc[m].fma(mt[m], u);
+    channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t n) {
+      groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+        using L = decltype(tag);
+        L acc[decltype(dim)::value ? decltype(dim)::value : kMaxDim];
+        for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
+        for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+          const L gio = L::load(gi + o * C + c0, n);
+          for (const Term<T>& term : terms) {
+            const L u = gio * L::load(term.w + (e * P + path[o]) * C + c0, n);
+            const T* mt = term.m + e * K + gg.ac + t * d;
+            for (int64_t m = 0; m < d; ++m) acc[m].fma(mt[m], u);
+          }
         }
-      }
-      for (int64_t m = 0; m < d; ++m) acc[m].add_to(oj + (gg.s + m) * C + c0);
+        for (int64_t m = 0; m < d; ++m) acc[m].add_to(oj + (gg.s + m) * C + c0);
+      });
     });
   });
 }
@@ -477,40 +569,27 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
   Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per-edge results: zeroed per edge
   Tensor gr = want_r ? at::empty_like(r) : Tensor();
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
-  const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
             *gp = g.data_ptr<T>();
-    if (want_a) {  // per edge: <g r, x> per column of a (a reduction over all channels)
-      T* gap = ga.data_ptr<T>();
+    if (want_a || want_r) {  // per edge: <g r, x> per column of a, <g, a x> per path
+      T* gap = want_a ? ga.data_ptr<T>() : nullptr;
+      T* grp = want_r ? gr.data_ptr<T>() : nullptr;
       per_node(recv_order, recv_ptr, nothing, [&](int64_t i, int64_t e, int64_t next) {
         const T *xj = xp + snd[e] * D * C, *re = rp + e * P * C, *gi = gp + i * R * C;
-        if (next >= 0) prefetch(rp + next * P * C, P * C);
-        T* gae = gap + e * K;
-        std::fill_n(gae, K, T(0));
-        for (const Group& gg : tab.groups)
-          group_dots<T, 1>(gg, path, gi, {{{re, xj + gg.s * C}}}, C, gae + gg.ac);
-      });
-    }
-    if (want_r) {  // per edge: <g, a x> per path
-      T* grp = gr.data_ptr<T>();
-      per_node_blocks<T>(C, recv_order, recv_ptr, nothing, [&](auto tag, int64_t i, int64_t e,
-                                                               int64_t next, int64_t c0,
-                                                               int64_t n) {
-        using L = decltype(tag);
-        const T *xj = xp + snd[e] * D * C + c0, *ae = ap + e * K, *gi = gp + i * R * C + c0;
-        if (next >= 0) prefetch(ap + next * K, K);
-        T* gre = grp + e * P * C;
-        if (c0 == 0) std::fill_n(gre, P * C, T(0));
-        groups(tab, [&](auto dim, const Group& gg, int64_t d) {
-          constexpr int64_t Dc = decltype(dim)::value;
-          L xs[Dc ? Dc : kMaxDim];
-          load_rows(xs, xj + gg.s * C, d, C, n);
-          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o)
-            (L::load(gi + o * C, n) * combine(ae + gg.ac + t * d, xs, d))
-                .add_to(gre + path[o] * C + c0);
-        });
+        const T* ae = ap + e * K;
+        if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+        T* gae = want_a ? gap + e * K : nullptr;
+        T* gre = want_r ? grp + e * P * C : nullptr;
+        if (want_a) std::fill_n(gae, K, T(0));
+        if (want_r) std::fill_n(gre, P * C, T(0));
+        if (want_a && want_r)
+          vjp_edge<T, true, true>(tab, gi, re, xj, ae, C, gae, gre);
+        else if (want_a)
+          vjp_edge<T, true, false>(tab, gi, re, xj, ae, C, gae, gre);
+        else
+          vjp_edge<T, false, true>(tab, gi, re, xj, ae, C, gae, gre);
       });
     }
     if (want_x)  // per sender: a^T (g r)
@@ -518,6 +597,23 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
                         gx.data_ptr<T>());
   });
   return {gx, ga, gr};
+}
+
+// f(VX, VA, VR) with which of v_x, v_a, v_r are given as compile-time bools (not all absent)
+template <typename F>
+inline void with_given(bool vx, bool va, bool vr, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  const int code = vx * 4 + va * 2 + vr;
+  switch (code) {
+    case 1: return f(N{}, N{}, Y{});
+    case 2: return f(N{}, Y{}, N{});
+    case 3: return f(N{}, Y{}, Y{});
+    case 4: return f(Y{}, N{}, N{});
+    case 5: return f(Y{}, N{}, Y{});
+    case 6: return f(Y{}, Y{}, N{});
+    default: return f(Y{}, Y{}, Y{});
+  }
 }
 
 // The tangent of (conv_vjp, conv_forward) along (v_x, v_a, v_r): (out_x, out_a, out_r,
@@ -551,7 +647,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
                                 : at::zeros({x.size(0), R, C}, x.options()))
                      : Tensor();
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
-  const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp_tangent", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
@@ -559,71 +654,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const T* vxp = has_vx ? v_x.data_ptr<T>() : nullptr;
     const T* vap = has_va ? v_a.data_ptr<T>() : nullptr;
     const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
-    if (write_a || write_r || write_g) {  // per edge and receiver, one block of channels at a time
-      T* oap = need_a ? oa.data_ptr<T>() : nullptr;
-      T* orp = need_r ? orr.data_ptr<T>() : nullptr;
-      T* ogp = need_g ? og.data_ptr<T>() : nullptr;
+    if (write_a || write_r || write_g) {  // per edge, by receiver
+      T* oap = write_a ? oa.data_ptr<T>() : nullptr;
+      T* orp = write_r ? orr.data_ptr<T>() : nullptr;
+      T* ogp = write_g ? og.data_ptr<T>() : nullptr;
       auto zero = [&](int64_t i) {
         if (write_g) std::fill_n(ogp + i * R * C, R * C, T(0));
       };
-      const bool need_ax = has_va || (need_g && has_vr);
-      per_node_blocks<T>(C, recv_order, recv_ptr, zero, [&](auto tag, int64_t i, int64_t e,
-                                                            int64_t next, int64_t c0, int64_t n) {
-        using L = decltype(tag);
-        const int64_t j = snd[e];
-        if (next >= 0 && write_a && c0 == 0) {  // the next edge's for all channels
-          prefetch(ap + next * K, K), prefetch(rp + next * P * C, P * C);
-          if (has_vr) prefetch(vrp + next * P * C, P * C);
-          if (has_va) prefetch(vap + next * K, K);
-        } else if (next >= 0) {
-          prefetch(ap + next * K, K);
-          if (need_g) prefetch_rows(rp + next * P * C + c0, P, C);
-          if (need_g && has_vr) prefetch_rows(vrp + next * P * C + c0, P, C);
-          if (has_va) prefetch(vap + next * K, K);
-        }
-        if (write_a && c0 == 0) {  // tangent of (g r) x^T: (g v_r) x^T + (g r) v_x^T, all channels
-          const T *xa = xp + j * D * C, *ra = rp + e * P * C, *ga = gp + i * R * C;
-          T* oae = oap + e * K;
-          std::fill_n(oae, K, T(0));
-          for (const Group& gg : tab.groups) {
-            const int64_t s0 = gg.s * C;
-            if (has_vr && has_vx)
-              group_dots<T, 2>(gg, path, ga,
-                               {{{vrp + e * P * C, xa + s0}, {ra, vxp + j * D * C + s0}}}, C,
-                               oae + gg.ac);
-            else if (has_vr)
-              group_dots<T, 1>(gg, path, ga, {{{vrp + e * P * C, xa + s0}}}, C, oae + gg.ac);
-            else
-              group_dots<T, 1>(gg, path, ga, {{{ra, vxp + j * D * C + s0}}}, C, oae + gg.ac);
+      with_given(has_vx, has_va, has_vr, [&](auto vx_, auto va_, auto vr_) {
+        constexpr bool VX = decltype(vx_)::value, VA = decltype(va_)::value,
+                       VR = decltype(vr_)::value;
+        per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
+          const int64_t j = snd[e];
+          if (next >= 0) {
+            prefetch(ap + next * K, K), prefetch(rp + next * P * C, P * C);
+            if (VR) prefetch(vrp + next * P * C, P * C);
+            if (VA) prefetch(vap + next * K, K);
           }
-        }
-        if (!(write_r || write_g)) return;
-        const T *xj = xp + j * D * C + c0, *ae = ap + e * K, *re = rp + e * P * C + c0,
-                *gi = gp + i * R * C + c0;
-        const T* vxj = has_vx ? vxp + j * D * C + c0 : nullptr;
-        const T* vae = has_va ? vap + e * K : nullptr;
-        const T* vre = has_vr ? vrp + e * P * C + c0 : nullptr;
-        T* ore = write_r ? orp + e * P * C : nullptr;
-        if (write_r && c0 == 0) std::fill_n(ore, P * C, T(0));
-        T* ogi = need_g ? ogp + i * R * C + c0 : nullptr;
-        groups(tab, [&](auto dim, const Group& gg, int64_t d) {
-          constexpr int64_t Dc = decltype(dim)::value;
-          L xs[Dc ? Dc : kMaxDim], vxs[Dc ? Dc : kMaxDim];
-          if (need_ax) load_rows(xs, xj + gg.s * C, d, C, n);
-          if (has_vx) load_rows(vxs, vxj + gg.s * C, d, C, n);
-          for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-            const T* at = ae + gg.ac + t * d;
-            L dm = L::zero(n);  // the tangent of the messages: dax r + (a x) v_r
-            if (has_dax) {  // dax = v_a x + a v_x
-              L dax = has_va ? combine(vae + gg.ac + t * d, xs, d) : combine(at, vxs, d);
-              if (has_va && has_vx)
-                for (int64_t m = 0; m < d; ++m) dax.fma(at[m], vxs[m]);
-              if (write_r) (L::load(gi + o * C, n) * dax).add_to(ore + path[o] * C + c0);
-              if (need_g) dm = L::load(re + path[o] * C, n) * dax;
-            }
-            if (need_g && has_vr) dm.fma(L::load(vre + path[o] * C, n), combine(at, xs, d));
-            if (write_g) dm.add_to(ogi + o * C);
-          }
+          T* oae = write_a ? oap + e * K : nullptr;
+          T* ore = write_r ? orp + e * P * C : nullptr;
+          if (write_a) std::fill_n(oae, K, T(0));
+          if (write_r) std::fill_n(ore, P * C, T(0));
+          tangent_edge<T, VX, VA, VR>(tab, gp + i * R * C, rp + e * P * C,
+                                      VR ? vrp + e * P * C : nullptr, xp + j * D * C,
+                                      VX ? vxp + j * D * C : nullptr, ap + e * K,
+                                      VA ? vap + e * K : nullptr, C, oae, ore,
+                                      write_g ? ogp + i * R * C : nullptr);
         });
       });
     }
@@ -639,8 +695,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   });
   return {ox, oa, orr, og};
 }
-
-#undef MACE_GRID_BLOCK_TYPES
 
 }  // namespace
 

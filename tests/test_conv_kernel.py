@@ -4,6 +4,7 @@ CPU kernel and the blocked PyTorch one): gradcheck and gradgradcheck of its auto
 interaction blocks at max_ell 1-3 and hidden L 0-2, and graphs with an isolated node, a single
 edge and no edge."""
 
+import itertools
 import logging
 
 import pytest
@@ -339,3 +340,63 @@ def test_cpp_ops_refuse_inconsistent_tables() -> None:
         ops.forward(x, a, r, senders, order, ptr, torch.tensor([[0, 1, 0, 1]]))
     with pytest.raises(RuntimeError, match="edge tensors disagree"):
         ops.forward(x, a, r, senders, order, ptr[:-1], rows)
+
+
+def table_convolution(rows: torch.Tensor, senders, receivers, n_nodes: int):
+    """The messages from the C++ ops' rows table (s, d, ac, k per output row o), by plain
+    PyTorch (an independent reference): out[i, o] = sum over e = j -> i of
+    r[e, k] * (a[e, ac : ac + d] @ x[j, s : s + d])."""
+
+    def conv(x, a, r):
+        out = []
+        for s, d, ac, k in rows.tolist():
+            ax = torch.einsum("em,emc->ec", a[:, ac : ac + d], x[senders, s : s + d])
+            out.append(scatter_sum(r[:, k] * ax, receivers, dim=0, dim_size=n_nodes))
+        return torch.stack(out, 1)
+
+    return conv
+
+
+@pytest.mark.parametrize("channels", [8, 11])
+def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
+    """The C++ ``vjp`` for every subset of wanted gradients, and ``vjp_tangent`` for every
+    subset of given tangents (v_x, v_a, v_r) and of needed outputs, equal torch.func's VJP and
+    its forward-mode derivative of a plain-PyTorch convolution, in float64, at a channel count
+    of whole vectors (8) and one with a remainder (11)."""
+    require_cpp(conv_kernel.native)
+    ops = conv_kernel.native()
+    with default_dtype(torch.float64):
+        fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o+3x2e", 2, channels=channels))
+    groups = conv_kernel.groups_of(fast.group_dims, fast.group_rows, fast.group_in)
+    gen = torch.Generator().manual_seed(6)
+    senders, receivers = random_graph(7, 30, gen)
+    graph = conv_kernel._graph(senders, receivers, 7, fast.row_path, groups)
+    order = (graph.senders, graph.receivers, graph.recv_order, graph.recv_ptr)
+    order += (graph.send_order, graph.send_ptr, graph.rows)
+    reference = table_convolution(graph.rows, senders, receivers, 7)
+    shapes = [(7, fast.d_in, channels), (30, fast.cg.shape[1]), (30, fast.num_paths, channels)]
+    x, a, r = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
+    grad = torch.randn(7, graph.rows.shape[0], channels, generator=gen, dtype=torch.float64)
+    v = [torch.randn_like(t) for t in (x, a, r)]
+
+    def vjp_and_out(x, a, r):
+        out, pullback = torch.func.vjp(reference, x, a, r)
+        return (*pullback(grad), out)
+
+    expected_vjp = vjp_and_out(x, a, r)[:3]
+    for want in itertools.product([False, True], repeat=3):
+        got = ops.vjp(x, a, r, grad, *order[:-1], graph.rows, *want)
+        for w, g, e in zip(want, got, expected_vjp, strict=True):
+            if w:
+                torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    for given in itertools.product([False, True], repeat=3):
+        if not any(given):
+            continue
+        tangents = [t if g else torch.zeros_like(t) for t, g in zip(v, given, strict=True)]
+        _, expected = torch.func.jvp(vjp_and_out, (x, a, r), tuple(tangents))
+        vs = [t if g else None for t, g in zip(v, given, strict=True)]
+        for need in [(True,) * 4, *(tuple(k == q for k in range(4)) for q in range(4))]:
+            got = ops.vjp_tangent(x, a, r, grad, *vs, *order[:-1], graph.rows, *need)
+            for n, g, e in zip(need, got, expected, strict=True):
+                if n:
+                    torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"{given} {need}")
