@@ -200,13 +200,17 @@ inline void with_dim(int64_t d, F&& f) {
   }
 }
 
-// body(group, d) for each group (d compile-time where with_dim knows it)
+// body(dim, group, d) for each group: d is `dim` (an integral_constant) where with_dim knows the
+// dimension, so that the body's loops over it unroll even where the body is not inlined, else
+// the group's dimension
 template <typename F>
 inline void groups(const Table& tab, F&& body) {
   for (const Group& g : tab.groups)
     with_dim(g.d, [&](auto dim) {
-      constexpr int64_t Dc = decltype(dim)::value;
-      body(dim, g, Dc ? Dc : g.d);
+      if constexpr (decltype(dim)::value != 0)
+        body(dim, g, dim);
+      else
+        body(dim, g, g.d);
     });
 }
 
@@ -288,7 +292,7 @@ void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
   constexpr int64_t W = kLanes<T>;
   const int64_t* path = tab.path.data();
   const int64_t Cv = C - C % W;
-  groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+  groups(tab, [&](auto dim, const Group& gg, auto d) {
     constexpr int64_t Dc = decltype(dim)::value;
     const T* xg = xj + gg.s * C;
     LaneSums<T> sums(WA ? gae + gg.ac : nullptr);
@@ -339,7 +343,7 @@ void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict 
   const int64_t* path = tab.path.data();
   const int64_t Cv = C - C % W;
   const bool wa = oae && (VX || VR), wr = ore && (VX || VA), wg = ogi != nullptr;
-  groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+  groups(tab, [&](auto dim, const Group& gg, auto d) {
     constexpr int64_t Dc = decltype(dim)::value;
     const T* xg = xj + gg.s * C;
     const T* vxg = VX ? vxj + gg.s * C : nullptr;
@@ -504,7 +508,7 @@ void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P
     }
     T* oj = out + j * D * C;
     channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t n) {
-      groups(tab, [&](auto dim, const Group& gg, int64_t d) {
+      groups(tab, [&](auto dim, const Group& gg, auto d) {
         using L = decltype(tag);
         L acc[decltype(dim)::value ? decltype(dim)::value : kMaxDim];
         for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
@@ -541,7 +545,7 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
       const T *xj = xp + snd[e] * D * C + c0, *ae = ap + e * K, *re = rp + e * P * C + c0;
       T* oi = op + i * R * C + c0;
       if (next >= 0) prefetch_rows(rp + next * P * C + c0, P, C), prefetch(ap + next * K, K);
-      groups(tab, [&](auto dim, const Group& g, int64_t d) {
+      groups(tab, [&](auto dim, const Group& g, auto d) {
         constexpr int64_t Dc = decltype(dim)::value;
         L xs[Dc ? Dc : kMaxDim];
         load_rows(xs, xj + g.s * C, d, C, n);
