@@ -371,8 +371,8 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
     gen = torch.Generator().manual_seed(6)
     senders, receivers = random_graph(7, 30, gen)
     graph = conv_kernel._graph(senders, receivers, 7, fast.row_path, groups)
-    order = (graph.senders, graph.receivers, graph.recv_order, graph.recv_ptr)
-    order += (graph.send_order, graph.send_ptr, graph.rows)
+    order = graph.senders, graph.receivers, graph.recv_order, graph.recv_ptr
+    order += graph.send_order, graph.send_ptr
     reference = table_convolution(graph.rows, senders, receivers, 7)
     shapes = [(7, fast.d_in, channels), (30, fast.cg.shape[1]), (30, fast.num_paths, channels)]
     x, a, r = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
@@ -385,7 +385,7 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
 
     expected_vjp = vjp_and_out(x, a, r)[:3]
     for want in itertools.product([False, True], repeat=3):
-        got = ops.vjp(x, a, r, grad, *order[:-1], graph.rows, *want)
+        got = ops.vjp(x, a, r, grad, *order, graph.rows, *want)
         for w, g, e in zip(want, got, expected_vjp, strict=True):
             if w:
                 torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
@@ -396,7 +396,7 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
         _, expected = torch.func.jvp(vjp_and_out, (x, a, r), tuple(tangents))
         vs = [t if g else None for t, g in zip(v, given, strict=True)]
         for need in [(True,) * 4, *(tuple(k == q for k in range(4)) for q in range(4))]:
-            got = ops.vjp_tangent(x, a, r, grad, *vs, *order[:-1], graph.rows, *need)
+            got = ops.vjp_tangent(x, a, r, grad, *vs, *order, graph.rows, *need)
             for n, g, e in zip(need, got, expected, strict=True):
                 if n:
                     torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"{given} {need}")
