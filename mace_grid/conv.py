@@ -21,7 +21,8 @@ runs as plain differentiable ops (`FastConvolution.convolve_autograd`, its refer
 ``FastConvolution`` subclasses e3nn's ``TensorProduct`` (built with mace's arguments), so a
 model's state_dict is the same with either conv and checkpoints load into both. conv=fast also
 computes the block's e3nn ``Linear`` after the convolution (17 input irreps at max_ell 3, L = 2)
-as `mace_grid.linear.StackedLinear`, one matmul per output irrep, on the same weight.
+as `mace_grid.linear.StackedLinear`, one matmul per output irrep, and its radial network as
+`mace_grid.radial.RadialMLP`, the activation's derivatives written out, on the same weights.
 """
 
 from collections.abc import Mapping
@@ -34,7 +35,10 @@ from mace.modules.blocks import RealAgnosticInteractionBlock, RealAgnosticResidu
 
 from mace_grid.conv_kernel import convolve, groups_of
 from mace_grid.errors import ConfigError
-from mace_grid.linear import StackedLinear, restore
+from mace_grid.linear import StackedLinear
+from mace_grid.linear import restore as restore_linear
+from mace_grid.radial import RadialMLP
+from mace_grid.radial import restore as restore_radial
 
 CONVS = ("e3nn", "fast")
 # Interaction blocks whose forward computes exactly gather -> conv_tp -> scatter_sum (or, with
@@ -246,10 +250,12 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.conv_tp = FastConvolution.like(tp).to(**_placement(block))
             block.conv_fusion = "mace_grid"  # mace's blocks then call the fused signature
             block.linear = _same_weights(StackedLinear.like(block.linear), block.linear)
+            block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
         elif name == "e3nn" and isinstance(tp, FastConvolution):
             block.conv_tp = o3.TensorProduct(**_init_args(tp)).to(**_placement(block))
             del block.conv_fusion
-            block.linear = _same_weights(restore(block.linear), block.linear)
+            block.linear = _same_weights(restore_linear(block.linear), block.linear)
+            block.conv_tp_weights = restore_radial(block.conv_tp_weights)
     return model
 
 

@@ -185,6 +185,24 @@ def _per_group(x: torch.Tensor, groups: list[Group]) -> list[torch.Tensor]:
     return [x.new_zeros(x.shape[0], g.n_rows, x.shape[2]) for g in groups]
 
 
+def _used(flags: tuple[bool, ...], inputs: tuple[torch.Tensor, ...]) -> tuple[bool, ...]:
+    """``ctx.needs_input_grad`` narrowed to what the running backward uses: an input whose
+    producer the engine will not execute gets no gradient. The force pass (``autograd.grad``
+    to the positions) needs none for the first layer's x, a function of the parameters only;
+    a backward to the parameters (`mace_grid.lit_module.backward_to_parameters`) needs none
+    for a, a function of the positions only. Under tracing, or in a backward without explicit
+    inputs, every flag stands."""
+    if torch.compiler.is_compiling():
+        return flags
+    try:
+        return tuple(
+            flag and (t.grad_fn is None or torch._C._will_engine_execute_node(t.grad_fn))
+            for flag, t in zip(flags, inputs, strict=True)
+        )
+    except RuntimeError:  # not inside an engine's backward (e.g. called directly)
+        return flags
+
+
 class _Conv(torch.autograd.Function):
     """`convolve` over blocks of edges; its backward is `_ConvVJP`, so the forces (first
     derivative) can be differentiated again in training."""
@@ -205,7 +223,7 @@ class _Conv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, a, r = ctx.saved_tensors
-        want = ctx.needs_input_grad[:3]
+        want = _used(ctx.needs_input_grad[:3], (x, a, r))
         grads = _ConvVJP.apply(x, a, r, grad.contiguous(), ctx.blocks, ctx.groups, want)
         return *grads, None, None
 
@@ -252,7 +270,7 @@ class _ConvVJP(torch.autograd.Function):
     def backward(ctx, v_x, v_a, v_r):
         x, a, r, grad = ctx.saved_tensors
         groups = ctx.groups
-        need = ctx.needs_input_grad[:4]
+        need = _used(ctx.needs_input_grad[:4], (x, a, r, grad))
         nothing = (None,) * 7
         if v_x is None and v_a is None and v_r is None:
             return nothing
@@ -399,7 +417,7 @@ class _NativeConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, a, r = ctx.saved_tensors
-        want = ctx.needs_input_grad[:3]
+        want = _used(ctx.needs_input_grad[:3], (x, a, r))
         grads = _NativeConvVJP.apply(x, a, r, grad.contiguous(), ctx.graph, want)
         return *grads, None
 
@@ -420,7 +438,7 @@ class _NativeConvVJP(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, v_x, v_a, v_r):
         x, a, r, grad = ctx.saved_tensors
-        need = ctx.needs_input_grad[:4]
+        need = _used(ctx.needs_input_grad[:4], (x, a, r, grad))
         if (v_x is None and v_a is None and v_r is None) or not any(need):
             return (None,) * 6
         v_x, v_a, v_r = (None if v is None else v.contiguous() for v in (v_x, v_a, v_r))

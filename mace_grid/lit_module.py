@@ -25,6 +25,16 @@ METRIC_NAMES = ("e_mae", "e_rmse", "f_mae", "f_rmse")
 FINITE_CHECK_STEPS = 50
 
 
+def backward_to_parameters(loss: torch.Tensor, module: torch.nn.Module, *args, **kwargs) -> None:
+    """``loss.backward()`` into the trainable parameters of ``module`` only, with the same
+    gradients. The positions require grad for the forces, so a plain backward also carries
+    the loss back to them (through the harmonics, the edge lengths and every derivative taken
+    with respect to them): work whose result nobody reads. Naming the parameters lets autograd
+    skip those nodes, and the fused convolution those outputs (`mace_grid.conv_kernel`)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    loss.backward(*args, inputs=params, **kwargs)
+
+
 class MaskedError(torchmetrics.Metric):
     """Mean absolute (or root mean square) error over the entries where ``mask`` is 1.
 
@@ -136,6 +146,10 @@ class MaceLitModule(L.LightningModule):
         f_sq = (mask * (pred["forces"] - batch.forces) ** 2).sum()
         f_loss = f_sq / (3.0 * mask.sum()).clamp(min=1.0)
         return self.hparams.energy_weight * e_loss + self.hparams.forces_weight * f_loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's hook: the loss to the parameters only (`backward_to_parameters`)."""
+        backward_to_parameters(loss, self, *args, **kwargs)
 
     def _log_metrics(self, prefix: str, metrics: ErrorMetrics, batch_size: int) -> None:
         for name, metric in metrics.metrics().items():

@@ -53,6 +53,7 @@ from e3nn import o3
 from mace_grid import conv_kernel, tp
 from mace_grid.cli import exit_with_error
 from mace_grid.errors import ConfigError
+from mace_grid.lit_module import backward_to_parameters
 from mace_grid.model import DTYPES
 from mace_grid.tp import rank_kernel
 from mace_grid.tp.step_size import adam_step_change
@@ -386,13 +387,14 @@ def molecule_batch(
 
 
 def training_step(model: torch.nn.Module, data: dict):
-    """Closure: forward with forces, energy + 100 * forces MSE, backward (one training step)."""
+    """Closure: forward with forces, energy + 100 * forces MSE, backward to the parameters (one
+    training step, as `mace_grid.lit_module` takes it)."""
 
     def step():
         model.zero_grad(set_to_none=True)
         out = model(data, training=True, compute_force=True)
         forces_error = (out["forces"] - data["forces"]).square().mean()
-        (out["energy"].square().mean() + 100 * forces_error).backward()
+        backward_to_parameters(out["energy"].square().mean() + 100 * forces_error, model)
 
     return step
 

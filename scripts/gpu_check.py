@@ -199,7 +199,7 @@ def model_step(module: MaceLitModule, batch, device: torch.device, dtype: torch.
     from types import SimpleNamespace
 
     loss = module.loss(pred, SimpleNamespace(**data))
-    loss.backward()
+    module.backward(loss)  # as training takes it: to the parameters
     grads = torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None])
     return pred["energy"], pred["forces"], loss, grads
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers import best_checkpoint, one_thread, shared_root, trained_runs  # noqa: F401
-from e3nn import o3
+from e3nn import nn, o3
 from e3nn.util import jit
 from mace.data import AtomicData, config_from_atoms
 from mace.modules.irreps_tools import tp_out_irreps_with_instructions
@@ -23,6 +23,7 @@ from mace_grid.data.io import read_atoms
 from mace_grid.errors import ConfigError
 from mace_grid.linear import StackedLinear
 from mace_grid.model import build_model
+from mace_grid.radial import RadialMLP
 
 STATISTICS = dict(
     atomic_numbers=[1, 8],
@@ -152,6 +153,7 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
         fast.load_state_dict(stock.state_dict())
     assert all(type(b.conv_tp) is FastConvolution for b in fast.interactions)
     assert all(type(b.linear) is StackedLinear for b in fast.interactions)
+    assert all(type(b.conv_tp_weights) is RadialMLP for b in fast.interactions)
     assert fast.state_dict().keys() == stock.state_dict().keys()
     batch = molecule_batch()
     expected = energy_forces_and_second_derivatives(stock, batch)
@@ -167,6 +169,7 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
     assert all(type(b.conv_tp) is o3.TensorProduct for b in back.interactions)
     assert all(not hasattr(b, "conv_fusion") for b in back.interactions)
     assert all(type(b.linear) is o3.Linear for b in back.interactions)
+    assert all(type(b.conv_tp_weights) is nn.FullyConnectedNet for b in back.interactions)
     torch.testing.assert_close(
         energy_forces_and_second_derivatives(back, batch)[1], expected[1], rtol=0, atol=1e-10
     )

@@ -24,6 +24,7 @@ from torch.utils import cpp_extension
 import mace_grid.conv
 from mace_grid import conv_kernel
 from mace_grid.conv import FastConvolution
+from mace_grid.lit_module import backward_to_parameters
 from mace_grid.model import build_model
 from mace_grid.tp.work import count_work
 
@@ -180,16 +181,9 @@ HIDDEN = ["2x0e", "2x0e+2x1o", "2x0e+2x1o+2x2e"]  # hidden L = 0, 1, 2
 BLOCKS = ["RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock"]
 
 
-@pytest.mark.parametrize("hidden_l", [0, 1, 2])
-@pytest.mark.parametrize("max_ell", [1, 2, 3])
-def test_models_match_mace_conv(max_ell: int, hidden_l: int, kernel: str, calls) -> None:
-    """Energies, forces and the parameter gradients of a force loss (second derivatives) of a
-    conv=fast model equal those of the same weights with mace's conv_tp (conv=e3nn). Every
-    model has both blocks, one first (scalar inputs) and one second (hidden L inputs),
-    alternating, so each block meets every max_ell and every hidden L."""
-    interaction = BLOCKS[(max_ell + hidden_l) % 2]
-    first = BLOCKS[(max_ell + hidden_l + 1) % 2]
-    config = dict(
+def tiny_config(max_ell: int, hidden_l: int) -> dict:
+    """Two interactions, both blocks: which comes first alternates with max_ell + hidden_l."""
+    return dict(
         r_max=3.0,
         num_bessel=3,
         num_polynomial_cutoff=5,
@@ -200,9 +194,19 @@ def test_models_match_mace_conv(max_ell: int, hidden_l: int, kernel: str, calls)
         correlation=2,
         radial_MLP=[4],
         gate="silu",
-        interaction=interaction,
-        interaction_first=first,
+        interaction=BLOCKS[(max_ell + hidden_l) % 2],
+        interaction_first=BLOCKS[(max_ell + hidden_l + 1) % 2],
     )
+
+
+@pytest.mark.parametrize("hidden_l", [0, 1, 2])
+@pytest.mark.parametrize("max_ell", [1, 2, 3])
+def test_models_match_mace_conv(max_ell: int, hidden_l: int, kernel: str, calls) -> None:
+    """Energies, forces and the parameter gradients of a force loss (second derivatives) of a
+    conv=fast model equal those of the same weights with mace's conv_tp (conv=e3nn). Every
+    model has both blocks, one first (scalar inputs) and one second (hidden L inputs),
+    alternating, so each block meets every max_ell and every hidden L."""
+    config = tiny_config(max_ell, hidden_l)
     models = {}
     with default_dtype(torch.float64):
         for conv in ("e3nn", "fast"):
@@ -221,6 +225,41 @@ def test_models_match_mace_conv(max_ell: int, hidden_l: int, kernel: str, calls)
     assert len(got) == len(expected)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+def test_backward_to_parameters_asks_the_kernel_for_less(kernel: str, monkeypatch) -> None:
+    """Training's backward (`backward_to_parameters`) gives a plain ``loss.backward()``'s
+    parameter gradients and leaves the positions alone, and the kernel's derivative passes
+    skip what nobody reads: the force pass wants no d/dx of the first layer (the node
+    embedding does not depend on the positions), the backward to the parameters no d/da (the
+    edge harmonics depend on nothing else); a plain backward wants everything."""
+    vjp = conv_kernel._NativeConvVJP if kernel == "cpp" else conv_kernel._ConvVJP
+    wants = []
+    apply = vjp.apply
+    monkeypatch.setattr(vjp, "apply", lambda *args: wants.append(args[-1]) or apply(*args))
+    with default_dtype(torch.float64):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(2, 1), {"name": "cg"}, STATISTICS, {"name": "fast"})
+    batch = molecule_batch()
+    grads, positions = {}, {}
+    for how in ("plain", "parameters"):
+        model.zero_grad(set_to_none=True)
+        data = dict(batch, positions=batch["positions"].clone().requires_grad_())
+        wants.clear()
+        out = model(data, training=True, compute_force=True)
+        assert [want[0] for want in wants] == [True, False]  # second layer first
+        loss = out["energy"].square().sum() + (out["forces"] - 1).square().sum()
+        wants.clear()
+        if how == "plain":
+            loss.backward()
+        else:
+            backward_to_parameters(loss, model)
+        assert len(wants) == 2 and all(want[1] == (how == "plain") for want in wants)
+        grads[how] = [p.grad for p in model.parameters()]
+        positions[how] = data["positions"].grad
+    assert positions["plain"] is not None and positions["parameters"] is None
+    for g, e in zip(grads["parameters"], grads["plain"], strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
 def test_random_graph_messages_match_e3nn_over_blocks(kernel: str, monkeypatch) -> None:

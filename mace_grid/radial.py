@@ -1,0 +1,118 @@
+"""e3nn's ``FullyConnectedNet`` (mace's radial network) with its activation's derivatives
+written out (same weights, same function).
+
+mace's ``conv_tp_weights`` maps each edge's radial basis through SiLU layers to the convolution's
+weights, and force training differentiates it twice. e3nn composes each layer of a weight
+scaling, the matmul, SiLU, the normalising constant and a unit variance factor; autograd's second
+derivative of that composition is some thirty elementwise passes over [edges, hidden] per layer,
+most of the network's time outside its matmuls. ``RadialMLP`` folds the constants into the
+weight and the activation's scale, and computes the scaled SiLU, its first derivative and its
+second derivative as one small autograd Function each (`_SiLU`, `_SiLUGrad`).
+"""
+
+import torch
+from e3nn import nn
+
+from mace_grid.errors import ConfigError
+
+
+class _SiLU(torch.autograd.Function):
+    """y = s * silu(z); its backward is `_SiLUGrad`, differentiable once more."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, s: float) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.s = s
+        return torch.nn.functional.silu(z).mul_(s)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (z,) = ctx.saved_tensors
+        return _SiLUGrad.apply(z, grad, ctx.s), None
+
+
+class _SiLUGrad(torch.autograd.Function):
+    """g * s * silu'(z), silu'(z) = sig (1 + z (1 - sig)); its backward is the second
+    derivative, silu''(z) = sig (1 - sig) (2 + z (1 - 2 sig))."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, g: torch.Tensor, s: float) -> torch.Tensor:
+        ctx.save_for_backward(z, g)
+        ctx.s = s
+        return torch.ops.aten.silu_backward(g, z).mul_(s)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, v: torch.Tensor):
+        z, g = ctx.saved_tensors
+        need_z, need_g = ctx.needs_input_grad[:2]
+        grad_z = grad_g = None
+        if need_g:
+            grad_g = torch.ops.aten.silu_backward(v, z).mul_(ctx.s)
+        if need_z:
+            sig = torch.sigmoid(z)
+            bend = torch.ops.aten.sigmoid_backward(v * g, sig).mul_(ctx.s)  # v g s sig (1 - sig)
+            grad_z = sig.mul_(-2).add_(1).mul_(z).add_(2).mul_(bend)
+        return grad_z, grad_g, None
+
+
+class RadialMLP(nn.FullyConnectedNet):
+    """``nn.FullyConnectedNet`` with e3nn's parameters (its state_dict is that of the module it
+    replaces) computed with `_SiLU`; under TorchScript and torch.compile it runs e3nn's layers."""
+
+    @classmethod
+    def like(cls, net: nn.FullyConnectedNet) -> "RadialMLP":
+        """The same network as mace's ``conv_tp_weights`` ``net``, holding its Parameters."""
+        layers = list(net)
+        acts = [layer.act for layer in layers]
+        if (
+            type(net) is not nn.FullyConnectedNet
+            or acts[-1] is not None
+            or any(act is None or act.f is not torch.nn.functional.silu for act in acts[:-1])
+        ):
+            raise ConfigError(f"{net} is not mace's SiLU radial network; use conv=e3nn")
+        with torch.random.fork_rng(devices=[]):  # its initial weights are replaced below
+            new = cls(net.hs, torch.nn.functional.silu)
+        for mine, theirs in zip(new, layers, strict=True):
+            mine.var_in, mine.var_out = theirs.var_in, theirs.var_out
+            mine.weight = theirs.weight
+        # e3nn's constants, per layer: its weight's scale and (hidden layers) the activation's
+        new.weight_scales = [
+            (layer.h_in * layer.var_in / (1.0 if layer.act else layer.var_out)) ** -0.5
+            for layer in layers
+        ]
+        new.act_scales = [
+            (1.0 if layer.act._is_id else layer.act.cst) * layer.var_out**0.5
+            for layer in layers[:-1]
+        ]
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            for layer in self:
+                x = layer(x)
+            return x
+        return self._eager(x)
+
+    @torch.jit.unused
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            for layer in self:
+                x = layer(x)
+            return x
+        *hidden, last = self
+        for layer, w_scale, act_scale in zip(
+            hidden, self.weight_scales, self.act_scales, strict=False
+        ):
+            x = _SiLU.apply(x @ (layer.weight * w_scale), act_scale)
+        return x @ (last.weight * self.weight_scales[-1])
+
+
+def restore(net: RadialMLP) -> nn.FullyConnectedNet:
+    """e3nn's own network computing ``net``, holding its Parameters."""
+    with torch.random.fork_rng(devices=[]):
+        new = nn.FullyConnectedNet(net.hs, torch.nn.functional.silu)
+    for mine, theirs in zip(new, net, strict=True):
+        mine.var_in, mine.var_out = theirs.var_in, theirs.var_out
+        mine.weight = theirs.weight
+    return new
