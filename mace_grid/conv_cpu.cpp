@@ -501,8 +501,7 @@ void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P
   auto zero = [&](int64_t j) { std::fill_n(out + j * D * C, D * C, T(0)); };
   per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
     const T* gi = gp + rcv[e] * R * C;
-    if (next >= 0) {
-      prefetch(gp + rcv[next] * R * C, R * C);
+    if (next >= 0) {  // not g[i]: a sender's receivers are near it, their rows still cached
       for (const Term<T>& term : terms)
         prefetch(term.m + next * K, K), prefetch(term.w + next * P * C, P * C);
     }
@@ -583,7 +582,8 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
       per_node(recv_order, recv_ptr, nothing, [&](int64_t i, int64_t e, int64_t next) {
         const T *xj = xp + snd[e] * D * C, *re = rp + e * P * C, *gi = gp + i * R * C;
         const T* ae = ap + e * K;
-        if (next >= 0) prefetch(rp + next * P * C, P * C), prefetch(ap + next * K, K);
+        if (next >= 0 && want_a) prefetch(rp + next * P * C, P * C);  // d/dr alone reads no r
+        if (next >= 0) prefetch(ap + next * K, K);
         T* gae = want_a ? gap + e * K : nullptr;
         T* gre = want_r ? grp + e * P * C : nullptr;
         if (want_a) std::fill_n(gae, K, T(0));
