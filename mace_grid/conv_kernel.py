@@ -199,7 +199,7 @@ def _used(flags: tuple[bool, ...], inputs: tuple[torch.Tensor, ...]) -> tuple[bo
             flag and (t.grad_fn is None or torch._C._will_engine_execute_node(t.grad_fn))
             for flag, t in zip(flags, inputs, strict=True)
         )
-    except RuntimeError:  # not inside an engine's backward (e.g. called directly)
+    except (RuntimeError, AttributeError):  # not in an engine's backward, or no such query
         return flags
 
 
