@@ -71,14 +71,10 @@ class RadialMLP(nn.FullyConnectedNet):
             or any(act is None or act.f is not torch.nn.functional.silu for act in acts[:-1])
         ):
             raise ConfigError(f"{net} is not mace's SiLU radial network; use conv=e3nn")
-        with torch.random.fork_rng(devices=[]):  # its initial weights are replaced below
-            new = cls(net.hs, torch.nn.functional.silu)
-        for mine, theirs in zip(new, layers, strict=True):
-            mine.var_in, mine.var_out = theirs.var_in, theirs.var_out
-            mine.weight = theirs.weight
+        new = _same_layers(cls, net)
         # e3nn's constants, per layer: its weight's scale and (hidden layers) the activation's
         new.weight_scales = [
-            (layer.h_in * layer.var_in / (1.0 if layer.act else layer.var_out)) ** -0.5
+            (layer.h_in * layer.var_in / (1.0 if layer.act is not None else layer.var_out)) ** -0.5
             for layer in layers
         ]
         new.act_scales = [
@@ -102,7 +98,7 @@ class RadialMLP(nn.FullyConnectedNet):
             return x
         *hidden, last = self
         for layer, w_scale, act_scale in zip(
-            hidden, self.weight_scales, self.act_scales, strict=False
+            hidden, self.weight_scales[:-1], self.act_scales, strict=True
         ):
             x = _SiLU.apply(x @ (layer.weight * w_scale), act_scale)
         return x @ (last.weight * self.weight_scales[-1])
@@ -110,8 +106,17 @@ class RadialMLP(nn.FullyConnectedNet):
 
 def restore(net: RadialMLP) -> nn.FullyConnectedNet:
     """e3nn's own network computing ``net``, holding its Parameters."""
+    return _same_layers(nn.FullyConnectedNet, net)
+
+
+def _same_layers(
+    cls: type[nn.FullyConnectedNet], net: nn.FullyConnectedNet
+) -> nn.FullyConnectedNet:
+    """A ``cls`` with ``net``'s layers: its sizes, variances and Parameters. Built without moving
+    the global RNG (e3nn draws initial weights that are replaced here), as
+    `mace_grid.linear._same_paths` builds its linears."""
     with torch.random.fork_rng(devices=[]):
-        new = nn.FullyConnectedNet(net.hs, torch.nn.functional.silu)
+        new = cls(net.hs, torch.nn.functional.silu)
     for mine, theirs in zip(new, net, strict=True):
         mine.var_in, mine.var_out = theirs.var_in, theirs.var_out
         mine.weight = theirs.weight
