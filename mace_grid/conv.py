@@ -37,7 +37,7 @@ from mace_grid.conv_kernel import convolve, groups_of
 from mace_grid.errors import ConfigError
 from mace_grid.linear import StackedLinear
 from mace_grid.linear import restore as restore_linear
-from mace_grid.radial import RadialMLP
+from mace_grid.radial import Deferred, RadialMLP
 from mace_grid.radial import restore as restore_radial
 
 CONVS = ("e3nn", "fast")
@@ -65,7 +65,9 @@ class FastConvolution(o3.TensorProduct):
 
     ``forward(node_feats [n_nodes, irreps_in1], edge_attrs [n_edges, irreps_in2],
     weights [n_edges, weight_numel], edge_index [2, n_edges]) -> [n_nodes, irreps_out]``: the
-    summed messages, as mace's blocks call a fused conv (``conv_fusion``).
+    summed messages, as mace's blocks call a fused conv (``conv_fusion``). In eager mode the
+    weights may come as `mace_grid.radial.Deferred`, the radial network's call, made here once
+    per bond.
     """
 
     def __init__(self, **tp_args) -> None:
@@ -152,6 +154,10 @@ class FastConvolution(o3.TensorProduct):
         )
         self.register_buffer("in_index", in_index, persistent=False)
         self.register_buffer("out_index", out_index, persistent=False)
+        # the edges' directions for pairing them into bonds (`mace_grid.radial.bonds`): the
+        # columns of the l = 1 harmonics of edge_attrs (-1: none)
+        ones = [k for k, (_, ir) in enumerate(self.irreps_in2) if ir.l == 1]
+        self.directions = sh_offsets[ones[0]] if ones else -1
         self.channels = channels
         self.num_paths = len(self.instructions)
         self.d_in = d_in
@@ -185,12 +191,19 @@ class FastConvolution(o3.TensorProduct):
     ) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self.convolve_autograd(node_feats, edge_attrs, weights, edge_index)
-        n_nodes, n_edges, c = node_feats.shape[0], edge_attrs.shape[0], self.channels
+        n_nodes, c = node_feats.shape[0], self.channels
+        bond = None
+        if isinstance(weights, Deferred):
+            d = self.directions
+            directions = edge_attrs[:, d : d + 3] if d >= 0 else None
+            weights, bond = weights.per_bond(edge_index, directions, n_nodes)
         x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)
-        r = weights.view(n_edges, self.num_paths, c)  # instruction order, as row_path reads it
+        # per bond (or edge), paths in instruction order, as row_path reads them
+        r = weights.view(weights.shape[0], self.num_paths, c)
         a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
         groups = groups_of(self.group_dims, self.group_rows, self.group_in)
-        out = convolve(x, a_all, r, edge_index[0], edge_index[1], self.row_path, groups)
+        senders, receivers = edge_index
+        out = convolve(x, a_all, r, senders, receivers, self.row_path, groups, bond)
         return out.view(n_nodes, self.d_out * c).index_select(1, self.out_index)
 
     def convolve_autograd(
@@ -243,6 +256,7 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """
     if name not in CONVS:
         raise ConfigError(f"conv.name={name!r}; choose one of {', '.join(CONVS)} (conv=<name>)")
+    cutoff_folded = getattr(getattr(model, "radial_embedding", None), "apply_cutoff", True)
     for block in interaction_blocks(model):
         tp = block.conv_tp
         if name == "fast" and not isinstance(tp, FastConvolution):
@@ -251,6 +265,8 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.conv_fusion = "mace_grid"  # mace's blocks then call the fused signature
             block.linear = _same_weights(StackedLinear.like(block.linear), block.linear)
             block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
+            # once per bond, unless mace multiplies the weights by the cutoff in between
+            block.conv_tp_weights.per_bond = cutoff_folded
         elif name == "e3nn" and isinstance(tp, FastConvolution):
             block.conv_tp = o3.TensorProduct(**_init_args(tp)).to(**_placement(block))
             del block.conv_fusion

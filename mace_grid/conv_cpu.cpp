@@ -7,8 +7,10 @@
 //
 //     out[i, o, c] = sum_{e: j -> i} r[e, k_o, c] ax[e, o, c]
 //
-// Layouts (all contiguous, channels last): x [n, D, C], a [E, K], r [E, P, C], grad [n, R, C],
-// rows [R, 4] int64 (s, d, ac, k). Receiver-side results (out, its tangent and everything per
+// Layouts (all contiguous, channels last): x [n, D, C], a [E, K], r [B, P, C], grad [n, R, C],
+// rows [R, 4] int64 (s, d, ac, k), bond [E] int64: edge e reads radial weights r[bond[e]] (the
+// two directions of a bond share one row; B = E and bond a permutation where none do), and
+// d/dr sums over a bond's edges (by bond, from its CSR `bond_order`, `bond_ptr`). Receiver-side results (out, its tangent and everything per
 // edge) are computed per receiver from edges sorted by receiver (`recv_order`, CSR `recv_ptr`);
 // sender-side results (d/dx and its tangent) per sender from edges sorted by sender. Each node
 // is written by one thread, so the passes run in parallel (at::parallel_for) without atomics.
@@ -456,14 +458,23 @@ inline void prefetch(const T* p, int64_t count) {
 }
 
 // Shapes of one edge order (its values, from mace_grid.conv_kernel._csr, are trusted).
-void check_order(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& index,
-                 const Tensor& order, const Tensor& ptr) {
+void check_order(const Tensor& x, const Tensor& a, const Tensor& index, const Tensor& order,
+                 const Tensor& ptr) {
   const int64_t E = a.size(0);
-  TORCH_CHECK(r.size(0) == E && index.numel() == E && order.numel() == E &&
-                  ptr.numel() == x.size(0) + 1,
-              "edge tensors disagree: ", E, " edge matrices, ", r.size(0), " radial weights, ",
-              index.numel(), " indices, ", order.numel(), " ordered, ", ptr.numel(),
-              " pointers for ", x.size(0), " nodes");
+  TORCH_CHECK(index.numel() == E && order.numel() == E && ptr.numel() == x.size(0) + 1,
+              "edge tensors disagree: ", E, " edge matrices, ", index.numel(), " indices, ",
+              order.numel(), " ordered, ", ptr.numel(), " pointers for ", x.size(0), " nodes");
+}
+
+// Shapes of the bonds (values, from mace_grid.conv_kernel._graph, trusted): one per edge, rows
+// of r; their CSR where given.
+void check_bonds(const Tensor& a, const Tensor& r, const Tensor& bond,
+                 const Tensor* order = nullptr, const Tensor* ptr = nullptr) {
+  const int64_t E = a.size(0), B = r.size(0);
+  TORCH_CHECK(bond.numel() == E && B <= E && (B > 0 || E == 0) &&
+                  (!order || (order->numel() == E && ptr->numel() == B + 1)),
+              "bond tensors disagree: ", E, " edges, ", bond.numel(), " bonds of edges, ", B,
+              " radial weight rows");
 }
 
 void check(const Tensor& t, const char* name, int64_t dim) {
@@ -495,7 +506,8 @@ struct Term {
 template <typename T, size_t NT>
 void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P,
                     const Tensor& send_order, const Tensor& send_ptr, const int64_t* rcv,
-                    const T* gp, const std::array<Term<T>, NT>& terms, T* out) {
+                    const int64_t* bnd, const T* gp, const std::array<Term<T>, NT>& terms,
+                    T* out) {
   const int64_t R = tab.path.size();
   const int64_t* path = tab.path.data();
   auto zero = [&](int64_t j) { std::fill_n(out + j * D * C, D * C, T(0)); };
@@ -503,9 +515,10 @@ void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P
     const T* gi = gp + rcv[e] * R * C;
     if (next >= 0) {  // not g[i]: a sender's receivers are near it, their rows still cached
       for (const Term<T>& term : terms)
-        prefetch(term.m + next * K, K), prefetch(term.w + next * P * C, P * C);
+        prefetch(term.m + next * K, K), prefetch(term.w + bnd[next] * P * C, P * C);
     }
     T* oj = out + j * D * C;
+    const int64_t b = bnd[e];
     channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t n) {
       groups(tab, [&](auto dim, const Group& gg, auto d) {
         using L = decltype(tag);
@@ -514,7 +527,7 @@ void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P
         for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
           const L gio = L::load(gi + o * C + c0, n);
           for (const Term<T>& term : terms) {
-            const L u = gio * L::load(term.w + (e * P + path[o]) * C + c0, n);
+            const L u = gio * L::load(term.w + (b * P + path[o]) * C + c0, n);
             const T* mt = term.m + e * K + gg.ac + t * d;
             for (int64_t m = 0; m < d; ++m) acc[m].fma(mt[m], u);
           }
@@ -526,12 +539,14 @@ void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P
 }
 
 Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& senders,
-                    const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t) {
+                    const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t,
+                    const Tensor& bond) {
   const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_order(x, a, r, senders, recv_order, recv_ptr);
+  check_order(x, a, senders, recv_order, recv_ptr);
+  check_bonds(a, r, bond);
   auto out = at::empty({x.size(0), R, C}, x.options());  // zeroed per receiver
-  const int64_t* snd = senders.data_ptr<int64_t>();
+  const int64_t *snd = senders.data_ptr<int64_t>(), *bnd = bond.data_ptr<int64_t>();
   const int64_t* path = tab.path.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
     using T = scalar_t;
@@ -541,9 +556,9 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
     per_node_blocks<T>(C, recv_order, recv_ptr, zero, [&](auto tag, int64_t i, int64_t e,
                                                           int64_t next, int64_t c0, int64_t n) {
       using L = decltype(tag);
-      const T *xj = xp + snd[e] * D * C + c0, *ae = ap + e * K, *re = rp + e * P * C + c0;
+      const T *xj = xp + snd[e] * D * C + c0, *ae = ap + e * K, *re = rp + bnd[e] * P * C + c0;
       T* oi = op + i * R * C + c0;
-      if (next >= 0) prefetch_rows(rp + next * P * C + c0, P, C), prefetch(ap + next * K, K);
+      if (next >= 0) prefetch_rows(rp + bnd[next] * P * C + c0, P, C), prefetch(ap + next * K, K);
       groups(tab, [&](auto dim, const Group& g, auto d) {
         constexpr int64_t Dc = decltype(dim)::value;
         L xs[Dc ? Dc : kMaxDim];
@@ -562,32 +577,38 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
                                             const Tensor& receivers, const Tensor& recv_order,
                                             const Tensor& recv_ptr, const Tensor& send_order,
                                             const Tensor& send_ptr, const Tensor& rows_t,
-                                            bool want_x, bool want_a, bool want_r) {
+                                            bool want_x, bool want_a, bool want_r,
+                                            const Tensor& bond, const Tensor& bond_order,
+                                            const Tensor& bond_ptr) {
   check(g, "grad", 3);
   const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_order(x, a, r, receivers, recv_order, recv_ptr);
-  check_order(x, a, r, senders, send_order, send_ptr);
+  check_order(x, a, receivers, recv_order, recv_ptr);
+  check_order(x, a, senders, send_order, send_ptr);
+  check_bonds(a, r, bond, &bond_order, &bond_ptr);
   Tensor gx = want_x ? at::empty_like(x) : Tensor();  // zeroed per sender
-  Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per-edge results: zeroed per edge
-  Tensor gr = want_r ? at::empty_like(r) : Tensor();
-  const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
+  Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per edge: zeroed per edge
+  Tensor gr = want_r ? at::empty_like(r) : Tensor();  // per bond: zeroed per bond
+  const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>(),
+                *bnd = bond.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
             *gp = g.data_ptr<T>();
-    if (want_a || want_r) {  // per edge: <g r, x> per column of a, <g, a x> per path
+    if (want_a || want_r) {  // per edge, by bond: <g r, x> per column of a, <g, a x> per path
       T* gap = want_a ? ga.data_ptr<T>() : nullptr;
       T* grp = want_r ? gr.data_ptr<T>() : nullptr;
-      per_node(recv_order, recv_ptr, nothing, [&](int64_t i, int64_t e, int64_t next) {
-        const T *xj = xp + snd[e] * D * C, *re = rp + e * P * C, *gi = gp + i * R * C;
+      auto zero = [&](int64_t b) {
+        if (want_r) std::fill_n(grp + b * P * C, P * C, T(0));
+      };
+      per_node(bond_order, bond_ptr, zero, [&](int64_t b, int64_t e, int64_t next) {
+        const T *xj = xp + snd[e] * D * C, *re = rp + b * P * C, *gi = gp + rcv[e] * R * C;
         const T* ae = ap + e * K;
-        if (next >= 0 && want_a) prefetch(rp + next * P * C, P * C);  // d/dr alone reads no r
+        if (next >= 0 && want_a) prefetch(rp + bnd[next] * P * C, P * C);  // d/dr reads no r
         if (next >= 0) prefetch(ap + next * K, K);
         T* gae = want_a ? gap + e * K : nullptr;
-        T* gre = want_r ? grp + e * P * C : nullptr;
+        T* gre = want_r ? grp + b * P * C : nullptr;
         if (want_a) std::fill_n(gae, K, T(0));
-        if (want_r) std::fill_n(gre, P * C, T(0));
         if (want_a && want_r)
           vjp_edge<T, true, true>(tab, gi, re, xj, ae, C, gae, gre);
         else if (want_a)
@@ -597,8 +618,8 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
       });
     }
     if (want_x)  // per sender: a^T (g r)
-      add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, gp, {{{ap, rp}}},
-                        gx.data_ptr<T>());
+      add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, bnd, gp, {{{ap, rp}}},
+                           gx.data_ptr<T>());
   });
   return {gx, ga, gr};
 }
@@ -628,7 +649,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const std::optional<Tensor>& v_r_, const Tensor& senders, const Tensor& receivers,
     const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& send_order,
     const Tensor& send_ptr, const Tensor& rows_t, bool need_x, bool need_a, bool need_r,
-    bool need_g) {
+    bool need_g, const Tensor& bond, const Tensor& bond_order, const Tensor& bond_ptr) {
   check(g, "grad", 3);
   const Tensor v_x = v_x_.value_or(Tensor()), v_a = v_a_.value_or(Tensor()),
                v_r = v_r_.value_or(Tensor());
@@ -637,8 +658,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   if (v_r.defined()) check(v_r, "v_r", 3);
   const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_order(x, a, r, receivers, recv_order, recv_ptr);
-  check_order(x, a, r, senders, send_order, send_ptr);
+  check_order(x, a, receivers, recv_order, recv_ptr);
+  check_order(x, a, senders, send_order, send_ptr);
+  check_bonds(a, r, bond, &bond_order, &bond_ptr);
+  if (v_r.defined()) check_bonds(a, v_r, bond);
+  const int64_t E = a.size(0), B = r.size(0);
   const bool has_vx = v_x.defined(), has_va = v_a.defined(), has_vr = v_r.defined();
   const bool has_dax = has_vx || has_va;  // the tangent of a x
   const bool write_a = need_a && (has_vx || has_vr), write_r = need_r && has_dax;
@@ -647,10 +671,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   Tensor ox = need_x ? (write_x ? at::empty_like(x) : at::zeros_like(x)) : Tensor();
   Tensor oa = need_a ? (write_a ? at::empty_like(a) : at::zeros_like(a)) : Tensor();
   Tensor orr = need_r ? (write_r ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
+  // d/dr per edge (zeroed per edge), summed per bond after the pass; in place where B = E
+  Tensor per_edge_r = write_r && B < E ? at::empty({E, P, C}, r.options()) : orr;
   Tensor og = need_g ? (write_g ? at::empty({x.size(0), R, C}, x.options())
                                 : at::zeros({x.size(0), R, C}, x.options()))
                      : Tensor();
-  const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>();
+  const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>(),
+                *bnd = bond.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp_tangent", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
@@ -660,7 +687,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
     if (write_a || write_r || write_g) {  // per edge, by receiver
       T* oap = write_a ? oa.data_ptr<T>() : nullptr;
-      T* orp = write_r ? orr.data_ptr<T>() : nullptr;
+      T* orp = write_r ? per_edge_r.data_ptr<T>() : nullptr;
       T* ogp = write_g ? og.data_ptr<T>() : nullptr;
       auto zero = [&](int64_t i) {
         if (write_g) std::fill_n(ogp + i * R * C, R * C, T(0));
@@ -669,31 +696,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
         constexpr bool VX = decltype(vx_)::value, VA = decltype(va_)::value,
                        VR = decltype(vr_)::value;
         per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
-          const int64_t j = snd[e];
+          const int64_t j = snd[e], b = bnd[e];
           if (next >= 0) {
-            prefetch(ap + next * K, K), prefetch(rp + next * P * C, P * C);
-            if (VR) prefetch(vrp + next * P * C, P * C);
+            prefetch(ap + next * K, K), prefetch(rp + bnd[next] * P * C, P * C);
+            if (VR) prefetch(vrp + bnd[next] * P * C, P * C);
             if (VA) prefetch(vap + next * K, K);
           }
           T* oae = write_a ? oap + e * K : nullptr;
-          T* ore = write_r ? orp + e * P * C : nullptr;
+          T* ore = write_r ? orp + (B < E ? e : b) * P * C : nullptr;
           if (write_a) std::fill_n(oae, K, T(0));
           if (write_r) std::fill_n(ore, P * C, T(0));
-          tangent_edge<T, VX, VA, VR>(tab, gp + i * R * C, rp + e * P * C,
-                                      VR ? vrp + e * P * C : nullptr, xp + j * D * C,
+          tangent_edge<T, VX, VA, VR>(tab, gp + i * R * C, rp + b * P * C,
+                                      VR ? vrp + b * P * C : nullptr, xp + j * D * C,
                                       VX ? vxp + j * D * C : nullptr, ap + e * K,
                                       VA ? vap + e * K : nullptr, C, oae, ore,
                                       write_g ? ogp + i * R * C : nullptr);
         });
       });
+      if (write_r && B < E) {  // per bond: the sum of its edges' d/dr
+        T* out = orr.data_ptr<T>();
+        auto first = [&](int64_t b) { std::fill_n(out + b * P * C, P * C, T(0)); };
+        per_node(bond_order, bond_ptr, first, [&](int64_t b, int64_t e, int64_t) {
+          T* ob = out + b * P * C;
+          const T* oe = orp + e * P * C;
+          for (int64_t q = 0; q < P * C; ++q) ob[q] += oe[q];
+        });
+      }
     }
     if (write_x) {  // tangent of a^T (g r): v_a^T (g r) + a^T (g v_r)
       const Term<T> va_r{vap, rp}, a_vr{ap, vrp};
       T* oxp = ox.data_ptr<T>();
       if (has_va && has_vr)
-        add_to_senders<T, 2>(tab, D, C, K, P, send_order, send_ptr, rcv, gp, {va_r, a_vr}, oxp);
+        add_to_senders<T, 2>(tab, D, C, K, P, send_order, send_ptr, rcv, bnd, gp, {va_r, a_vr},
+                             oxp);
       else
-        add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, gp,
+        add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, bnd, gp,
                              {has_va ? va_r : a_vr}, oxp);
     }
   });
@@ -707,16 +744,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
 TORCH_LIBRARY(mace_grid_conv, m) {
   m.def(
       "forward(Tensor x, Tensor a, Tensor r, Tensor senders, Tensor recv_order, "
-      "Tensor recv_ptr, Tensor rows) -> Tensor");
+      "Tensor recv_ptr, Tensor rows, Tensor bond) -> Tensor");
   m.def(
       "vjp(Tensor x, Tensor a, Tensor r, Tensor grad, Tensor senders, Tensor receivers, "
       "Tensor recv_order, Tensor recv_ptr, Tensor send_order, Tensor send_ptr, Tensor rows, "
-      "bool want_x, bool want_a, bool want_r) -> (Tensor, Tensor, Tensor)");
+      "bool want_x, bool want_a, bool want_r, Tensor bond, Tensor bond_order, Tensor bond_ptr) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "vjp_tangent(Tensor x, Tensor a, Tensor r, Tensor grad, Tensor? v_x, Tensor? v_a, "
       "Tensor? v_r, Tensor senders, Tensor receivers, Tensor recv_order, Tensor recv_ptr, "
       "Tensor send_order, Tensor send_ptr, Tensor rows, bool need_x, bool need_a, bool need_r, "
-      "bool need_g) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool need_g, Tensor bond, Tensor bond_order, Tensor bond_ptr) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mace_grid_conv, CPU, m) {

@@ -8,9 +8,11 @@ k(o)), the summed messages are
 
 Layout: ``x [n, d_in, C]`` (irreps_in1 order, channels last), ``a [E, sum_g rows_g d_g]`` (per
 group a row-major [rows_g, d_g] block: the edge harmonics contracted with Clebsch-Gordan, the
-same for every channel), ``r [E, P, C]`` (paths in any order), ``row_path [rows]`` (the path
-of each output row in r) -> ``out [n, rows, C]`` (group order); `mace_grid.conv.FastConvolution`
-maps e3nn's layouts to these.
+same for every channel), ``r [B, P, C]`` (paths in any order; one row per bond, ``bond [E]``
+each edge's row: the two directions of a bond share their radial weights, and the gradient of a
+row sums over its edges), ``row_path [rows]`` (the path of each output row in r) ->
+``out [n, rows, C]`` (group order); `mace_grid.conv.FastConvolution` maps e3nn's layouts to
+these.
 
 Fused: edges are visited in blocks (sorted by receiver once per call, so a block scatters into
 a narrow range of nodes); a block gathers its senders' features and radial weights, forms
@@ -85,23 +87,28 @@ def convolve(
     receivers: torch.Tensor,
     row_path: torch.Tensor,
     groups: list[Group],
+    bond: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The summed messages ``[n, rows, C]`` (module doc), differentiable twice."""
+    """The summed messages ``[n, rows, C]`` (module doc), differentiable twice; ``bond``
+    (default: each edge its own) as `mace_grid.radial.bonds` returns it, every row of r
+    read by at least one edge."""
+    if bond is None:
+        bond = torch.arange(a.shape[0], device=a.device)
     if x.device.type == "cpu" and native() is not None:
-        graph = _graph(senders, receivers, x.shape[0], row_path, groups)
+        graph = _graph(senders, receivers, x.shape[0], row_path, groups, bond, r.shape[0])
         return _NativeConv.apply(x, a, r.contiguous(), graph)
     n_edges, n_rows, channels = a.shape[0], row_path.shape[0], x.shape[2]
     edges = torch.argsort(receivers, stable=True)
     edge_bytes = n_rows * channels * x.element_size()
     cpu_block = max(_MIN_BLOCK, _BLOCK_BYTES // max(edge_bytes, 1))
     block = block_size(n_edges, x.device, cpu_block, _TEMPORARIES * edge_bytes)
-    blocks = _blocks(edges, senders, receivers, row_path, groups, r.shape[1], block)
+    blocks = _blocks(edges, senders, receivers, bond, row_path, groups, r.shape[1], block)
     return _Conv.apply(x, a, r.contiguous(), blocks, groups)
 
 
 class _Block(NamedTuple):
     """One block of edges: ids, their senders and receivers, and per group the rows of
-    ``r [E P, C]`` that its output rows read (edge-major: ``[b rows_g]``)."""
+    ``r [B P, C]`` that its output rows read (edge-major: ``[b rows_g]``)."""
 
     ids: torch.Tensor
     senders: torch.Tensor
@@ -109,20 +116,20 @@ class _Block(NamedTuple):
     r_rows: list[torch.Tensor]
 
 
-def _blocks(edges, senders, receivers, row_path, groups, n_paths: int, block: int) -> list:
+def _blocks(edges, senders, receivers, bond, row_path, groups, n_paths: int, block: int) -> list:
     """The `_Block` list of ``edges`` (a permutation) in pieces of ``block``, built once per
     forward and shared by the derivatives."""
     out = []
     for ids in edges.split(block):
         if len(ids):  # no block for no edges
-            first = ids[:, None] * n_paths
+            first = bond[ids][:, None] * n_paths
             r_rows = [(first + row_path[g.rows]).flatten() for g in groups]
             out.append(_Block(ids, senders[ids], receivers[ids], r_rows))
     return out
 
 
 def _rows(r: torch.Tensor, rows: torch.Tensor, b: int) -> torch.Tensor:
-    """A block's radial weights per output row of a group: ``r [E, P, C] -> [b, rows_g, C]``."""
+    """A block's radial weights per output row of a group: ``r [B, P, C] -> [b, rows_g, C]``."""
     channels = r.shape[2]
     return r.reshape(-1, channels).index_select(0, rows).view(b, -1, channels)
 
@@ -154,7 +161,7 @@ def _outer(g: Group, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _add_rows(out: torch.Tensor, rows: torch.Tensor, t: torch.Tensor) -> None:
-    """``out [E, P, C]`` += a group's rows ``t [b, rows_g, C]`` summed per path (the transpose
+    """``out [B, P, C]`` += a group's rows ``t [b, rows_g, C]`` summed per path (the transpose
     of `_rows`)."""
     channels = out.shape[2]
     out.view(-1, channels).index_add_(0, rows, t.view(-1, channels))
@@ -343,7 +350,7 @@ def native():
 _PASSES = {
     "forward": lambda args: 1,
     "vjp": lambda args: sum(args[11:14]),
-    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[14:]),
+    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[14:18]),
 }
 
 
@@ -361,9 +368,9 @@ def _cost(passes, args: tuple, out) -> tuple[int, int]:
 
 
 class _Graph(NamedTuple):
-    """The edges for the C++ kernel: senders, receivers, each sorted (``order``) with its CSR
-    row pointers (``ptr``, [n + 1]), and the output rows' int64 table [rows, 4] (first input
-    column, input dimension, first column of a, path)."""
+    """The edges for the C++ kernel: senders, receivers, bonds, each sorted (``order``) with
+    its CSR row pointers (``ptr``, [n + 1], [B + 1]), and the output rows' int64 table
+    [rows, 4] (first input column, input dimension, first column of a, path)."""
 
     senders: torch.Tensor
     receivers: torch.Tensor
@@ -372,9 +379,14 @@ class _Graph(NamedTuple):
     send_order: torch.Tensor
     send_ptr: torch.Tensor
     rows: torch.Tensor
+    bond: torch.Tensor
+    bond_order: torch.Tensor
+    bond_ptr: torch.Tensor
 
 
-def _graph(senders, receivers, n_nodes: int, row_path, groups: list[Group]) -> _Graph:
+def _graph(
+    senders, receivers, n_nodes: int, row_path, groups: list[Group], bond, n_bonds: int
+) -> _Graph:
     """The `_Graph` of a call (CPU tensors: ``row_path.tolist()`` is no device sync)."""
     paths = row_path.tolist()
     table = [
@@ -389,6 +401,8 @@ def _graph(senders, receivers, n_nodes: int, row_path, groups: list[Group]) -> _
         *_csr(receivers, n_nodes),
         *_csr(senders, n_nodes),
         torch.tensor(table, dtype=torch.long).view(-1, 4),
+        bond.contiguous(),
+        *_csr(bond, n_bonds),
     )
 
 
@@ -411,7 +425,7 @@ class _NativeConv(torch.autograd.Function):
         ctx.save_for_backward(x, a, r)
         ctx.graph = graph
         return native().forward(
-            x, a, r, graph.senders, graph.recv_order, graph.recv_ptr, graph.rows
+            x, a, r, graph.senders, graph.recv_order, graph.recv_ptr, graph.rows, graph.bond
         )
 
     @staticmethod
@@ -432,7 +446,8 @@ class _NativeConvVJP(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         g = graph
         order = (g.senders, g.receivers, g.recv_order, g.recv_ptr, g.send_order, g.send_ptr)
-        return native().vjp(x, a, r, grad, *order, g.rows, *want)
+        bonds = (g.bond, g.bond_order, g.bond_ptr)
+        return native().vjp(x, a, r, grad, *order, g.rows, *want, *bonds)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -444,5 +459,6 @@ class _NativeConvVJP(torch.autograd.Function):
         v_x, v_a, v_r = (None if v is None else v.contiguous() for v in (v_x, v_a, v_r))
         g = ctx.graph
         order = (g.senders, g.receivers, g.recv_order, g.recv_ptr, g.send_order, g.send_ptr)
-        out = native().vjp_tangent(x, a, r, grad, v_x, v_a, v_r, *order, g.rows, *need)
+        bonds = (g.bond, g.bond_order, g.bond_ptr)
+        out = native().vjp_tangent(x, a, r, grad, v_x, v_a, v_r, *order, g.rows, *need, *bonds)
         return *out, None, None

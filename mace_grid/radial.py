@@ -8,7 +8,15 @@ derivative of that composition is some thirty elementwise passes over [edges, hi
 most of the network's time outside its matmuls. ``RadialMLP`` folds the constants into the
 weight and the activation's scale, and computes the scaled SiLU, its first derivative and its
 second derivative as one small autograd Function each (`_SiLU`, `_SiLUGrad`).
+
+The network's input depends on an edge's length only, which the two directions of a bond share,
+so with conv=fast it runs once per bond: in eager mode ``RadialMLP`` returns its input as
+`Deferred` (mace's block passes the weights on to the convolution untouched), and
+`mace_grid.conv.FastConvolution`, which sees the edges, evaluates it on one edge of each pair
+(`bonds`) and gives both directions the same row: half the matmuls, forward and derivatives.
 """
+
+from typing import NamedTuple
 
 import torch
 from e3nn import nn
@@ -58,7 +66,13 @@ class _SiLUGrad(torch.autograd.Function):
 
 class RadialMLP(nn.FullyConnectedNet):
     """``nn.FullyConnectedNet`` with e3nn's parameters (its state_dict is that of the module it
-    replaces) computed with `_SiLU`; under TorchScript and torch.compile it runs e3nn's layers."""
+    replaces) computed with `_SiLU`; under TorchScript and torch.compile it runs e3nn's layers.
+
+    ``forward(x, now=False)``: the weights of the rows of ``x``, or, where ``per_bond`` is set
+    (by `mace_grid.conv.set_conv`, for a convolution that takes it) and the call is eager and
+    not ``now``, `Deferred` (the convolution then calls it back, ``now``, once per bond)."""
+
+    per_bond: bool = False
 
     @classmethod
     def like(cls, net: nn.FullyConnectedNet) -> "RadialMLP":
@@ -83,25 +97,101 @@ class RadialMLP(nn.FullyConnectedNet):
         ]
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, now: bool = False) -> torch.Tensor:
         if torch.jit.is_scripting():
             for layer in self:
                 x = layer(x)
             return x
-        return self._eager(x)
+        return self._eager(x, now)
 
     @torch.jit.unused
-    def _eager(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager(self, x: torch.Tensor, now: bool) -> torch.Tensor:
         if torch.compiler.is_compiling():
             for layer in self:
                 x = layer(x)
             return x
+        if self.per_bond and not now:
+            return Deferred(self, x)
         *hidden, last = self
         for layer, w_scale, act_scale in zip(
             hidden, self.weight_scales[:-1], self.act_scales, strict=True
         ):
             x = _SiLU.apply(x @ (layer.weight * w_scale), act_scale)
         return x @ (last.weight * self.weight_scales[-1])
+
+
+class Deferred(NamedTuple):
+    """A `RadialMLP` call waiting for the edges: ``per_edge`` gives the weights."""
+
+    net: RadialMLP
+    features: torch.Tensor
+
+    def per_bond(
+        self, edge_index: torch.Tensor, directions: torch.Tensor | None, n_nodes: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weights [B, ...], bond [E])``: the network run once per bond (`bonds`), and each
+        edge's row; ``(weights per edge, None)`` where no edges pair (or no ``directions``)."""
+        x = self.features
+        if directions is None:
+            return self.net(x, now=True), None
+        first, bond = bonds(edge_index, directions, x, n_nodes)
+        if len(first) == len(bond):
+            return self.net(x, now=True), None
+        return self.net(x.index_select(0, first), now=True), bond
+
+
+def bonds(
+    edge_index: torch.Tensor, directions: torch.Tensor, features: torch.Tensor, n_nodes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bonds of a graph: ``(first [B], bond [E])``, one edge of each bond and each edge's
+    bond (an index into ``first``).
+
+    Edges j -> i and i -> j are one bond when their ``directions`` (a row per edge, linear in
+    the unit vector: the l = 1 harmonics) are each other's negatives and their radial
+    ``features`` are equal, bit for bit. Then their vectors are negatives, up to rounding, so
+    their periodic shifts cancel (another image lies a lattice vector away): the two edges'
+    lengths are one function of the positions, and giving both one evaluation is exact in
+    every derivative. Edges without such a partner are bonds of their own."""
+    senders, receivers = edge_index
+    ids = torch.arange(senders.shape[0], device=senders.device)
+    if len(ids) < 2:
+        return ids, ids
+    # both directions of a bond share a key: the atom pair in order, and the direction from
+    # the lower atom (between images of one atom, the one whose first nonzero entry is > 0)
+    low, high = torch.minimum(senders, receivers), torch.maximum(senders, receivers)
+    sign = (senders < receivers).to(directions.dtype) - (senders > receivers).to(directions.dtype)
+    for column in directions.unbind(1):
+        sign = torch.where(sign == 0, torch.sign(column), sign)
+    key = [low * n_nodes + high, *(directions * sign[:, None]).unbind(1)]
+    order = _lexsort(key)
+    same = torch.stack([k[order[1:]] == k[order[:-1]] for k in key]).all(0)
+    # in each run of one key, pair its 1st and 2nd edge, 3rd and 4th, ...
+    start = torch.cat([same.new_ones(1), ~same])
+    run = torch.cummax(torch.where(start, ids, 0), 0).values
+    pairs = same & ((ids[:-1] - run[:-1]) % 2 == 0)
+    partner = ids.clone()
+    left, right = order[:-1][pairs], order[1:][pairs]
+    partner[left], partner[right] = right, left
+    paired = (
+        (senders[partner] == receivers)
+        & (receivers[partner] == senders)
+        & (directions[partner] == -directions).all(1)
+        & (features[partner] == features).all(1)
+        & (partner != ids)
+    )
+    paired &= paired[partner]
+    first = ~paired | (ids < partner)  # a bond's first edge
+    index = torch.cumsum(first, 0) - 1
+    bond = torch.where(first, index, index[partner])
+    return ids[first], bond
+
+
+def _lexsort(keys: list[torch.Tensor]) -> torch.Tensor:
+    """The permutation sorting rows by ``keys`` (the first the most significant)."""
+    order = torch.arange(keys[0].shape[0], device=keys[0].device)
+    for key in reversed(keys):
+        order = order[torch.sort(key[order], stable=True).indices]
+    return order
 
 
 def restore(net: RadialMLP) -> nn.FullyConnectedNet:

@@ -175,6 +175,40 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
     )
 
 
+def test_periodic_model_evaluates_the_radial_network_once_per_bond(monkeypatch) -> None:
+    """In a small periodic H/O cell (every atom its own neighbour's image, several images per
+    pair), conv=fast runs the radial network on one edge of each bond (half the edges) and
+    gives mace's energies, forces and second derivatives."""
+    from ase import Atoms
+
+    import mace_grid.radial
+
+    atoms = Atoms("HO", positions=[[0.1, 0, 0.05], [1.0, 1.2, 1.1]], cell=2.2 * np.eye(3))
+    atoms.pbc = True
+    graph = AtomicData.from_config(config_from_atoms(atoms), AtomicNumberTable([1, 8]), 3.0)
+    batch = next(iter(DataLoader([graph], batch_size=1))).to_dict()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    with default_dtype(torch.float64):
+        stock = tiny_model(3, *INTERACTIONS[0], "e3nn")
+        fast = tiny_model(3, *INTERACTIONS[0], "fast")
+        torch.manual_seed(1)
+        for p in stock.parameters():
+            p.data.add_(0.1 * torch.randn_like(p))
+        fast.load_state_dict(stock.state_dict())
+    found = []
+    bonds = mace_grid.radial.bonds
+    monkeypatch.setattr(
+        mace_grid.radial, "bonds", lambda *args: found.append(bonds(*args)) or found[-1]
+    )
+    expected = energy_forces_and_second_derivatives(stock, batch)
+    got = energy_forces_and_second_derivatives(fast, batch)
+    n_edges = batch["edge_index"].shape[1]
+    assert len(found) == 2 and all(2 * len(first) == n_edges for first, _ in found)
+    assert expected[1].abs().max() > 1e-3
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
 def test_checkpoint_evaluates_with_either_conv(tmp_path_factory) -> None:
     """The shared tiny run trained with the default conv=fast; MaceGridCalculator(conv="e3nn")
     (mace's own module on the same weights) gives the same energies and forces."""

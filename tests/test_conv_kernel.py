@@ -79,14 +79,18 @@ def test_without_a_compiler_the_pytorch_kernel_runs(monkeypatch, caplog) -> None
         conv_kernel.native.cache_clear()
 
 
+@pytest.mark.parametrize("bonded", [False, True])
 @pytest.mark.parametrize(
     "kernel, small_blocks",
     [("cpp", False), ("pytorch", False), ("pytorch", True)],
     indirect=["kernel"],
 )
-def test_kernel_gradcheck_and_gradgradcheck(small_blocks: bool, kernel: str, monkeypatch) -> None:
+def test_kernel_gradcheck_and_gradgradcheck(
+    small_blocks: bool, kernel: str, bonded: bool, monkeypatch
+) -> None:
     """First and second derivatives of the Function against finite differences, one block or
-    blocks of 3 edges (edges unsorted, node 4 without incoming edges)."""
+    blocks of 3 edges (edges unsorted, node 4 without incoming edges), each edge its own
+    radial weights or edges sharing rows (``bond``: two bonds of two edges, two of one)."""
     if small_blocks:
         monkeypatch.setattr(conv_kernel, "_BLOCK_BYTES", 1)
         monkeypatch.setattr(conv_kernel, "_MIN_BLOCK", 3)
@@ -100,12 +104,13 @@ def test_kernel_gradcheck_and_gradgradcheck(small_blocks: bool, kernel: str, mon
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_(True)
 
+    bond = torch.tensor([0, 1, 2, 0, 3, 1]) if bonded else None
     x = rand(5, fast.d_in, 2)
     a = rand(len(senders), fast.cg.shape[1])
-    r = rand(len(senders), fast.num_paths, 2)
+    r = rand(4 if bonded else len(senders), fast.num_paths, 2)
 
     def conv(x, a, r):
-        return conv_kernel.convolve(x, a, r, senders, receivers, fast.row_path, groups)
+        return conv_kernel.convolve(x, a, r, senders, receivers, fast.row_path, groups, bond)
 
     assert torch.autograd.gradcheck(conv, (x, a, r))
     assert torch.autograd.gradgradcheck(conv, (x, a, r))
@@ -369,16 +374,20 @@ def test_cpp_ops_refuse_inconsistent_tables() -> None:
     require_cpp(conv_kernel.native)
     ops = conv_kernel.native()
     x, a, r = torch.randn(3, 4, 2), torch.randn(2, 4), torch.randn(2, 1, 2)
-    senders = torch.tensor([0, 1])
+    senders, bond = torch.tensor([0, 1]), torch.tensor([0, 1])
     order, ptr = conv_kernel._csr(torch.tensor([1, 2]), 3)
     rows = torch.tensor([[0, 1, 0, 0], [1, 3, 1, 0]])  # columns 0 and 1..3 of x and a
-    assert ops.forward(x, a, r, senders, order, ptr, rows).shape == (3, 2, 2)
+    assert ops.forward(x, a, r, senders, order, ptr, rows, bond).shape == (3, 2, 2)
     with pytest.raises(RuntimeError, match="rows table outside"):
-        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[2, 3, 1, 0]]))
+        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[2, 3, 1, 0]]), bond)
     with pytest.raises(RuntimeError, match="row path"):
-        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[0, 1, 0, 1]]))
+        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[0, 1, 0, 1]]), bond)
     with pytest.raises(RuntimeError, match="edge tensors disagree"):
-        ops.forward(x, a, r, senders, order, ptr[:-1], rows)
+        ops.forward(x, a, r, senders, order, ptr[:-1], rows, bond)
+    with pytest.raises(RuntimeError, match="bond tensors disagree"):
+        ops.forward(x, a, r, senders, order, ptr, rows, bond[:1])
+    with pytest.raises(RuntimeError, match="bond tensors disagree"):  # more rows than edges
+        ops.forward(x, a, torch.randn(3, 1, 2), senders, order, ptr, rows, bond)
 
 
 def table_convolution(rows: torch.Tensor, senders, receivers, n_nodes: int):
@@ -396,12 +405,14 @@ def table_convolution(rows: torch.Tensor, senders, receivers, n_nodes: int):
     return conv
 
 
+@pytest.mark.parametrize("bonded", [False, True])
 @pytest.mark.parametrize("channels", [8, 11])
-def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
+def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool) -> None:
     """The C++ ``vjp`` for every subset of wanted gradients, and ``vjp_tangent`` for every
     subset of given tangents (v_x, v_a, v_r) and of needed outputs, equal torch.func's VJP and
     its forward-mode derivative of a plain-PyTorch convolution, in float64, at a channel count
-    of whole vectors (8) and one with a remainder (11)."""
+    of whole vectors (8) and one with a remainder (11); with each edge its own radial weights,
+    or rows shared by bonds of one to four edges (the reference gathers them)."""
     require_cpp(conv_kernel.native)
     ops = conv_kernel.native()
     with default_dtype(torch.float64):
@@ -409,11 +420,21 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
     groups = conv_kernel.groups_of(fast.group_dims, fast.group_rows, fast.group_in)
     gen = torch.Generator().manual_seed(6)
     senders, receivers = random_graph(7, 30, gen)
-    graph = conv_kernel._graph(senders, receivers, 7, fast.row_path, groups)
+    n_bonds = 17 if bonded else 30
+    bond = torch.arange(30) % n_bonds if bonded else torch.arange(30)
+    if bonded:
+        bond[3], bond[29] = 5, 5  # bond 5: four edges; 3 and 12: one
+        bond = bond[torch.randperm(30, generator=gen)]
+    graph = conv_kernel._graph(senders, receivers, 7, fast.row_path, groups, bond, n_bonds)
     order = graph.senders, graph.receivers, graph.recv_order, graph.recv_ptr
     order += graph.send_order, graph.send_ptr
-    reference = table_convolution(graph.rows, senders, receivers, 7)
-    shapes = [(7, fast.d_in, channels), (30, fast.cg.shape[1]), (30, fast.num_paths, channels)]
+    bonds = graph.bond, graph.bond_order, graph.bond_ptr
+    per_edge = table_convolution(graph.rows, senders, receivers, 7)
+
+    def reference(x, a, r):
+        return per_edge(x, a, r[bond])
+
+    shapes = [(7, fast.d_in, channels), (30, fast.cg.shape[1]), (n_bonds, fast.num_paths, channels)]
     x, a, r = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
     grad = torch.randn(7, graph.rows.shape[0], channels, generator=gen, dtype=torch.float64)
     v = [torch.randn_like(t) for t in (x, a, r)]
@@ -424,7 +445,7 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
 
     expected_vjp = vjp_and_out(x, a, r)[:3]
     for want in itertools.product([False, True], repeat=3):
-        got = ops.vjp(x, a, r, grad, *order, graph.rows, *want)
+        got = ops.vjp(x, a, r, grad, *order, graph.rows, *want, *bonds)
         for w, g, e in zip(want, got, expected_vjp, strict=True):
             if w:
                 torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
@@ -435,7 +456,7 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int) -> None:
         _, expected = torch.func.jvp(vjp_and_out, (x, a, r), tuple(tangents))
         vs = [t if g else None for t, g in zip(v, given, strict=True)]
         for need in [(True,) * 4, *(tuple(k == q for k in range(4)) for q in range(4))]:
-            got = ops.vjp_tangent(x, a, r, grad, *vs, *order, graph.rows, *need)
+            got = ops.vjp_tangent(x, a, r, grad, *vs, *order, graph.rows, *need, *bonds)
             for n, g, e in zip(need, got, expected, strict=True):
                 if n:
                     torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"{given} {need}")

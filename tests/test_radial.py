@@ -12,7 +12,7 @@ from e3nn.util import jit
 from mace.tools.torch_tools import default_dtype
 
 from mace_grid.errors import ConfigError
-from mace_grid.radial import RadialMLP, _SiLU, _SiLUGrad, restore
+from mace_grid.radial import Deferred, RadialMLP, _SiLU, _SiLUGrad, bonds, restore
 
 
 def mace_radial(hidden: list[int], n_out: int) -> nn.FullyConnectedNet:
@@ -83,3 +83,69 @@ def test_refuses_what_it_does_not_compute() -> None:
         RadialMLP.like(nn.FullyConnectedNet([4, 8, 3], torch.tanh))
     with pytest.raises(ConfigError, match="SiLU radial network"):
         RadialMLP.like(nn.FullyConnectedNet([4, 8, 3], torch.nn.functional.silu, out_act=True))
+
+
+def periodic_edges(positions, cell, r_max: float):
+    """(edge_index, unit_shifts, directions, features) of mace's neighbour list of an H/O cell
+    (float64): directions the l = 1 harmonics, features mace's radial embedding."""
+    from ase import Atoms
+    from e3nn import o3
+    from mace.data import AtomicData, config_from_atoms
+    from mace.modules.blocks import RadialEmbeddingBlock
+    from mace.modules.utils import get_edge_vectors_and_lengths
+    from mace.tools import AtomicNumberTable
+
+    atoms = Atoms("HO", positions=positions, cell=cell, pbc=True)
+    data = AtomicData.from_config(config_from_atoms(atoms), AtomicNumberTable([1, 8]), r_max)
+    vectors, lengths = get_edge_vectors_and_lengths(
+        data.positions.double(), data.edge_index, data.shifts.double()
+    )
+    directions = o3.spherical_harmonics(1, vectors, normalize=True, normalization="component")
+    with default_dtype(torch.float64):
+        embedding = RadialEmbeddingBlock(r_max, 8, 5)
+    features, _ = embedding(lengths, None, data.edge_index, None)
+    return data.edge_index, data.unit_shifts, directions, features
+
+
+def test_bonds_pair_each_edge_with_its_reverse_among_equal_images() -> None:
+    """In a cubic cell with O at the body centre every H-O image lies at one distance: each
+    edge pairs with its reverse (receiver and sender swapped, the opposite periodic shift) and
+    with no other image; with one edge left out, its reverse is a bond of its own."""
+    edge_index, shifts, directions, features = periodic_edges(
+        [[0, 0, 0], [1.1, 1.1, 1.1]], 2.2 * torch.eye(3).numpy(), 3.0
+    )
+    n_edges = edge_index.shape[1]
+    assert n_edges == 28  # 8 H-O images each way at 1.91 A, 6 self-images per atom at 2.2 A
+    first, bond = bonds(edge_index, directions, features, 2)
+    assert len(first) * 2 == n_edges
+    assert torch.equal(bond[first], torch.arange(len(first)))
+    assert torch.equal(torch.bincount(bond), torch.full((len(first),), 2))
+    for b in range(len(first)):
+        e, p = (bond == b).nonzero().flatten().tolist()
+        assert torch.equal(edge_index[:, p], edge_index[:, e].flip(0))
+        assert torch.equal(shifts[p], -shifts[e])
+
+    keep = torch.arange(n_edges) != 5
+    first, bond = bonds(edge_index[:, keep], directions[keep], features[keep], 2)
+    assert len(first) == n_edges // 2
+    assert torch.bincount(bond).tolist().count(1) == 1
+
+
+def test_deferred_weights_are_the_networks_per_edge() -> None:
+    """With ``per_bond`` set an eager call defers; ``per_bond`` gives the network's rows for one
+    edge of each bond, and those, read through ``bond``, equal the network on every edge."""
+    edge_index, _, directions, features = periodic_edges(
+        [[0.1, 0, 0], [1.1, 1.2, 0.9]], 2.2 * torch.eye(3).numpy(), 3.0
+    )
+    net = RadialMLP.like(mace_radial([16], 12))
+    expected = net(features)
+    net.per_bond = True
+    deferred = net(features)
+    assert isinstance(deferred, Deferred)
+    weights, bond = deferred.per_bond(edge_index, directions, 2)
+    assert 2 * weights.shape[0] == edge_index.shape[1]
+    torch.testing.assert_close(weights[bond], expected, rtol=0, atol=1e-14)
+    per_edge, none = deferred.per_bond(edge_index, None, 2)  # no directions: per edge
+    assert none is None
+    torch.testing.assert_close(per_edge, expected, rtol=0, atol=0)
+    assert torch.equal(net(features, now=True), expected)
