@@ -143,7 +143,9 @@ class CompareArgs:
     # configuration covers T (at least `epochs`); needs configs.
     time_s: float | None = None
     # Only the timing pass: time `configs` and table them, train nothing (e.g. a width too
-    # slow to train here; pass trainer.limit_train_batches=N to time N steps per epoch).
+    # slow to train here; pass trainer.limit_train_batches=N to time N steps per epoch). Where
+    # out_dir holds a study's curves (<name>_curves.csv), also the time to stock accuracy from
+    # them on the new clocks (with the study's time_s): a re-timing without the runs.
     timing_only: bool = False
     # With time_s: after a re-timing (faster kernels, so T covers more epochs), false keeps
     # the epoch budget a backend's runs were started with instead of extending them (an exact
@@ -499,7 +501,8 @@ def _speedup(value: float | None) -> str:
 
 def timing_report(configs, timings, args, overrides: list[str], stem: Path) -> list[dict]:
     """The timing pass alone: ``<stem>_timing.{csv,md}``, s/epoch per configuration and its
-    speed-up against stock mace where stock was timed; the CSV rows."""
+    speed-up against stock mace where stock was timed, and the time to stock accuracy where a
+    study's curves are kept beside it (`timed_curves_section`); the CSV rows."""
     stock = timings.get(STOCK, {}).get("s_per_epoch")
     rows = [
         {
@@ -518,6 +521,7 @@ def timing_report(configs, timings, args, overrides: list[str], stem: Path) -> l
             "timing_only=true",
             f"timing_epochs={args.timing_epochs}",
             f"seeds=[{args.seeds[0]}]",
+            *([f"time_s={args.time_s:g}"] if args.time_s is not None else []),
             *overrides,
         ]
     )
@@ -537,10 +541,55 @@ def timing_report(configs, timings, args, overrides: list[str], stem: Path) -> l
         ),
         "",
         *twin_agreement(configs, timings),
+        *timed_curves_section(configs, timings, args.time_s, stem),
     ]
     atomic_write_text(Path(f"{stem}_timing.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
+
+
+def timed_curves_section(configs, timings, time_s: float | None, stem: Path) -> list[str]:
+    """With a study's curves at ``<stem>_curves.csv`` (`write_curves`), stock among the timings
+    and every configuration's backend among the curves: the time to stock accuracy on these
+    timings (the study's ``time_to_accuracy.csv`` rewritten); the markdown lines (none else)."""
+    path = Path(f"{stem}_curves.csv")
+    if not path.is_file() or STOCK not in timings:
+        return []
+    curves = read_curves(path)
+    if any(c.tp not in curves for c in configs):
+        return []
+    rows, level, horizon = time_to_stock(curves, configs, timings, time_s)
+    write_csv(rows, _time_to_accuracy_path(stem))
+    seeds = ", ".join(f"{tp} {len(c)}" for tp, c in curves.items())
+    return [
+        "",
+        "## Time to stock accuracy",
+        "",
+        f"The study's validation curves (`{path.name}`: seeds per backend {seeds}) on these "
+        "clocks; an exact kernel changes the seconds per epoch, not the accuracy per epoch.",
+        "",
+        *time_to_stock_table(rows, level, horizon),
+    ]
+
+
+def read_curves(path: Path) -> dict[str, list[Curve]]:
+    """The curves `write_curves` kept: per backend, one (cumulative training-step seconds,
+    validation force MAE) per seed, NaN where a run had no initial validation."""
+    curves: dict[str, dict[str, Curve]] = {}
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            times, values = curves.setdefault(row["tp"], {}).setdefault(row["seed"], ([], []))
+            times.append(float(row["train_step_time_s"]))
+            values.append(float(row["val_f_mae"]) if row["val_f_mae"] else float("nan"))
+    return {tp: list(seeds.values()) for tp, seeds in curves.items()}
+
+
+def _time_to_accuracy_path(stem: Path) -> Path:
+    return (
+        stem.parent / "time_to_accuracy.csv"
+        if stem.name == "study"
+        else Path(f"{stem}_time_to_accuracy.csv")
+    )
 
 
 def twin_agreement(configs: list[Config], timings: dict[str, dict[str, Any]]) -> list[str]:
@@ -770,12 +819,7 @@ def configs_section(configs, timings, curves, args, stem: Path, runs, threads: i
         lines += ["", f"(no time to stock accuracy: configs lacks {STOCK})"]
         return lines
     rows, level, horizon = time_to_stock(curves, configs, timings, args.time_s)
-    path = (
-        stem.parent / "time_to_accuracy.csv"
-        if stem.name == "study"
-        else Path(f"{stem}_time_to_accuracy.csv")
-    )
-    write_csv(rows, path)
+    write_csv(rows, _time_to_accuracy_path(stem))
     plot = Path(f"{stem}_configs_val_f_mae_vs_time.png")
     plot_config_curves(curves, configs, timings, level, plot)
     lines += ["", *time_to_stock_table(rows, level, horizon), "", f"![configurations]({plot.name})"]

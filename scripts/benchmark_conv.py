@@ -33,10 +33,12 @@ from mace_grid.utils import retain_freed_memory
 
 
 def on_plain_ops(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every FastConvolution on its plain-ops reference, in place."""
+    """``model`` with every FastConvolution on its plain-ops reference, in place (as under
+    TorchScript: the radial network per edge, not deferred to the convolution)."""
     for block in model.interactions:
         if isinstance(block.conv_tp, FastConvolution):
             block.conv_tp._convolve_fused = block.conv_tp.convolve_autograd
+            block.conv_tp_weights.per_bond = False
     return model
 
 

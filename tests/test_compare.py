@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -267,9 +268,24 @@ def test_configurations_are_timed_apart_and_combined_with_the_curves(tmp_path_fa
         assert arg in header[1]
     assert "extend=false" in header[1]
     with open(out / "time_to_accuracy.csv") as handle:
-        retimed = {r["config"]: r for r in csv.DictReader(handle)}["cg+fast"]
+        retimed_all = {r["config"]: r for r in csv.DictReader(handle)}
+    retimed = retimed_all["cg+fast"]
     assert float(retimed["s_per_epoch"]) == pytest.approx(float(fast["s_per_epoch"]) / 4)
     assert float(retimed["seconds_to_stock"]) == pytest.approx(float(fast["seconds_to_stock"]) / 4)
+    # Without the run directories (a clone keeps the curves, not the runs) the timing pass alone,
+    # given the study's T, derives the same time to stock accuracy from the kept curves.
+    shutil.rmtree(out / "runs")
+    (out / "time_to_accuracy.csv").unlink()
+    study([*common, "timing_only=true", f"time_s={2 * s_stock}"])
+    with open(out / "time_to_accuracy.csv") as handle:
+        rederived = {r["config"]: r for r in csv.DictReader(handle)}
+    assert rederived.keys() == retimed_all.keys()
+    for name, row in rederived.items():
+        for key in ("s_per_epoch", "seconds_to_stock", "level", "T", "speedup_vs_stock"):
+            assert float(row[key]) == pytest.approx(float(retimed_all[name][key]))
+        assert row["reached"] == retimed_all[name]["reached"]
+    report = (out / "study_timing.md").read_text()
+    assert "seconds to stock accuracy" in report and f"time_s={2 * s_stock:g}" in report
 
 
 def test_budget_stops_a_run(tmp_path_factory, tmp_path: Path) -> None:
