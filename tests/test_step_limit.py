@@ -146,8 +146,9 @@ def run_benchmark_model(tmp_path: Path, device: str) -> list[dict]:
         assert float(row["speedup_vs_stock"]) > 0  # the columns it had before are kept
         check_step_columns(row, device)
     by = {(r["tp"], r["conv"]): float(r["step_matmul_gflop"]) for r in rows}
-    # the same tp does the same matmuls whichever conv (fast contracts Y with C once per edge)
-    assert by["cg", "fast"] == pytest.approx(by["cg", "e3nn"], rel=0.2)
+    # the same tp, no more matmuls with conv=fast (Y contracted with C once per edge, the
+    # radial network once per bond: the edges of one molecule all pair, so less)
+    assert 0.5 * by["cg", "e3nn"] < by["cg", "fast"] < by["cg", "e3nn"]
     return rows
 
 
