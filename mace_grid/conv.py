@@ -155,9 +155,9 @@ class FastConvolution(o3.TensorProduct):
         self.register_buffer("in_index", in_index, persistent=False)
         self.register_buffer("out_index", out_index, persistent=False)
         # the edges' directions for pairing them into bonds (`mace_grid.radial.bonds`): the
-        # columns of the l = 1 harmonics of edge_attrs (-1: none)
+        # first of edge_attrs' three l = 1 columns (-1: none)
         ones = [k for k, (_, ir) in enumerate(self.irreps_in2) if ir.l == 1]
-        self.directions = sh_offsets[ones[0]] if ones else -1
+        self.l1_column = sh_offsets[ones[0]] if ones else -1
         self.channels = channels
         self.num_paths = len(self.instructions)
         self.d_in = d_in
@@ -194,7 +194,7 @@ class FastConvolution(o3.TensorProduct):
         n_nodes, c = node_feats.shape[0], self.channels
         bond = None
         if isinstance(weights, Deferred):
-            d = self.directions
+            d = self.l1_column
             directions = edge_attrs[:, d : d + 3] if d >= 0 else None
             weights, bond = weights.per_bond(edge_index, directions, n_nodes)
         x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)

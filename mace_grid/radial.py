@@ -121,7 +121,7 @@ class RadialMLP(nn.FullyConnectedNet):
 
 
 class Deferred(NamedTuple):
-    """A `RadialMLP` call waiting for the edges: ``per_edge`` gives the weights."""
+    """A `RadialMLP` call waiting for the edges: ``per_bond`` gives the weights."""
 
     net: RadialMLP
     features: torch.Tensor
@@ -148,10 +148,10 @@ def bonds(
 
     Edges j -> i and i -> j are one bond when their ``directions`` (a row per edge, linear in
     the unit vector: the l = 1 harmonics) are each other's negatives and their radial
-    ``features`` are equal, bit for bit. Then their vectors are negatives, up to rounding, so
-    their periodic shifts cancel (another image lies a lattice vector away): the two edges'
-    lengths are one function of the positions, and giving both one evaluation is exact in
-    every derivative. Edges without such a partner are bonds of their own."""
+    ``features`` (a function of the length) are equal, bit for bit. Then their vectors are
+    negatives up to rounding, and their periodic shifts, which could only differ by a lattice
+    vector, cancel: the two lengths are one function of the positions, and one evaluation for
+    both is exact in every derivative. Edges without such a partner are bonds of their own."""
     senders, receivers = edge_index
     ids = torch.arange(senders.shape[0], device=senders.device)
     if len(ids) < 2:
