@@ -10,16 +10,20 @@
 // Layouts (all contiguous, channels last): x [n, D, C], a [E, K], r [B, P, C], grad [n, R, C],
 // rows [R, 4] int64 (s, d, ac, k), bond [E] int64: edge e reads radial weights r[bond[e]] (the
 // two directions of a bond share one row; B = E and bond a permutation where none do), and
-// d/dr sums over a bond's edges (by bond, from its CSR `bond_order`, `bond_ptr`). Receiver-side results (out, its tangent and everything per
-// edge) are computed per receiver from edges sorted by receiver (`recv_order`, CSR `recv_ptr`);
-// sender-side results (d/dx and its tangent) per sender from edges sorted by sender. Each node
-// is written by one thread, so the passes run in parallel (at::parallel_for) without atomics.
-// The node-side passes (out, d/dx) go over channels in register-sized blocks, and per block
-// the rows of one input irrep (a group, its dimension d a template parameter up to 7) share
-// that irrep's d input rows (or their gradient accumulators) held in registers. The per-edge
-// passes (the VJP's d/da and d/dr, the tangent's receiver side) sweep an edge's rows with the
-// channels innermost, one vector at a time: a's sums over channels finish in registers, and
-// each row's g, r and x are loaded once for every output that reads them.
+// d/dr sums over a bond's edges.
+//
+// Each op is one pass over the edges: the forward and the VJP's tangent by receiver (edges
+// sorted by receiver: `recv_order`, CSR `recv_ptr`; the messages and their tangent accumulated
+// per receiver), the VJP by bond (`bond_order`, `bond_ptr`; d/dr accumulated per bond). The
+// sender-side results (d/dx and its tangent, n x D x C: small) are added to the sender's rows
+// from the same pass, into one zeroed copy per thread (`PerThread`), so no pass reads each
+// receiver's R rows of g again per edge. Each receiver or bond is written by one thread, so the
+// passes run in parallel (at::parallel_for) without atomics. The forward goes over channels in
+// register-sized blocks, and per block the rows of one input irrep (a group, its dimension d a
+// template parameter up to 7) share that irrep's d input rows held in registers. The per-edge
+// sweeps (the VJP and the tangent) go over an edge's rows with the channels innermost, one
+// vector at a time: a's sums over channels finish in registers, and each row's g, r and x are
+// loaded once for every output that reads them.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -283,20 +287,22 @@ struct LaneSums {
   }
 };
 
-// Per edge (receiver rows gi, sender rows xj, its a and r), d/da (WA: ga[t d + m] = sum_c
-// g r x_m, into gae, zeroed) and d/dr (WR: g (a x) added to each row's path, into gre, zeroed)
-// in one sweep of the rows, channels innermost one vector at a time, so g, r and x are loaded
-// once for both.
-template <typename T, bool WA, bool WR>
+// Per edge (receiver rows gi, sender rows xj, its a and r), the VJP's per-edge outputs in one
+// sweep of the rows, so g, r and x are loaded once for all: d/da (WA: ga[t d + m] = sum_c
+// g r x_m, into gae, zeroed), d/dr (WR: g (a x) added to each row's path, into gre) and d/dx
+// (WX: a^T (g r) added to the sender's rows gxj, which stay in L1), rows outermost and
+// channels innermost one vector at a time (a's sums over channels finish in registers).
+template <typename T, bool WA, bool WR, bool WX>
 void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
               const T* __restrict xj, const T* __restrict ae, int64_t C, T* __restrict gae,
-              T* __restrict gre) {
-  constexpr int64_t W = kLanes<T>;
+              T* __restrict gre, T* __restrict gxj) {
   const int64_t* path = tab.path.data();
+  constexpr int64_t W = kLanes<T>;
   const int64_t Cv = C - C % W;
   groups(tab, [&](auto dim, const Group& gg, auto d) {
     constexpr int64_t Dc = decltype(dim)::value;
     const T* xg = xj + gg.s * C;
+    T* gxg = WX ? gxj + gg.s * C : nullptr;
     LaneSums<T> sums(WA ? gae + gg.ac : nullptr);
     for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
       const T *go = gi + o * C, *ro = re + path[o] * C, *at = ae + gg.ac + t * d;
@@ -312,6 +318,7 @@ void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
           const V<T> xm = vload(xg + m * C + c);
           if constexpr (WA) acc[m] += u * xm;
           if constexpr (WR) ax += at[m] * xm;
+          if constexpr (WX) vstore(gxg + m * C + c, vload(gxg + m * C + c) + at[m] * u);
         }
         if constexpr (WR) vstore(gro + c, vload(gro + c) + gc * ax);
       }
@@ -321,6 +328,7 @@ void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
         for (int64_t m = 0; m < d; ++m) {
           if constexpr (WA) acc[m][0] += u * xg[m * C + c];
           if constexpr (WR) ax += at[m] * xg[m * C + c];
+          if constexpr (WX) gxg[m * C + c] += at[m] * u;
         }
         if constexpr (WR) gro[c] += go[c] * ax;
       }
@@ -330,34 +338,34 @@ void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
   });
 }
 
-// Per edge, the receiver-side outputs of the VJP's tangent along (v_x, v_a, v_r) (VX, VA, VR:
-// which are given) in one sweep of the rows, channels innermost one vector at a time:
+// Per edge, the tangent of the VJP's per-edge and receiver-side outputs along (v_x, v_a, v_r)
+// (VX, VA, VR: which are given):
 //   oa[t d + m] = sum_c g (v_r x_m + r v_x_m)          the tangent of (g r) x^T  (into oae)
 //   or[path]   += g dax,  dax = v_a x + a v_x           the tangent of g (a x)     (into ore)
 //   og[o]      += r dax + v_r (a x)                     the tangent of the messages (into ogi)
-// each where its pointer is not null (oae and ore zeroed by the caller).
+//   ox[m]      += v_a^T (g r) + a^T (g v_r)             the tangent of a^T (g r)   (into oxj)
+// each where its pointer is not null (oae zeroed by the caller): two sweeps of the rows (oa's,
+// then the rest), channels innermost one vector at a time.
 template <typename T, bool VX, bool VA, bool VR>
 void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
                   const T* __restrict vre, const T* __restrict xj, const T* __restrict vxj,
                   const T* __restrict ae, const T* __restrict vae, int64_t C, T* __restrict oae,
-                  T* __restrict ore, T* __restrict ogi) {
+                  T* __restrict ore, T* __restrict ogi, T* __restrict oxj) {
   constexpr int64_t W = kLanes<T>;
   const int64_t* path = tab.path.data();
   const int64_t Cv = C - C % W;
-  const bool wa = oae && (VX || VR), wr = ore && (VX || VA), wg = ogi != nullptr;
-  groups(tab, [&](auto dim, const Group& gg, auto d) {
-    constexpr int64_t Dc = decltype(dim)::value;
-    const T* xg = xj + gg.s * C;
-    const T* vxg = VX ? vxj + gg.s * C : nullptr;
-    LaneSums<T> sums(wa ? oae + gg.ac : nullptr);
-    for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-      const int64_t k = path[o];
-      const T *go = gi + o * C, *ro = re + k * C, *at = ae + gg.ac + t * d;
-      const T* vro = VR ? vre + k * C : nullptr;
-      const T* vat = VA ? vae + gg.ac + t * d : nullptr;
-      T* oro = wr ? ore + k * C : nullptr;
-      T* ogo = wg ? ogi + o * C : nullptr;
-      if (wa) {  // a's d sums over all channels: (g v_r) x_m + (g r) v_x_m
+  constexpr bool DAX = VX || VA;  // the tangent of a x
+  const bool wa = oae && (VX || VR), wr = ore && DAX, wg = ogi != nullptr,
+             wx = oxj && (VA || VR);
+  if (wa) {  // a's d sums over all channels per row: (g v_r) x_m + (g r) v_x_m
+    groups(tab, [&](auto dim, const Group& gg, auto d) {
+      constexpr int64_t Dc = decltype(dim)::value;
+      const T* xg = xj + gg.s * C;
+      const T* vxg = VX ? vxj + gg.s * C : nullptr;
+      LaneSums<T> sums(oae + gg.ac);
+      for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+        const T *go = gi + o * C, *ro = re + path[o] * C;
+        const T* vro = VR ? vre + path[o] * C : nullptr;
         V<T> acc[Dc ? Dc : kMaxDim];
         for (int64_t m = 0; m < d; ++m) acc[m] = V<T>{};
         auto dot = [&](auto load, int64_t c, auto&& add) {
@@ -374,10 +382,24 @@ void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict 
           dot([](const T* p) { return *p; }, c, [&](int64_t m, T v) { acc[m][0] += v; });
         for (int64_t m = 0; m < d; ++m) sums.push(acc[m]);
       }
-      if (!(wr || wg)) continue;
-      // dax = v_a x + a v_x; or += g dax; og += r dax + v_r (a x)
-      auto row = [&](auto load, int64_t c) {
+    });
+  }
+  if (!(wr || wg || wx)) return;
+  groups(tab, [&](auto dim, const Group& gg, auto d) {
+    const T* xg = xj + gg.s * C;
+    const T* vxg = VX ? vxj + gg.s * C : nullptr;
+    T* oxg = wx ? oxj + gg.s * C : nullptr;
+    for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
+      const int64_t k = path[o];
+      const T *go = gi + o * C, *ro = re + k * C, *at = ae + gg.ac + t * d;
+      const T* vro = VR ? vre + k * C : nullptr;
+      const T* vat = VA ? vae + gg.ac + t * d : nullptr;
+      T* oro = wr ? ore + k * C : nullptr;
+      T* ogo = wg ? ogi + o * C : nullptr;
+      // dax = v_a x + a v_x; or += g dax; og += r dax + v_r (a x); ox += v_a (g r) + a (g v_r)
+      auto row = [&](auto load, auto store, int64_t c) {
         using S = decltype(load(go + c));
+        const S gc = load(go + c), rc = load(ro + c);
         S dax{}, ax{};
         for (int64_t m = 0; m < d; ++m) {
           const S xm = load(xg + m * C + c);
@@ -385,20 +407,27 @@ void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict 
           if constexpr (VX) dax += at[m] * load(vxg + m * C + c);
           if constexpr (VR) ax += at[m] * xm;
         }
-        S dg = load(ro + c) * dax;
-        if constexpr (VR) dg += load(vro + c) * ax;
-        return std::pair<S, S>{load(go + c) * dax, dg};
+        if constexpr (DAX)
+          if (wr) store(oro + c, load(oro + c) + gc * dax);
+        if (wg) {
+          S dg = rc * dax;
+          if constexpr (VR) dg += load(vro + c) * ax;
+          store(ogo + c, load(ogo + c) + dg);
+        }
+        if (wx) {
+          const S u = gc * rc, du = VR ? gc * load(vro + c) : u;
+          for (int64_t m = 0; m < d; ++m) {
+            S dx = load(oxg + m * C + c);
+            if constexpr (VA) dx += vat[m] * u;
+            if constexpr (VR) dx += at[m] * du;
+            store(oxg + m * C + c, dx);
+          }
+        }
       };
-      for (int64_t c = 0; c < Cv; c += W) {
-        const auto [dr, dg] = row([](const T* p) { return vload(p); }, c);
-        if (wr) vstore(oro + c, vload(oro + c) + dr);
-        if (wg) vstore(ogo + c, vload(ogo + c) + dg);
-      }
-      for (int64_t c = Cv; c < C; ++c) {
-        const auto [dr, dg] = row([](const T* p) { return *p; }, c);
-        if (wr) oro[c] += dr;
-        if (wg) ogo[c] += dg;
-      }
+      for (int64_t c = 0; c < Cv; c += W)
+        row([](const T* p) { return vload(p); }, [](T* p, V<T> v) { vstore(p, v); }, c);
+      for (int64_t c = Cv; c < C; ++c)
+        row([](const T* p) { return *p; }, [](T* p, T v) { *p = v; }, c);
     }
   });
 }
@@ -466,6 +495,15 @@ void check_order(const Tensor& x, const Tensor& a, const Tensor& index, const Te
               order.numel(), " ordered, ", ptr.numel(), " pointers for ", x.size(0), " nodes");
 }
 
+// Shapes of the edges' senders and receivers (values, from mace_grid.conv_kernel._graph,
+// trusted).
+void check_edges(const Tensor& a, const Tensor& senders, const Tensor& receivers) {
+  const int64_t E = a.size(0);
+  TORCH_CHECK(senders.numel() == E && receivers.numel() == E, "edge tensors disagree: ", E,
+              " edge matrices, ", senders.numel(), " senders, ", receivers.numel(),
+              " receivers");
+}
+
 // Shapes of the bonds (values, from mace_grid.conv_kernel._graph, trusted): one per edge, rows
 // of r; their CSR where given.
 void check_bonds(const Tensor& a, const Tensor& r, const Tensor& bond,
@@ -492,51 +530,50 @@ Table checked_table(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   return tab;
 }
 
-// One term of a sender-side sum: edge matrices m [E, K] and radial weights w [E, P, C].
-template <typename T>
-struct Term {
-  const T* m;
-  const T* w;
-};
-
-// out[j] = sum over the edges j -> i and the NT terms of m^T (g[i] w), per sender j (its slice
-// of out [n, D, C] zeroed first, then each group's d input-row accumulators held in registers
-// across the group's rows): d/dx of the VJP (one term) and of its tangent (one or two; a
-// compile-time count, so the term loop unrolls).
-template <typename T, size_t NT>
-void add_to_senders(const Table& tab, int64_t D, int64_t C, int64_t K, int64_t P,
-                    const Tensor& send_order, const Tensor& send_ptr, const int64_t* rcv,
-                    const int64_t* bnd, const T* gp, const std::array<Term<T>, NT>& terms,
-                    T* out) {
-  const int64_t R = tab.path.size();
-  const int64_t* path = tab.path.data();
-  auto zero = [&](int64_t j) { std::fill_n(out + j * D * C, D * C, T(0)); };
-  per_node(send_order, send_ptr, zero, [&](int64_t j, int64_t e, int64_t next) {
-    const T* gi = gp + rcv[e] * R * C;
-    if (next >= 0) {  // not g[i]: a sender's receivers are near it, their rows still cached
-      for (const Term<T>& term : terms)
-        prefetch(term.m + next * K, K), prefetch(term.w + bnd[next] * P * C, P * C);
-    }
-    T* oj = out + j * D * C;
-    const int64_t b = bnd[e];
-    channel_blocks<T>(C, [&](auto tag, int64_t c0, int64_t n) {
-      groups(tab, [&](auto dim, const Group& gg, auto d) {
-        using L = decltype(tag);
-        L acc[decltype(dim)::value ? decltype(dim)::value : kMaxDim];
-        for (int64_t m = 0; m < d; ++m) acc[m] = L::zero(n);
-        for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-          const L gio = L::load(gi + o * C + c0, n);
-          for (const Term<T>& term : terms) {
-            const L u = gio * L::load(term.w + (b * P + path[o]) * C + c0, n);
-            const T* mt = term.m + e * K + gg.ac + t * d;
-            for (int64_t m = 0; m < d; ++m) acc[m].fma(mt[m], u);
-          }
-        }
-        for (int64_t m = 0; m < d; ++m) acc[m].add_to(oj + (gg.s + m) * C + c0);
-      });
-    });
-  });
+// f(B1, B2, B3): three runtime bools as compile-time ones (std::bool_constant; not all false)
+template <typename F>
+inline void with_bools(bool b1, bool b2, bool b3, F&& f) {
+  using Y = std::true_type;
+  using N = std::false_type;
+  const int code = b1 * 4 + b2 * 2 + b3;
+  switch (code) {
+    case 1: return f(N{}, N{}, Y{});
+    case 2: return f(N{}, Y{}, N{});
+    case 3: return f(N{}, Y{}, Y{});
+    case 4: return f(Y{}, N{}, N{});
+    case 5: return f(Y{}, N{}, Y{});
+    case 6: return f(Y{}, Y{}, N{});
+    default: return f(Y{}, Y{}, Y{});
+  }
 }
+
+// A sender-side output (d/dx and its tangent) written from a pass that is not by sender: each
+// thread adds into a zeroed copy of its own (the output itself for the first), and `sum` adds
+// the copies in thread order. x is small beside the per-edge data, so the copies are cheap,
+// and no second pass over the edges (by sender, reading each receiver's R rows of g per edge)
+// is needed.
+struct PerThread {
+  Tensor out, copies;  // copies [threads - 1, n, D, C]
+  explicit PerThread(const Tensor& like) : out(at::zeros_like(like)) {
+    const int64_t threads = at::get_num_threads();
+    if (threads > 1) {
+      std::vector<int64_t> shape{threads - 1};
+      shape.insert(shape.end(), like.sizes().begin(), like.sizes().end());
+      copies = at::zeros(shape, like.options());
+    }
+  }
+  template <typename T>
+  T* mine() {
+    const int64_t t = at::get_thread_num();
+    if (t == 0) return out.data_ptr<T>();
+    TORCH_CHECK(copies.defined() && t <= copies.size(0), "thread ", t, " has no copy");
+    return copies.data_ptr<T>() + (t - 1) * out.numel();
+  }
+  Tensor sum() {
+    if (copies.defined()) out += copies.sum(0);
+    return out;
+  }
+};
 
 Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& senders,
                     const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t,
@@ -571,85 +608,68 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   return out;
 }
 
-// (grad_x, grad_a, grad_r) for the upstream gradient g; undefined where not wanted.
+// (grad_x, grad_a, grad_r) for the upstream gradient g; undefined where not wanted. One pass
+// over the edges by bond: d/da per edge, d/dr summed over the bond's edges, d/dx added to
+// the sender's rows (`PerThread`).
 std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, const Tensor& r,
                                             const Tensor& g, const Tensor& senders,
-                                            const Tensor& receivers, const Tensor& recv_order,
-                                            const Tensor& recv_ptr, const Tensor& send_order,
-                                            const Tensor& send_ptr, const Tensor& rows_t,
+                                            const Tensor& receivers, const Tensor& rows_t,
                                             bool want_x, bool want_a, bool want_r,
                                             const Tensor& bond, const Tensor& bond_order,
                                             const Tensor& bond_ptr) {
   check(g, "grad", 3);
   const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_order(x, a, receivers, recv_order, recv_ptr);
-  check_order(x, a, senders, send_order, send_ptr);
+  check_edges(a, senders, receivers);
   check_bonds(a, r, bond, &bond_order, &bond_ptr);
-  Tensor gx = want_x ? at::empty_like(x) : Tensor();  // zeroed per sender
+  std::optional<PerThread> gx;
+  if (want_x) gx.emplace(x);
   Tensor ga = want_a ? at::empty_like(a) : Tensor();  // per edge: zeroed per edge
   Tensor gr = want_r ? at::empty_like(r) : Tensor();  // per bond: zeroed per bond
   const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>(),
                 *bnd = bond.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp", [&] {
-    using T = scalar_t;
-    const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
-            *gp = g.data_ptr<T>();
-    if (want_a || want_r) {  // per edge, by bond: <g r, x> per column of a, <g, a x> per path
+  if (want_x || want_a || want_r) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp", [&] {
+      using T = scalar_t;
+      const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
+              *gp = g.data_ptr<T>();
       T* gap = want_a ? ga.data_ptr<T>() : nullptr;
       T* grp = want_r ? gr.data_ptr<T>() : nullptr;
       auto zero = [&](int64_t b) {
         if (want_r) std::fill_n(grp + b * P * C, P * C, T(0));
       };
-      per_node(bond_order, bond_ptr, zero, [&](int64_t b, int64_t e, int64_t next) {
-        const T *xj = xp + snd[e] * D * C, *re = rp + b * P * C, *gi = gp + rcv[e] * R * C;
-        const T* ae = ap + e * K;
-        if (next >= 0 && want_a) prefetch(rp + bnd[next] * P * C, P * C);  // d/dr reads no r
-        if (next >= 0) prefetch(ap + next * K, K);
-        T* gae = want_a ? gap + e * K : nullptr;
-        T* gre = want_r ? grp + b * P * C : nullptr;
-        if (want_a) std::fill_n(gae, K, T(0));
-        if (want_a && want_r)
-          vjp_edge<T, true, true>(tab, gi, re, xj, ae, C, gae, gre);
-        else if (want_a)
-          vjp_edge<T, true, false>(tab, gi, re, xj, ae, C, gae, gre);
-        else
-          vjp_edge<T, false, true>(tab, gi, re, xj, ae, C, gae, gre);
-      });
-    }
-    if (want_x)  // per sender: a^T (g r)
-      add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, bnd, gp, {{{ap, rp}}},
-                           gx.data_ptr<T>());
-  });
-  return {gx, ga, gr};
-}
-
-// f(VX, VA, VR) with which of v_x, v_a, v_r are given as compile-time bools (not all absent)
-template <typename F>
-inline void with_given(bool vx, bool va, bool vr, F&& f) {
-  using Y = std::true_type;
-  using N = std::false_type;
-  const int code = vx * 4 + va * 2 + vr;
-  switch (code) {
-    case 1: return f(N{}, N{}, Y{});
-    case 2: return f(N{}, Y{}, N{});
-    case 3: return f(N{}, Y{}, Y{});
-    case 4: return f(Y{}, N{}, N{});
-    case 5: return f(Y{}, N{}, Y{});
-    case 6: return f(Y{}, Y{}, N{});
-    default: return f(Y{}, Y{}, Y{});
+      auto sweep = [&](auto wa_, auto wr_, auto wx_) {
+        constexpr bool WA = decltype(wa_)::value, WR = decltype(wr_)::value,
+                       WX = decltype(wx_)::value;
+        per_node(bond_order, bond_ptr, zero, [&](int64_t b, int64_t e, int64_t next) {
+          const int64_t j = snd[e];
+          if (next >= 0 && (WA || WX)) prefetch(rp + bnd[next] * P * C, P * C);  // d/dr reads no r
+          if (next >= 0) prefetch(ap + next * K, K);
+          T* gae = WA ? gap + e * K : nullptr;
+          if constexpr (WA) std::fill_n(gae, K, T(0));
+          vjp_edge<T, WA, WR, WX>(tab, gp + rcv[e] * R * C, rp + b * P * C, xp + j * D * C,
+                                  ap + e * K, C, gae, WR ? grp + b * P * C : nullptr,
+                                  WX ? gx->mine<T>() + j * D * C : nullptr);
+        });
+      };
+      with_bools(want_a, want_r, want_x, sweep);
+    });
   }
+  return {want_x ? gx->sum() : Tensor(), ga, gr};
 }
 
 // The tangent of (conv_vjp, conv_forward) along (v_x, v_a, v_r): (out_x, out_a, out_r,
-// out_grad), undefined where not needed; see `_ConvVJP.backward`.
+// out_grad), undefined where not needed; see `_ConvVJP.backward`. One pass over the edges by
+// receiver (out_grad accumulated per receiver), out_x added to the senders' rows
+// (`PerThread`), out_r summed over each bond's edges: into its row directly where one thread
+// runs the pass (or each bond has one edge), else per edge and then per bond.
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& g,
     const std::optional<Tensor>& v_x_, const std::optional<Tensor>& v_a_,
     const std::optional<Tensor>& v_r_, const Tensor& senders, const Tensor& receivers,
-    const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& send_order,
-    const Tensor& send_ptr, const Tensor& rows_t, bool need_x, bool need_a, bool need_r,
-    bool need_g, const Tensor& bond, const Tensor& bond_order, const Tensor& bond_ptr) {
+    const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t, bool need_x,
+    bool need_a, bool need_r, bool need_g, const Tensor& bond, const Tensor& bond_order,
+    const Tensor& bond_ptr) {
   check(g, "grad", 3);
   const Tensor v_x = v_x_.value_or(Tensor()), v_a = v_a_.value_or(Tensor()),
                v_r = v_r_.value_or(Tensor());
@@ -658,41 +678,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   if (v_r.defined()) check(v_r, "v_r", 3);
   const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
+  check_edges(a, senders, receivers);
   check_order(x, a, receivers, recv_order, recv_ptr);
-  check_order(x, a, senders, send_order, send_ptr);
   check_bonds(a, r, bond, &bond_order, &bond_ptr);
   if (v_r.defined()) check_bonds(a, v_r, bond);
   const int64_t E = a.size(0), B = r.size(0);
   const bool has_vx = v_x.defined(), has_va = v_a.defined(), has_vr = v_r.defined();
   const bool has_dax = has_vx || has_va;  // the tangent of a x
   const bool write_a = need_a && (has_vx || has_vr), write_r = need_r && has_dax;
-  // outputs a pass writes start empty: it zeroes each edge's or node's part first
   const bool write_x = need_x && (has_va || has_vr), write_g = need_g && (has_dax || has_vr);
-  Tensor ox = need_x ? (write_x ? at::empty_like(x) : at::zeros_like(x)) : Tensor();
+  // d/dr accumulated into each bond's row, or per edge (zeroed per edge) and summed after
+  const bool direct_r = B == E || at::get_num_threads() == 1;
+  std::optional<PerThread> ox;
+  if (write_x) ox.emplace(x);
   Tensor oa = need_a ? (write_a ? at::empty_like(a) : at::zeros_like(a)) : Tensor();
-  Tensor orr = need_r ? (write_r ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
-  // d/dr per edge (zeroed per edge), summed per bond after the pass; in place where B = E
-  Tensor per_edge_r = write_r && B < E ? at::empty({E, P, C}, r.options()) : orr;
+  Tensor orr = need_r ? (write_r && B == E ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
+  Tensor per_edge_r = write_r && !direct_r ? at::empty({E, P, C}, r.options()) : orr;
   Tensor og = need_g ? (write_g ? at::empty({x.size(0), R, C}, x.options())
                                 : at::zeros({x.size(0), R, C}, x.options()))
                      : Tensor();
-  const int64_t *snd = senders.data_ptr<int64_t>(), *rcv = receivers.data_ptr<int64_t>(),
-                *bnd = bond.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp_tangent", [&] {
-    using T = scalar_t;
-    const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
-            *gp = g.data_ptr<T>();
-    const T* vxp = has_vx ? v_x.data_ptr<T>() : nullptr;
-    const T* vap = has_va ? v_a.data_ptr<T>() : nullptr;
-    const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
-    if (write_a || write_r || write_g) {  // per edge, by receiver
+  const int64_t *snd = senders.data_ptr<int64_t>(), *bnd = bond.data_ptr<int64_t>();
+  if (write_a || write_r || write_g || write_x) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_vjp_tangent", [&] {
+      using T = scalar_t;
+      const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>(),
+              *gp = g.data_ptr<T>();
+      const T* vxp = has_vx ? v_x.data_ptr<T>() : nullptr;
+      const T* vap = has_va ? v_a.data_ptr<T>() : nullptr;
+      const T* vrp = has_vr ? v_r.data_ptr<T>() : nullptr;
       T* oap = write_a ? oa.data_ptr<T>() : nullptr;
       T* orp = write_r ? per_edge_r.data_ptr<T>() : nullptr;
       T* ogp = write_g ? og.data_ptr<T>() : nullptr;
+      const bool zero_r = write_r && (B == E || !direct_r);  // else orr starts zeroed
       auto zero = [&](int64_t i) {
         if (write_g) std::fill_n(ogp + i * R * C, R * C, T(0));
       };
-      with_given(has_vx, has_va, has_vr, [&](auto vx_, auto va_, auto vr_) {
+      with_bools(has_vx, has_va, has_vr, [&](auto vx_, auto va_, auto vr_) {
         constexpr bool VX = decltype(vx_)::value, VA = decltype(va_)::value,
                        VR = decltype(vr_)::value;
         per_node(recv_order, recv_ptr, zero, [&](int64_t i, int64_t e, int64_t next) {
@@ -703,38 +724,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
             if (VA) prefetch(vap + next * K, K);
           }
           T* oae = write_a ? oap + e * K : nullptr;
-          T* ore = write_r ? orp + (B < E ? e : b) * P * C : nullptr;
+          T* ore = write_r ? orp + (direct_r ? b : e) * P * C : nullptr;
           if (write_a) std::fill_n(oae, K, T(0));
-          if (write_r) std::fill_n(ore, P * C, T(0));
+          if (zero_r) std::fill_n(ore, P * C, T(0));
           tangent_edge<T, VX, VA, VR>(tab, gp + i * R * C, rp + b * P * C,
                                       VR ? vrp + b * P * C : nullptr, xp + j * D * C,
                                       VX ? vxp + j * D * C : nullptr, ap + e * K,
                                       VA ? vap + e * K : nullptr, C, oae, ore,
-                                      write_g ? ogp + i * R * C : nullptr);
+                                      write_g ? ogp + i * R * C : nullptr,
+                                      write_x ? ox->mine<T>() + j * D * C : nullptr);
         });
       });
-      if (write_r && B < E) {  // per bond: the sum of its edges' d/dr
+      if (write_r && !direct_r) {  // per bond: the sum of its edges' d/dr
         T* out = orr.data_ptr<T>();
-        auto first = [&](int64_t b) { std::fill_n(out + b * P * C, P * C, T(0)); };
-        per_node(bond_order, bond_ptr, first, [&](int64_t b, int64_t e, int64_t) {
+        per_node(bond_order, bond_ptr, nothing, [&](int64_t b, int64_t e, int64_t) {
           T* ob = out + b * P * C;
           const T* oe = orp + e * P * C;
           for (int64_t q = 0; q < P * C; ++q) ob[q] += oe[q];
         });
       }
-    }
-    if (write_x) {  // tangent of a^T (g r): v_a^T (g r) + a^T (g v_r)
-      const Term<T> va_r{vap, rp}, a_vr{ap, vrp};
-      T* oxp = ox.data_ptr<T>();
-      if (has_va && has_vr)
-        add_to_senders<T, 2>(tab, D, C, K, P, send_order, send_ptr, rcv, bnd, gp, {va_r, a_vr},
-                             oxp);
-      else
-        add_to_senders<T, 1>(tab, D, C, K, P, send_order, send_ptr, rcv, bnd, gp,
-                             {has_va ? va_r : a_vr}, oxp);
-    }
-  });
-  return {ox, oa, orr, og};
+    });
+  }
+  return {need_x ? (write_x ? ox->sum() : at::zeros_like(x)) : Tensor(), oa, orr, og};
 }
 
 }  // namespace
@@ -747,15 +758,13 @@ TORCH_LIBRARY(mace_grid_conv, m) {
       "Tensor recv_ptr, Tensor rows, Tensor bond) -> Tensor");
   m.def(
       "vjp(Tensor x, Tensor a, Tensor r, Tensor grad, Tensor senders, Tensor receivers, "
-      "Tensor recv_order, Tensor recv_ptr, Tensor send_order, Tensor send_ptr, Tensor rows, "
-      "bool want_x, bool want_a, bool want_r, Tensor bond, Tensor bond_order, Tensor bond_ptr) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor rows, bool want_x, bool want_a, bool want_r, Tensor bond, Tensor bond_order, "
+      "Tensor bond_ptr) -> (Tensor, Tensor, Tensor)");
   m.def(
       "vjp_tangent(Tensor x, Tensor a, Tensor r, Tensor grad, Tensor? v_x, Tensor? v_a, "
       "Tensor? v_r, Tensor senders, Tensor receivers, Tensor recv_order, Tensor recv_ptr, "
-      "Tensor send_order, Tensor send_ptr, Tensor rows, bool need_x, bool need_a, bool need_r, "
-      "bool need_g, Tensor bond, Tensor bond_order, Tensor bond_ptr) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor rows, bool need_x, bool need_a, bool need_r, bool need_g, Tensor bond, "
+      "Tensor bond_order, Tensor bond_ptr) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mace_grid_conv, CPU, m) {

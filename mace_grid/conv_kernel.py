@@ -25,11 +25,12 @@ training), the forward-mode tangent of the VJP, which recomputes a block's produ
 storing them. Third derivatives are not implemented (``once_differentiable``).
 
 On the CPU the same three passes run as compiled C++ (`conv_cpu.cpp`, built with torch's
-``cpp_extension`` on first use and cached per CPU): one loop over each receiver's edges (each
-sender's for d/dx) from CSR orders built once per call (`_graph`), every output row formed in
-vector registers and added straight to its node, so nothing per edge is written but the
-per-edge derivatives themselves. The blocked PyTorch kernel runs on other devices, and on the
-CPU where no compiler can build the C++ one.
+``cpp_extension`` on first use and cached per CPU): each op one loop over the edges, by
+receiver (the forward, the tangent) or by bond (the VJP), from CSR orders built once per call
+(`_graph`); every output row is formed in vector registers and added straight to its node or
+bond, d/dx and its tangent to their sender's rows (one copy per thread), so nothing per edge is
+written but the per-edge derivatives themselves. The blocked PyTorch kernel runs on other
+devices, and on the CPU where no compiler can build the C++ one.
 """
 
 import functools
@@ -349,8 +350,8 @@ def native():
 #: v_a, v_r given, need x, a, r, grad)
 _PASSES = {
     "forward": lambda args: 1,
-    "vjp": lambda args: sum(args[11:14]),
-    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[14:18]),
+    "vjp": lambda args: sum(args[7:10]),
+    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[12:16]),
 }
 
 
@@ -368,16 +369,15 @@ def _cost(passes, args: tuple, out) -> tuple[int, int]:
 
 
 class _Graph(NamedTuple):
-    """The edges for the C++ kernel: senders, receivers, bonds, each sorted (``order``) with
-    its CSR row pointers (``ptr``, [n + 1], [B + 1]), and the output rows' int64 table
-    [rows, 4] (first input column, input dimension, first column of a, path)."""
+    """The edges for the C++ kernel: senders, receivers, bonds; the edges sorted by receiver
+    and by bond (``order``) with CSR row pointers (``ptr``, [n + 1], [B + 1]); and the output
+    rows' int64 table [rows, 4] (first input column, input dimension, first column of a,
+    path)."""
 
     senders: torch.Tensor
     receivers: torch.Tensor
     recv_order: torch.Tensor
     recv_ptr: torch.Tensor
-    send_order: torch.Tensor
-    send_ptr: torch.Tensor
     rows: torch.Tensor
     bond: torch.Tensor
     bond_order: torch.Tensor
@@ -395,11 +395,16 @@ def _graph(
         for t in range(g.n_rows)
     ]
     senders, receivers = senders.contiguous(), receivers.contiguous()
+    if senders.numel():
+        low, high = (int(v) for v in torch.aminmax(senders))
+        if low < 0 or high >= n_nodes:
+            raise ValueError(
+                f"edge_index refers to node {high if low >= 0 else low} of {n_nodes} nodes"
+            )
     return _Graph(
         senders,
         receivers,
         *_csr(receivers, n_nodes),
-        *_csr(senders, n_nodes),
         torch.tensor(table, dtype=torch.long).view(-1, 4),
         bond.contiguous(),
         *_csr(bond, n_bonds),
@@ -445,9 +450,8 @@ class _NativeConvVJP(torch.autograd.Function):
         ctx.graph = graph
         ctx.set_materialize_grads(False)
         g = graph
-        order = (g.senders, g.receivers, g.recv_order, g.recv_ptr, g.send_order, g.send_ptr)
         bonds = (g.bond, g.bond_order, g.bond_ptr)
-        return native().vjp(x, a, r, grad, *order, g.rows, *want, *bonds)
+        return native().vjp(x, a, r, grad, g.senders, g.receivers, g.rows, *want, *bonds)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -458,7 +462,7 @@ class _NativeConvVJP(torch.autograd.Function):
             return (None,) * 6
         v_x, v_a, v_r = (None if v is None else v.contiguous() for v in (v_x, v_a, v_r))
         g = ctx.graph
-        order = (g.senders, g.receivers, g.recv_order, g.recv_ptr, g.send_order, g.send_ptr)
+        order = (g.senders, g.receivers, g.recv_order, g.recv_ptr)
         bonds = (g.bond, g.bond_order, g.bond_ptr)
         out = native().vjp_tangent(x, a, r, grad, v_x, v_a, v_r, *order, g.rows, *need, *bonds)
         return *out, None, None

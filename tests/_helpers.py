@@ -1,6 +1,7 @@
 """Shared by the checkpoint-tool tests: tiny demo data and one tiny multirun over every backend
 (``python train.py -m tp=<every backend>``), trained once per test session."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def threads_set(n: int):
+    """torch's intra-op threads set to ``n`` inside the block (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def require_cpp(native) -> None:

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 import torch
-from _helpers import one_thread, require_cpp  # noqa: F401
+from _helpers import one_thread, require_cpp, threads_set  # noqa: F401
 from mace.tools.scatter import scatter_sum
 from mace.tools.torch_tools import default_dtype
 from test_conv import (
@@ -315,13 +315,9 @@ def test_cpp_kernel_threads_match_e3nn(dtype: torch.dtype) -> None:
     edge_index = random_graph(200, 1500, gen)
     x, y, w, probe = random_inputs(tp, 200, 1500, gen)
     expected = derivatives(reference(tp), x, y, w, edge_index, probe)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with threads_set(3):
         args = (t.to(dtype) for t in (x, y, w))
         got = derivatives(fast, *args, edge_index, probe.to(dtype))
-    finally:
-        torch.set_num_threads(threads)
     for e, g in zip(expected, got, strict=True):
         if dtype == torch.float64:
             torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
@@ -405,38 +401,47 @@ def table_convolution(rows: torch.Tensor, senders, receivers, n_nodes: int):
     return conv
 
 
-@pytest.mark.parametrize("bonded", [False, True])
-@pytest.mark.parametrize("channels", [8, 11])
-def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool) -> None:
+@pytest.mark.parametrize(
+    ("channels", "bonded", "threads"),
+    [(8, False, 1), (11, False, 1), (8, True, 1), (11, True, 1), (11, True, 3)],
+)
+def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool, threads: int) -> None:
     """The C++ ``vjp`` for every subset of wanted gradients, and ``vjp_tangent`` for every
     subset of given tangents (v_x, v_a, v_r) and of needed outputs, equal torch.func's VJP and
     its forward-mode derivative of a plain-PyTorch convolution, in float64, at a channel count
     of whole vectors (8) and one with a remainder (11); with each edge its own radial weights,
-    or rows shared by bonds of one to four edges (the reference gathers them)."""
+    or rows shared by bonds of one to four edges (the reference gathers them); on one thread,
+    and on three over a graph large enough to split (each thread's copy of d/dx, d/dr per edge
+    then per bond)."""
     require_cpp(conv_kernel.native)
     ops = conv_kernel.native()
     with default_dtype(torch.float64):
         fast = FastConvolution.like(mace_conv_tp("3x0e+3x1o+3x2e", 2, channels=channels))
     groups = conv_kernel.groups_of(fast.group_dims, fast.group_rows, fast.group_in)
     gen = torch.Generator().manual_seed(6)
-    senders, receivers = random_graph(7, 30, gen)
-    n_bonds = 17 if bonded else 30
-    bond = torch.arange(30) % n_bonds if bonded else torch.arange(30)
+    n_nodes, n_edges = (7, 30) if threads == 1 else (60, 240)
+    senders, receivers = random_graph(n_nodes, n_edges, gen)
+    n_bonds = n_edges * 17 // 30 if bonded else n_edges
+    bond = torch.arange(n_edges) % n_bonds
     if bonded:
         bond[3], bond[29] = 5, 5  # bond 5: four edges; 3 and 12: one
-        bond = bond[torch.randperm(30, generator=gen)]
-    graph = conv_kernel._graph(senders, receivers, 7, fast.row_path, groups, bond, n_bonds)
-    order = graph.senders, graph.receivers, graph.recv_order, graph.recv_ptr
-    order += graph.send_order, graph.send_ptr
+        bond = bond[torch.randperm(n_edges, generator=gen)]
+    graph = conv_kernel._graph(senders, receivers, n_nodes, fast.row_path, groups, bond, n_bonds)
+    edges = graph.senders, graph.receivers
+    order = graph.recv_order, graph.recv_ptr
     bonds = graph.bond, graph.bond_order, graph.bond_ptr
-    per_edge = table_convolution(graph.rows, senders, receivers, 7)
+    per_edge = table_convolution(graph.rows, senders, receivers, n_nodes)
 
     def reference(x, a, r):
         return per_edge(x, a, r[bond])
 
-    shapes = [(7, fast.d_in, channels), (30, fast.cg.shape[1]), (n_bonds, fast.num_paths, channels)]
+    shapes = [
+        (n_nodes, fast.d_in, channels),
+        (n_edges, fast.cg.shape[1]),
+        (n_bonds, fast.num_paths, channels),
+    ]
     x, a, r = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in shapes)
-    grad = torch.randn(7, graph.rows.shape[0], channels, generator=gen, dtype=torch.float64)
+    grad = torch.randn(n_nodes, graph.rows.shape[0], channels, generator=gen, dtype=torch.float64)
     v = [torch.randn_like(t) for t in (x, a, r)]
 
     def vjp_and_out(x, a, r):
@@ -445,7 +450,8 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool) -> 
 
     expected_vjp = vjp_and_out(x, a, r)[:3]
     for want in itertools.product([False, True], repeat=3):
-        got = ops.vjp(x, a, r, grad, *order, graph.rows, *want, *bonds)
+        with threads_set(threads):
+            got = ops.vjp(x, a, r, grad, *edges, graph.rows, *want, *bonds)
         for w, g, e in zip(want, got, expected_vjp, strict=True):
             if w:
                 torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
@@ -456,7 +462,8 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool) -> 
         _, expected = torch.func.jvp(vjp_and_out, (x, a, r), tuple(tangents))
         vs = [t if g else None for t, g in zip(v, given, strict=True)]
         for need in [(True,) * 4, *(tuple(k == q for k in range(4)) for q in range(4))]:
-            got = ops.vjp_tangent(x, a, r, grad, *vs, *order, graph.rows, *need, *bonds)
+            with threads_set(threads):
+                got = ops.vjp_tangent(x, a, r, grad, *vs, *edges, *order, graph.rows, *need, *bonds)
             for n, g, e in zip(need, got, expected, strict=True):
                 if n:
                     torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"{given} {need}")

@@ -11,7 +11,7 @@ import logging
 
 import pytest
 import torch
-from _helpers import require_cpp, trained_runs
+from _helpers import require_cpp, threads_set, trained_runs
 from e3nn import o3
 from test_tp import (
     assert_script_round_trip,
@@ -318,12 +318,8 @@ def test_cpp_kernel_threads_match_plain_autograd(dtype):
     plain.load_state_dict(fused.state_dict())
     x, attrs = inputs(50, 6, 3, 3)
     expected = training_step(plain, x, attrs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
+    with threads_set(3):
         got = training_step(fused.to(dtype), x.to(dtype), attrs.to(dtype))
-    finally:
-        torch.set_num_threads(threads)
     tolerance = 1e-10 if dtype == F64 else 1e-4
     for a, b in zip([*got[:3], *got[3]], [*expected[:3], *expected[3]], strict=True):
         assert relative_error(a.double(), b) < tolerance
