@@ -10,11 +10,13 @@ from mace.tools.torch_tools import default_dtype
 from mace_grid.errors import ConfigError
 from mace_grid.linear import StackedLinear, restore
 
-# mace's linear after the convolution at max_ell 3, L = 1 (several paths per output), an output
-# no input reaches, and multiplicities that differ per irrep
+# mace's linear after the convolution at max_ell 3, L = 1 (several paths per output, each input
+# read once), an output no input reaches, multiplicities that differ per irrep, and an input
+# read by two outputs
 CASES = [
     ("3x0e+3x0e+3x1o+3x1o+3x1o+3x2e+3x2e+3x3o", "3x0e+3x1o+3x2e+3x3o"),
     ("2x0e+3x1o", "4x0e+2x1o+2x2e"),
+    ("2x0e+3x1o", "2x0e+1x0e+2x1o"),
 ]
 
 
