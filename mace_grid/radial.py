@@ -157,14 +157,22 @@ def bonds(
     if len(ids) < 2:
         return ids, ids
     # both directions of a bond share a key: the atom pair in order, and the direction from
-    # the lower atom (between images of one atom, the one whose first nonzero entry is > 0)
+    # the lower atom (between images of one atom, the one whose first nonzero entry is > 0).
+    # Where no pair has more than two edges (no periodic images of one pair: molecules), the
+    # pair alone orders them; on the CPU that is checked (elsewhere it would be a device sync)
     low, high = torch.minimum(senders, receivers), torch.maximum(senders, receivers)
-    sign = (senders < receivers).to(directions.dtype) - (senders > receivers).to(directions.dtype)
-    for column in directions.unbind(1):
-        sign = torch.where(sign == 0, torch.sign(column), sign)
-    key = [low * n_nodes + high, *(directions * sign[:, None]).unbind(1)]
-    order = _lexsort(key)
-    same = torch.stack([k[order[1:]] == k[order[:-1]] for k in key]).all(0)
+    pair = low * n_nodes + high
+    order = torch.sort(pair, stable=True).indices
+    same = pair[order[1:]] == pair[order[:-1]]
+    if pair.device.type != "cpu" or bool((same[1:] & same[:-1]).any()):
+        sign = (senders < receivers).to(directions.dtype) - (senders > receivers).to(
+            directions.dtype
+        )
+        for column in directions.unbind(1):
+            sign = torch.where(sign == 0, torch.sign(column), sign)
+        key = [pair, *(directions * sign[:, None]).unbind(1)]
+        order = _lexsort(key)
+        same = torch.stack([k[order[1:]] == k[order[:-1]] for k in key]).all(0)
     # in each run of one key, pair its 1st and 2nd edge, 3rd and 4th, ...
     start = torch.cat([same.new_ones(1), ~same])
     run = torch.cummax(torch.where(start, ids, 0), 0).values

@@ -131,6 +131,34 @@ def test_bonds_pair_each_edge_with_its_reverse_among_equal_images() -> None:
     assert torch.bincount(bond).tolist().count(1) == 1
 
 
+def test_bonds_of_a_molecule_pair_every_edge_with_its_reverse() -> None:
+    """Without periodic images each atom pair has at most two edges, which the atom pair alone
+    orders: in a shuffled molecular graph every edge pairs with its reverse, and an edge whose
+    pair holds it twice in one direction (a half list) stays a bond of its own."""
+    gen = torch.Generator().manual_seed(3)
+    positions = 3 * torch.rand(12, 3, generator=gen, dtype=torch.float64)
+    i, j = torch.triu_indices(12, 12, 1)
+    near = (positions[i] - positions[j]).norm(dim=1) < 2.5
+    i, j = i[near], j[near]
+    edge_index = torch.cat([torch.stack([i, j]), torch.stack([j, i])], 1)
+    edge_index = edge_index[:, torch.randperm(edge_index.shape[1], generator=gen)]
+    vectors = positions[edge_index[1]] - positions[edge_index[0]]
+    lengths = vectors.norm(dim=1)
+    directions = vectors / lengths[:, None]
+    features = torch.stack([lengths, lengths.square()], 1)
+    first, bond = bonds(edge_index, directions, features, 12)
+    assert 2 * len(first) == edge_index.shape[1] > 20
+    for b in range(len(first)):
+        e, p = (bond == b).nonzero().flatten().tolist()
+        assert torch.equal(edge_index[:, p], edge_index[:, e].flip(0))
+    half = edge_index[0] < edge_index[1]  # each pair's edge in one direction, twice
+    doubled = torch.cat([edge_index[:, half]] * 2, 1)
+    first, bond = bonds(
+        doubled, torch.cat([directions[half]] * 2), torch.cat([features[half]] * 2), 12
+    )
+    assert len(first) == doubled.shape[1]
+
+
 def test_deferred_weights_are_the_networks_per_edge() -> None:
     """With ``per_bond`` set an eager call defers; ``per_bond`` gives the network's rows for one
     edge of each bond, and those, read through ``bond``, equal the network on every edge."""
