@@ -666,10 +666,9 @@ std::tuple<Tensor, Tensor, Tensor> conv_vjp(const Tensor& x, const Tensor& a, co
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
     const Tensor& x, const Tensor& a, const Tensor& r, const Tensor& g,
     const std::optional<Tensor>& v_x_, const std::optional<Tensor>& v_a_,
-    const std::optional<Tensor>& v_r_, const Tensor& senders, const Tensor& receivers,
-    const Tensor& recv_order, const Tensor& recv_ptr, const Tensor& rows_t, bool need_x,
-    bool need_a, bool need_r, bool need_g, const Tensor& bond, const Tensor& bond_order,
-    const Tensor& bond_ptr) {
+    const std::optional<Tensor>& v_r_, const Tensor& senders, const Tensor& recv_order,
+    const Tensor& recv_ptr, const Tensor& rows_t, bool need_x, bool need_a, bool need_r,
+    bool need_g, const Tensor& bond, const Tensor& bond_order, const Tensor& bond_ptr) {
   check(g, "grad", 3);
   const Tensor v_x = v_x_.value_or(Tensor()), v_a = v_a_.value_or(Tensor()),
                v_r = v_r_.value_or(Tensor());
@@ -678,8 +677,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   if (v_r.defined()) check(v_r, "v_r", 3);
   const Table tab = checked_table(x, a, r, rows_t);
   const int64_t R = tab.path.size(), D = x.size(1), C = x.size(2), K = a.size(1), P = r.size(1);
-  check_edges(a, senders, receivers);
-  check_order(x, a, receivers, recv_order, recv_ptr);
+  check_order(x, a, senders, recv_order, recv_ptr);
   check_bonds(a, r, bond, &bond_order, &bond_ptr);
   if (v_r.defined()) check_bonds(a, v_r, bond);
   const int64_t E = a.size(0), B = r.size(0);
@@ -762,9 +760,9 @@ TORCH_LIBRARY(mace_grid_conv, m) {
       "Tensor bond_ptr) -> (Tensor, Tensor, Tensor)");
   m.def(
       "vjp_tangent(Tensor x, Tensor a, Tensor r, Tensor grad, Tensor? v_x, Tensor? v_a, "
-      "Tensor? v_r, Tensor senders, Tensor receivers, Tensor recv_order, Tensor recv_ptr, "
-      "Tensor rows, bool need_x, bool need_a, bool need_r, bool need_g, Tensor bond, "
-      "Tensor bond_order, Tensor bond_ptr) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? v_r, Tensor senders, Tensor recv_order, Tensor recv_ptr, Tensor rows, "
+      "bool need_x, bool need_a, bool need_r, bool need_g, Tensor bond, Tensor bond_order, "
+      "Tensor bond_ptr) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(mace_grid_conv, CPU, m) {

@@ -351,7 +351,7 @@ def native():
 _PASSES = {
     "forward": lambda args: 1,
     "vjp": lambda args: sum(args[7:10]),
-    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[12:16]),
+    "vjp_tangent": lambda args: _tangent_passes(*(v is not None for v in args[4:7]), *args[11:15]),
 }
 
 
@@ -462,7 +462,7 @@ class _NativeConvVJP(torch.autograd.Function):
             return (None,) * 6
         v_x, v_a, v_r = (None if v is None else v.contiguous() for v in (v_x, v_a, v_r))
         g = ctx.graph
-        order = (g.senders, g.receivers, g.recv_order, g.recv_ptr)
+        order = (g.senders, g.recv_order, g.recv_ptr)
         bonds = (g.bond, g.bond_order, g.bond_ptr)
         out = native().vjp_tangent(x, a, r, grad, v_x, v_a, v_r, *order, g.rows, *need, *bonds)
         return *out, None, None

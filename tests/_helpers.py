@@ -22,10 +22,8 @@ _SESSION: dict[str, object] = {}
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Imported by test modules: one torch thread in-process, as tiny_args gives train.py."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with threads_set(1):
+        yield
 
 
 @contextlib.contextmanager

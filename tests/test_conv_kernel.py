@@ -463,7 +463,9 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool, thr
         vs = [t if g else None for t, g in zip(v, given, strict=True)]
         for need in [(True,) * 4, *(tuple(k == q for k in range(4)) for q in range(4))]:
             with threads_set(threads):
-                got = ops.vjp_tangent(x, a, r, grad, *vs, *edges, *order, graph.rows, *need, *bonds)
+                got = ops.vjp_tangent(
+                    x, a, r, grad, *vs, graph.senders, *order, graph.rows, *need, *bonds
+                )
             for n, g, e in zip(need, got, expected, strict=True):
                 if n:
                     torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=f"{given} {need}")
