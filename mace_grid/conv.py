@@ -22,7 +22,10 @@ runs as plain differentiable ops (`FastConvolution.convolve_autograd`, its refer
 model's state_dict is the same with either conv and checkpoints load into both. conv=fast also
 computes the block's e3nn ``Linear`` after the convolution (17 input irreps at max_ell 3, L = 2)
 as `mace_grid.linear.StackedLinear`, one matmul per output irrep, and its radial network as
-`mace_grid.radial.RadialMLP`, the activation's derivatives written out, on the same weights.
+`mace_grid.radial.RadialMLP`, the activation's derivatives written out, on the same weights. In
+eager mode the fused kernel writes the messages as ``[nodes, rows, channels]`` in the order that
+linear's matmuls read them (`FastConvolution.feed`), so neither side reorders them; under
+TorchScript and torch.compile both keep e3nn's layout.
 """
 
 from collections.abc import Mapping
@@ -67,7 +70,8 @@ class FastConvolution(o3.TensorProduct):
     weights [n_edges, weight_numel], edge_index [2, n_edges]) -> [n_nodes, irreps_out]``: the
     summed messages, as mace's blocks call a fused conv (``conv_fusion``). In eager mode the
     weights may come as `mace_grid.radial.Deferred`, the radial network's call, made here once
-    per bond.
+    per bond, and once `feed` has set a rows layout the messages come as
+    ``[n_nodes, rows, channels]`` in it.
     """
 
     def __init__(self, **tp_args) -> None:
@@ -154,6 +158,10 @@ class FastConvolution(o3.TensorProduct):
         )
         self.register_buffer("in_index", in_index, persistent=False)
         self.register_buffer("out_index", out_index, persistent=False)
+        # each grouped row's (irrep, m) row of irreps_out, and where `feed` places it (None:
+        # the e3nn layout)
+        self.register_buffer("row_irrep_m", torch.tensor(order), persistent=False)
+        self.register_buffer("place", None, persistent=False)
         # the edges' directions for pairing them into bonds (`mace_grid.radial.bonds`): the
         # first of edge_attrs' three l = 1 columns (-1: none)
         ones = [k for k, (_, ir) in enumerate(self.irreps_in2) if ir.l == 1]
@@ -167,6 +175,19 @@ class FastConvolution(o3.TensorProduct):
     def like(cls, tp: o3.TensorProduct) -> "FastConvolution":
         """The fast version of mace's ``conv_tp`` module ``tp``."""
         return cls(**_init_args(tp))
+
+    def feed(self, rows: list[int] | None) -> None:
+        """Write the eager messages as ``[n_nodes, rows, channels]``, row q being irreps_out's
+        (irrep, m) row ``rows[q]`` (a permutation; `StackedLinear.rows_in`), or in e3nn's
+        layout (None)."""
+        if rows is None:
+            self.place = None
+            return
+        if sorted(rows) != list(range(self.d_out)):
+            raise ValueError(f"rows {rows} are not a permutation of the {self.d_out} output rows")
+        position = torch.empty(self.d_out, dtype=torch.long)
+        position[torch.tensor(rows)] = torch.arange(self.d_out)
+        self.place = position[self.row_irrep_m.cpu()].to(self.row_irrep_m.device)
 
     def forward(
         self,
@@ -203,7 +224,9 @@ class FastConvolution(o3.TensorProduct):
         a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
         groups = groups_of(self.group_dims, self.group_rows, self.group_in)
         senders, receivers = edge_index
-        out = convolve(x, a_all, r, senders, receivers, self.row_path, groups, bond)
+        out = convolve(x, a_all, r, senders, receivers, self.row_path, groups, bond, self.place)
+        if self.place is not None:
+            return out  # [n_nodes, rows, C] as the next linear reads it (`feed`)
         return out.view(n_nodes, self.d_out * c).index_select(1, self.out_index)
 
     def convolve_autograd(
@@ -264,6 +287,8 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.conv_tp = FastConvolution.like(tp).to(**_placement(block))
             block.conv_fusion = "mace_grid"  # mace's blocks then call the fused signature
             block.linear = _same_weights(StackedLinear.like(block.linear), block.linear)
+            if block.linear.irreps_in.dim > block.linear.row_channels:  # more than one row
+                block.conv_tp.feed(block.linear.rows_in)
             block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
             # once per bond, unless mace multiplies the weights by the cutoff in between
             block.conv_tp_weights.per_bond = cutoff_folded

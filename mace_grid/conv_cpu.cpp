@@ -3,14 +3,15 @@
 // in one pass over the edges that writes nothing per edge but the per-edge results themselves.
 //
 // For edges e = j -> i and output rows o (input columns s_o .. s_o + d_o, columns of a
-// ac_o .. ac_o + d_o, path k_o), with ax[e, o, c] = sum_m a[e, ac_o + m] x[j, s_o + m, c]:
+// ac_o .. ac_o + d_o, path k_o, place q_o), ax[e, o, c] = sum_m a[e, ac_o + m] x[j, s_o + m, c]:
 //
-//     out[i, o, c] = sum_{e: j -> i} r[e, k_o, c] ax[e, o, c]
+//     out[i, q_o, c] = sum_{e: j -> i} r[e, k_o, c] ax[e, o, c]
 //
 // Layouts (all contiguous, channels last): x [n, D, C], a [E, K], r [B, P, C], grad [n, R, C],
-// rows [R, 4] int64 (s, d, ac, k), bond [E] int64: edge e reads radial weights r[bond[e]] (the
-// two directions of a bond share one row; B = E and bond a permutation where none do), and
-// d/dr sums over a bond's edges.
+// rows [R, 5] int64 (s, d, ac, k, q; the places q a permutation: the caller's layout of out, so
+// that the next op reads it without a copy), bond [E] int64: edge e reads radial weights
+// r[bond[e]] (the two directions of a bond share one row; B = E and bond a permutation where
+// none do), and d/dr sums over a bond's edges.
 //
 // Each op is one pass over the edges: the forward and the VJP's tangent by receiver (edges
 // sorted by receiver: `recv_order`, CSR `recv_ptr`; the messages and their tangent accumulated
@@ -53,7 +54,7 @@ struct Group {
 
 struct Table {
   std::vector<Group> groups;
-  std::vector<int64_t> path;  // per row
+  std::vector<int64_t> path, place;  // per row: its path in r, its row in out and grad
 };
 
 // The table must stay inside x's D columns, a's K columns and r's P paths: the passes do not
@@ -63,23 +64,30 @@ void check_table(const Table& tab, int64_t D, int64_t K, int64_t P) {
     TORCH_CHECK(g.s >= 0 && g.s + g.d <= D && g.ac >= 0 && g.ac + g.n * g.d <= K,
                 "rows table outside x's ", D, " or a's ", K, " columns");
   for (int64_t k : tab.path) TORCH_CHECK(k >= 0 && k < P, "row path ", k, " outside ", P);
+  const int64_t R = tab.place.size();
+  std::vector<bool> seen(R, false);
+  for (int64_t q : tab.place) {
+    TORCH_CHECK(q >= 0 && q < R && !seen[q], "the rows' places are not a permutation of 0..", R);
+    seen[q] = true;
+  }
 }
 
 Table read_rows(const Tensor& rows) {
-  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 4 && rows.scalar_type() == at::kLong,
-              "rows must be an int64 [R, 4] table");
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == 5 && rows.scalar_type() == at::kLong,
+              "rows must be an int64 [R, 5] table");
   auto t = rows.contiguous();
   const int64_t* p = t.data_ptr<int64_t>();
   Table out;
   for (int64_t o = 0; o < t.size(0); ++o) {
-    const int64_t s = p[4 * o], d = p[4 * o + 1], ac = p[4 * o + 2];
+    const int64_t s = p[5 * o], d = p[5 * o + 1], ac = p[5 * o + 2];
     TORCH_CHECK(d >= 1 && d <= kMaxDim, "input dimension ", d, " outside 1..", kMaxDim);
     Group* last = out.groups.empty() ? nullptr : &out.groups.back();
     if (last && last->s == s && last->d == d && last->ac + last->n * d == ac)
       ++last->n;
     else
       out.groups.push_back({s, d, ac, o, 1});
-    out.path.push_back(p[4 * o + 3]);
+    out.path.push_back(p[5 * o + 3]);
+    out.place.push_back(p[5 * o + 4]);
   }
   return out;
 }
@@ -296,7 +304,7 @@ template <typename T, bool WA, bool WR, bool WX>
 void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
               const T* __restrict xj, const T* __restrict ae, int64_t C, T* __restrict gae,
               T* __restrict gre, T* __restrict gxj) {
-  const int64_t* path = tab.path.data();
+  const int64_t *path = tab.path.data(), *place = tab.place.data();
   constexpr int64_t W = kLanes<T>;
   const int64_t Cv = C - C % W;
   groups(tab, [&](auto dim, const Group& gg, auto d) {
@@ -305,8 +313,10 @@ void vjp_edge(const Table& tab, const T* __restrict gi, const T* __restrict re,
     T* gxg = WX ? gxj + gg.s * C : nullptr;
     LaneSums<T> sums(WA ? gae + gg.ac : nullptr);
     for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-      const T *go = gi + o * C, *ro = re + path[o] * C, *at = ae + gg.ac + t * d;
+      const T *go = gi + place[o] * C, *ro = re + path[o] * C;
       T* gro = WR ? gre + path[o] * C : nullptr;
+      T at[Dc ? Dc : kMaxDim];  // the row's a in registers: the stores below could alias ae
+      for (int64_t m = 0; m < d; ++m) at[m] = ae[gg.ac + t * d + m];
       V<T> acc[Dc ? Dc : kMaxDim];
       if constexpr (WA)
         for (int64_t m = 0; m < d; ++m) acc[m] = V<T>{};
@@ -352,7 +362,7 @@ void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict 
                   const T* __restrict ae, const T* __restrict vae, int64_t C, T* __restrict oae,
                   T* __restrict ore, T* __restrict ogi, T* __restrict oxj) {
   constexpr int64_t W = kLanes<T>;
-  const int64_t* path = tab.path.data();
+  const int64_t *path = tab.path.data(), *place = tab.place.data();
   const int64_t Cv = C - C % W;
   constexpr bool DAX = VX || VA;  // the tangent of a x
   const bool wa = oae && (VX || VR), wr = ore && DAX, wg = ogi != nullptr,
@@ -364,7 +374,7 @@ void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict 
       const T* vxg = VX ? vxj + gg.s * C : nullptr;
       LaneSums<T> sums(oae + gg.ac);
       for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
-        const T *go = gi + o * C, *ro = re + path[o] * C;
+        const T *go = gi + place[o] * C, *ro = re + path[o] * C;
         const T* vro = VR ? vre + path[o] * C : nullptr;
         V<T> acc[Dc ? Dc : kMaxDim];
         for (int64_t m = 0; m < d; ++m) acc[m] = V<T>{};
@@ -391,11 +401,11 @@ void tangent_edge(const Table& tab, const T* __restrict gi, const T* __restrict 
     T* oxg = wx ? oxj + gg.s * C : nullptr;
     for (int64_t t = 0, o = gg.row0; t < gg.n; ++t, ++o) {
       const int64_t k = path[o];
-      const T *go = gi + o * C, *ro = re + k * C, *at = ae + gg.ac + t * d;
+      const T *go = gi + place[o] * C, *ro = re + k * C, *at = ae + gg.ac + t * d;
       const T* vro = VR ? vre + k * C : nullptr;
       const T* vat = VA ? vae + gg.ac + t * d : nullptr;
       T* oro = wr ? ore + k * C : nullptr;
-      T* ogo = wg ? ogi + o * C : nullptr;
+      T* ogo = wg ? ogi + place[o] * C : nullptr;
       // dax = v_a x + a v_x; or += g dax; og += r dax + v_r (a x); ox += v_a (g r) + a (g v_r)
       auto row = [&](auto load, auto store, int64_t c) {
         using S = decltype(load(go + c));
@@ -584,7 +594,7 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
   check_bonds(a, r, bond);
   auto out = at::empty({x.size(0), R, C}, x.options());  // zeroed per receiver
   const int64_t *snd = senders.data_ptr<int64_t>(), *bnd = bond.data_ptr<int64_t>();
-  const int64_t* path = tab.path.data();
+  const int64_t *path = tab.path.data(), *place = tab.place.data();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *ap = a.data_ptr<T>(), *rp = r.data_ptr<T>();
@@ -601,7 +611,7 @@ Tensor conv_forward(const Tensor& x, const Tensor& a, const Tensor& r, const Ten
         L xs[Dc ? Dc : kMaxDim];
         load_rows(xs, xj + g.s * C, d, C, n);
         for (int64_t t = 0, o = g.row0; t < g.n; ++t, ++o)
-          (L::load(re + path[o] * C, n) * combine(ae + g.ac + t * d, xs, d)).add_to(oi + o * C);
+          (L::load(re + path[o] * C, n) * combine(ae + g.ac + t * d, xs, d)).add_to(oi + place[o] * C);
       });
     });
   });

@@ -11,8 +11,8 @@ group a row-major [rows_g, d_g] block: the edge harmonics contracted with Clebsc
 same for every channel), ``r [B, P, C]`` (paths in any order; one row per bond, ``bond [E]``
 each edge's row: the two directions of a bond share their radial weights, and the gradient of a
 row sums over its edges), ``row_path [rows]`` (the path of each output row in r) ->
-``out [n, rows, C]`` (group order); `mace_grid.conv.FastConvolution` maps e3nn's layouts to
-these.
+``out [n, rows, C]`` (group order, or row o at ``place[o]``: the layout the next op reads);
+`mace_grid.conv.FastConvolution` maps e3nn's layouts to these.
 
 Fused: edges are visited in blocks (sorted by receiver once per call, so a block scatters into
 a narrow range of nodes); a block gathers its senders' features and radial weights, forms
@@ -89,14 +89,15 @@ def convolve(
     row_path: torch.Tensor,
     groups: list[Group],
     bond: torch.Tensor | None = None,
+    place: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The summed messages ``[n, rows, C]`` (module doc), differentiable twice; ``bond``
     (default: each edge its own) as `mace_grid.radial.bonds` returns it, every row of r
-    read by at least one edge."""
+    read by at least one edge; ``place`` (default: group order) a permutation of the rows."""
     if bond is None:
         bond = torch.arange(a.shape[0], device=a.device)
     if x.device.type == "cpu" and native() is not None:
-        graph = _graph(senders, receivers, x.shape[0], row_path, groups, bond, r.shape[0])
+        graph = _graph(senders, receivers, x.shape[0], row_path, groups, bond, r.shape[0], place)
         return _NativeConv.apply(x, a, r.contiguous(), graph)
     n_edges, n_rows, channels = a.shape[0], row_path.shape[0], x.shape[2]
     edges = torch.argsort(receivers, stable=True)
@@ -104,7 +105,8 @@ def convolve(
     cpu_block = max(_MIN_BLOCK, _BLOCK_BYTES // max(edge_bytes, 1))
     block = block_size(n_edges, x.device, cpu_block, _TEMPORARIES * edge_bytes)
     blocks = _blocks(edges, senders, receivers, bond, row_path, groups, r.shape[1], block)
-    return _Conv.apply(x, a, r.contiguous(), blocks, groups)
+    out = _Conv.apply(x, a, r.contiguous(), blocks, groups)
+    return out if place is None else out.index_select(1, torch.argsort(place))
 
 
 class _Block(NamedTuple):
@@ -371,8 +373,8 @@ def _cost(passes, args: tuple, out) -> tuple[int, int]:
 class _Graph(NamedTuple):
     """The edges for the C++ kernel: senders, receivers, bonds; the edges sorted by receiver
     and by bond (``order``) with CSR row pointers (``ptr``, [n + 1], [B + 1]); and the output
-    rows' int64 table [rows, 4] (first input column, input dimension, first column of a,
-    path)."""
+    rows' int64 table [rows, 5] (first input column, input dimension, first column of a,
+    path, place)."""
 
     senders: torch.Tensor
     receivers: torch.Tensor
@@ -385,14 +387,15 @@ class _Graph(NamedTuple):
 
 
 def _graph(
-    senders, receivers, n_nodes: int, row_path, groups: list[Group], bond, n_bonds: int
+    senders, receivers, n_nodes: int, row_path, groups: list[Group], bond, n_bonds: int, place
 ) -> _Graph:
-    """The `_Graph` of a call (CPU tensors: ``row_path.tolist()`` is no device sync)."""
+    """The `_Graph` of a call (CPU tensors: ``.tolist()`` is no device sync)."""
     paths = row_path.tolist()
+    places = list(range(len(paths))) if place is None else place.tolist()
     table = [
-        [g.inputs.start, g.dim, g.cols.start + t * g.dim, paths[g.rows.start + t]]
+        [g.inputs.start, g.dim, g.cols.start + t * g.dim, paths[o], places[o]]
         for g in groups
-        for t in range(g.n_rows)
+        for t, o in enumerate(range(g.rows.start, g.rows.stop))
     ]
     senders, receivers = senders.contiguous(), receivers.contiguous()
     if senders.numel():
@@ -405,7 +408,7 @@ def _graph(
         senders,
         receivers,
         *_csr(receivers, n_nodes),
-        torch.tensor(table, dtype=torch.long).view(-1, 4),
+        torch.tensor(table, dtype=torch.long).view(-1, 5),
         bond.contiguous(),
         *_csr(bond, n_bonds),
     )

@@ -7,6 +7,10 @@ input irreps at max_ell 3, L = 2) that is most of a training step's elementwise 
 the kernels. ``StackedLinear`` splits the input once, stacks each output irrep's path inputs
 into one [nodes * (2l + 1), paths * channels] matrix and multiplies it by the stacked,
 path-normalised weights: one matmul per output, the same numbers.
+
+It also reads its input as ``[nodes, rows, channels]``, one row per (input irrep, m) ordered as
+its matmuls read them (``rows_in``): `mace_grid.conv.FastConvolution` writes its messages so in
+eager mode, and each output's matrix is then a slice of them, not a gather.
 """
 
 import torch
@@ -38,6 +42,7 @@ class StackedLinear(o3.Linear):
             for _ in range(n)
         ]
         self.register_buffer("path_scale", torch.tensor(scale), persistent=False)
+        self.rows_in, self.row_sizes, self.row_channels = _rows_layout(self)
 
     @classmethod
     def like(cls, linear: o3.Linear) -> "StackedLinear":
@@ -58,29 +63,67 @@ class StackedLinear(o3.Linear):
 
     @torch.jit.unused
     def _stacked(self, features: torch.Tensor) -> torch.Tensor:
-        # split, not slices: autograd's backward of a split is one cat, of each slice a
-        # zero-filled full-size gradient
-        lead = features.shape[:-1]
-        x = features.reshape(-1, self.irreps_in.dim)
-        z = x.shape[0]
-        inputs = x.split(self.in_dims, dim=1)
+        rows = features.shape[-1] != self.irreps_in.dim  # [nodes, rows, channels]: rows_in
+        if rows:
+            if self.rows_in is None or features.shape[1:] != (len(self.rows_in), self.row_channels):
+                raise ValueError(
+                    f"{self}: input {tuple(features.shape)} is neither [..., "
+                    f"{self.irreps_in.dim}] nor [nodes, rows, channels] in its rows layout"
+                )
+            lead, z = features.shape[:1], features.shape[0]
+            pieces = features.split(self.row_sizes, dim=1)
+        else:
+            # split, not slices: autograd's backward of a split is one cat, of each slice a
+            # zero-filled full-size gradient
+            lead = features.shape[:-1]
+            x = features.reshape(-1, self.irreps_in.dim)
+            z = x.shape[0]
+            inputs = x.split(self.in_dims, dim=1)
         weights = (self.weight * self.path_scale).split(self.path_sizes)
         parts = []
-        for (mul, ir), paths in zip(self.irreps_out, self.out_paths, strict=True):
+        for o, ((mul, ir), paths) in enumerate(zip(self.irreps_out, self.out_paths, strict=True)):
             if not paths:
-                parts.append(x.new_zeros(z, mul * ir.dim))
+                parts.append(features.new_zeros(z, mul * ir.dim))
                 continue
-            # [z, paths * u, m] and [paths * u, w]: y[z, w, m] = sum_(path, u) x w
-            x_o = torch.cat(
-                [inputs[self.instructions[k].i_in].view(z, -1, ir.dim) for k in paths], 1
-            )
+            # x_o [z * (2l + 1), paths * u] (rows (z, m)) and w_o [paths * u, w]
+            if rows:
+                x_o = pieces[o].reshape(z * ir.dim, -1)
+            else:
+                x_o = torch.cat(
+                    [inputs[self.instructions[k].i_in].view(z, -1, ir.dim) for k in paths], 1
+                )
+                x_o = x_o.transpose(1, 2).reshape(z * ir.dim, -1)
             w_o = torch.cat([weights[k].view(-1, mul) for k in paths])
-            if ir.dim == 1:
-                parts.append(x_o.view(z, -1) @ w_o)
-                continue
-            y = x_o.transpose(1, 2).reshape(z * ir.dim, -1) @ w_o  # rows (z, m)
+            y = x_o @ w_o  # rows (z, m)
             parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
         return torch.cat(parts, dim=1).reshape(*lead, self.irreps_out.dim)
+
+
+def _rows_layout(linear: StackedLinear) -> tuple[list[int] | None, list[int], int]:
+    """(``rows_in``, ``row_sizes``, channels): the input rows [nodes, rows, channels] in the
+    order the matmuls read them, each an index into the input's (irrep, m) rows (irreps_in
+    order), and per output the number of its rows (then the rows no output reads). None where
+    no such layout exists: an input read by two outputs, or irreps of different
+    multiplicities."""
+    starts = [0]
+    for _, ir in linear.irreps_in:
+        starts.append(starts[-1] + ir.dim)
+    reads = [i.i_in for i in linear.instructions]
+    muls = {mul for mul, _ in linear.irreps_in}
+    if len(set(reads)) < len(reads) or len(muls) != 1:
+        return None, [], 0
+    order, sizes = [], []
+    for (_, ir), paths in zip(linear.irreps_out, linear.out_paths, strict=True):
+        ins = [linear.instructions[k].i_in for k in paths]
+        order += [starts[i] + m for m in range(ir.dim) for i in ins]
+        sizes.append(ir.dim * len(ins))
+    unread = [
+        q
+        for i in range(len(linear.irreps_in))
+        if i not in reads
+        for q in range(starts[i], starts[i + 1])
+    ]
+    return order + unread, sizes + [len(unread)], muls.pop()
 
 
 def restore(linear: StackedLinear) -> o3.Linear:

@@ -284,6 +284,42 @@ def test_random_graph_messages_match_e3nn_over_blocks(kernel: str, monkeypatch) 
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
 
+def test_fed_messages_come_in_the_given_rows_layout(kernel: str) -> None:
+    """After ``feed(rows)`` the messages come as [nodes, rows, channels], row q being
+    irreps_out's (irrep, m) row rows[q]: read back into e3nn's layout by plain indexing, they
+    and their first and second derivatives are mace's; ``feed(None)`` restores e3nn's layout."""
+    with default_dtype(torch.float64):
+        tp = mace_conv_tp("3x0e+3x1o+3x2e", 3, channels=3)
+        fast = FastConvolution.like(tp)
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randperm(fast.d_out, generator=gen).tolist()
+    fast.feed(rows)
+    n_nodes, channels = 6, 3
+    # e3nn's column (irrep k, channel u, m) holds row (k, m), at place rows.index(first_k + m)
+    columns, first = [], 0
+    for _, ir in tp.irreps_out:
+        columns += [
+            rows.index(first + m) * channels + u for u in range(channels) for m in range(ir.dim)
+        ]
+        first += ir.dim
+    columns = torch.tensor(columns)
+
+    def fed(x, y, w, edge_index):
+        out = fast(x, y, w, edge_index)
+        assert out.shape == (n_nodes, fast.d_out, channels)
+        return out.reshape(n_nodes, -1)[:, columns]
+
+    edge_index = random_graph(n_nodes, 23, gen)
+    x, y, w, probe = random_inputs(tp, n_nodes, 23, gen)
+    expected = derivatives(reference(tp), x, y, w, edge_index, probe)
+    for e, g in zip(expected, derivatives(fed, x, y, w, edge_index, probe), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+    fast.feed(None)
+    torch.testing.assert_close(fast(x, y, w, edge_index), expected[0], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="not a permutation"):
+        fast.feed(rows[:-1] + rows[:1])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernel_on_cuda_matches_cpu(calls) -> None:
     """The same Python kernel on CUDA (one block): messages, first and second derivatives."""
@@ -372,12 +408,16 @@ def test_cpp_ops_refuse_inconsistent_tables() -> None:
     x, a, r = torch.randn(3, 4, 2), torch.randn(2, 4), torch.randn(2, 1, 2)
     senders, bond = torch.tensor([0, 1]), torch.tensor([0, 1])
     order, ptr = conv_kernel._csr(torch.tensor([1, 2]), 3)
-    rows = torch.tensor([[0, 1, 0, 0], [1, 3, 1, 0]])  # columns 0 and 1..3 of x and a
+    rows = torch.tensor([[0, 1, 0, 0, 1], [1, 3, 1, 0, 0]])  # columns 0 and 1..3 of x and a
     assert ops.forward(x, a, r, senders, order, ptr, rows, bond).shape == (3, 2, 2)
     with pytest.raises(RuntimeError, match="rows table outside"):
-        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[2, 3, 1, 0]]), bond)
+        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[2, 3, 1, 0, 0]]), bond)
     with pytest.raises(RuntimeError, match="row path"):
-        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[0, 1, 0, 1]]), bond)
+        ops.forward(x, a, r, senders, order, ptr, torch.tensor([[0, 1, 0, 1, 0]]), bond)
+    for places in ([1, 1], [0, 2]):  # two rows in one place, a place outside out
+        with pytest.raises(RuntimeError, match="not a permutation"):
+            bad = torch.cat([rows[:, :4], torch.tensor(places)[:, None]], 1)
+            ops.forward(x, a, r, senders, order, ptr, bad, bond)
     with pytest.raises(RuntimeError, match="edge tensors disagree"):
         ops.forward(x, a, r, senders, order, ptr[:-1], rows, bond)
     with pytest.raises(RuntimeError, match="bond tensors disagree"):
@@ -387,32 +427,40 @@ def test_cpp_ops_refuse_inconsistent_tables() -> None:
 
 
 def table_convolution(rows: torch.Tensor, senders, receivers, n_nodes: int):
-    """The messages from the C++ ops' rows table (s, d, ac, k per output row o), by plain
-    PyTorch (an independent reference): out[i, o] = sum over e = j -> i of
+    """The messages from the C++ ops' rows table (s, d, ac, k, q per output row o), by plain
+    PyTorch (an independent reference): out[i, q] = sum over e = j -> i of
     r[e, k] * (a[e, ac : ac + d] @ x[j, s : s + d])."""
 
     def conv(x, a, r):
-        out = []
-        for s, d, ac, k in rows.tolist():
+        out = {}
+        for s, d, ac, k, q in rows.tolist():
             ax = torch.einsum("em,emc->ec", a[:, ac : ac + d], x[senders, s : s + d])
-            out.append(scatter_sum(r[:, k] * ax, receivers, dim=0, dim_size=n_nodes))
-        return torch.stack(out, 1)
+            out[q] = scatter_sum(r[:, k] * ax, receivers, dim=0, dim_size=n_nodes)
+        return torch.stack([out[q] for q in range(len(out))], 1)
 
     return conv
 
 
 @pytest.mark.parametrize(
-    ("channels", "bonded", "threads"),
-    [(8, False, 1), (11, False, 1), (8, True, 1), (11, True, 1), (11, True, 3)],
+    ("channels", "bonded", "threads", "placed"),
+    [
+        (8, False, 1, False),
+        (11, False, 1, True),
+        (8, True, 1, False),
+        (11, True, 1, True),
+        (11, True, 3, True),
+    ],
 )
-def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool, threads: int) -> None:
+def test_cpp_vjp_and_tangent_ops_match_autograd(
+    channels: int, bonded: bool, threads: int, placed: bool
+) -> None:
     """The C++ ``vjp`` for every subset of wanted gradients, and ``vjp_tangent`` for every
     subset of given tangents (v_x, v_a, v_r) and of needed outputs, equal torch.func's VJP and
     its forward-mode derivative of a plain-PyTorch convolution, in float64, at a channel count
     of whole vectors (8) and one with a remainder (11); with each edge its own radial weights,
     or rows shared by bonds of one to four edges (the reference gathers them); on one thread,
     and on three over a graph large enough to split (each thread's copy of d/dx, d/dr per edge
-    then per bond)."""
+    then per bond); output rows in group order, or shuffled (``place``)."""
     require_cpp(conv_kernel.native)
     ops = conv_kernel.native()
     with default_dtype(torch.float64):
@@ -426,7 +474,10 @@ def test_cpp_vjp_and_tangent_ops_match_autograd(channels: int, bonded: bool, thr
     if bonded:
         bond[3], bond[29] = 5, 5  # bond 5: four edges; 3 and 12: one
         bond = bond[torch.randperm(n_edges, generator=gen)]
-    graph = conv_kernel._graph(senders, receivers, n_nodes, fast.row_path, groups, bond, n_bonds)
+    place = torch.randperm(len(fast.row_path), generator=gen) if placed else None
+    graph = conv_kernel._graph(
+        senders, receivers, n_nodes, fast.row_path, groups, bond, n_bonds, place
+    )
     edges = graph.senders, graph.receivers
     order = graph.recv_order, graph.recv_ptr
     bonds = graph.bond, graph.bond_order, graph.bond_ptr

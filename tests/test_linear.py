@@ -46,6 +46,51 @@ def test_matches_e3nn_linear_with_derivatives(irreps_in: str, irreps_out: str) -
     assert derivatives(e3nn_linear)[-1].abs().max() > 1e-3  # the weights' gradient is not zero
 
 
+def test_reads_its_rows_layout() -> None:
+    """Given [nodes, rows, channels] with row q holding the input's (irrep, m) row rows_in[q]
+    (built here by plain indexing of e3nn's layout), the output and its first and second
+    derivatives are e3nn's; linears with no such layout (an input read twice, multiplicities
+    that differ) have none, and a wrong shape is refused."""
+    irreps_in, irreps_out = CASES[0]
+    with default_dtype(torch.float64):
+        e3nn_linear = o3.Linear(irreps_in, irreps_out)
+        stacked = StackedLinear.like(e3nn_linear)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        e3nn_linear.weight.normal_(generator=gen)
+        stacked.weight.copy_(e3nn_linear.weight)
+    channels, n = 3, 4
+    # e3nn's column (irrep k, channel u, m) -> flat row (k, m), channel u
+    flat, first, offset = {}, 0, 0
+    for _, ir in e3nn_linear.irreps_in:
+        for u in range(channels):
+            for m in range(ir.dim):
+                flat[(first + m, u)] = offset + u * ir.dim + m
+        first, offset = first + ir.dim, offset + channels * ir.dim
+    assert sorted(stacked.rows_in) == list(range(first))
+    gather = torch.tensor([[flat[(q, u)] for u in range(channels)] for q in stacked.rows_in])
+    x = torch.randn(n, e3nn_linear.irreps_in.dim, dtype=torch.float64, generator=gen)
+    probe = torch.randn(n, e3nn_linear.irreps_out.dim, dtype=torch.float64, generator=gen)
+
+    def derivatives(linear, layout):
+        xi = x.clone().requires_grad_()
+        y = linear(layout(xi))
+        (dx,) = torch.autograd.grad((y * probe).sum(), xi, create_graph=True)
+        # d|dx|^2/dx is None: dx does not depend on x
+        (dw,) = torch.autograd.grad((dx**2).sum(), [linear.weight])
+        return [y, dx, dw]
+
+    expected = derivatives(e3nn_linear, lambda t: t)
+    got = derivatives(stacked, lambda t: t[:, gather])
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    for irreps in CASES[1:]:
+        with default_dtype(torch.float64):
+            assert StackedLinear.like(o3.Linear(*irreps)).rows_in is None
+    with pytest.raises(ValueError, match="rows layout"):
+        stacked(x[:, gather][:, 1:])
+
+
 def test_torchscript_and_restore_give_the_same_function() -> None:
     with default_dtype(torch.float64):
         stacked = StackedLinear.like(o3.Linear(*CASES[0]))
