@@ -700,7 +700,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
   std::optional<PerThread> ox;
   if (write_x) ox.emplace(x);
   Tensor oa = need_a ? (write_a ? at::empty_like(a) : at::zeros_like(a)) : Tensor();
-  Tensor orr = need_r ? (write_r && B == E ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
+  Tensor orr = need_r ? (write_r && direct_r ? at::empty_like(r) : at::zeros_like(r)) : Tensor();
   Tensor per_edge_r = write_r && !direct_r ? at::empty({E, P, C}, r.options()) : orr;
   Tensor og = need_g ? (write_g ? at::empty({x.size(0), R, C}, x.options())
                                 : at::zeros({x.size(0), R, C}, x.options()))
@@ -717,7 +717,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
       T* oap = write_a ? oa.data_ptr<T>() : nullptr;
       T* orp = write_r ? per_edge_r.data_ptr<T>() : nullptr;
       T* ogp = write_g ? og.data_ptr<T>() : nullptr;
-      const bool zero_r = write_r && (B == E || !direct_r);  // else orr starts zeroed
+      // each row of d/dr zeroed where its first edge comes (in cache), not all rows up front:
+      // per edge, or per bond on one thread (every bond has an edge)
+      std::vector<char> touched(write_r && direct_r && B < E ? B : 0, 0);
       auto zero = [&](int64_t i) {
         if (write_g) std::fill_n(ogp + i * R * C, R * C, T(0));
       };
@@ -734,7 +736,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_vjp_tangent(
           T* oae = write_a ? oap + e * K : nullptr;
           T* ore = write_r ? orp + (direct_r ? b : e) * P * C : nullptr;
           if (write_a) std::fill_n(oae, K, T(0));
-          if (zero_r) std::fill_n(ore, P * C, T(0));
+          if (write_r && (touched.empty() || !touched[b])) {
+            std::fill_n(ore, P * C, T(0));
+            if (!touched.empty()) touched[b] = 1;
+          }
           tangent_edge<T, VX, VA, VR>(tab, gp + i * R * C, rp + b * P * C,
                                       VR ? vrp + b * P * C : nullptr, xp + j * D * C,
                                       VX ? vxp + j * D * C : nullptr, ap + e * K,
