@@ -68,10 +68,11 @@ class FastConvolution(o3.TensorProduct):
 
     ``forward(node_feats [n_nodes, irreps_in1], edge_attrs [n_edges, irreps_in2],
     weights [n_edges, weight_numel], edge_index [2, n_edges]) -> [n_nodes, irreps_out]``: the
-    summed messages, as mace's blocks call a fused conv (``conv_fusion``). In eager mode the
-    weights may come as `mace_grid.radial.Deferred`, the radial network's call, made here once
-    per bond, and once `feed` has set a rows layout the messages come as
-    ``[n_nodes, rows, channels]`` in it.
+    summed messages, as mace's blocks call a fused conv (``conv_fusion``). node_feats may also
+    come as ``[n_nodes, d_in, channels]`` (rows (irrep, m), as `StackedLinear` writes them with
+    ``rows_out``). In eager mode the weights may come as `mace_grid.radial.Deferred`, the radial
+    network's call, made here once per bond, and once `feed` has set a rows layout the messages
+    come as ``[n_nodes, rows, channels]`` in it.
     """
 
     def __init__(self, **tp_args) -> None:
@@ -218,7 +219,7 @@ class FastConvolution(o3.TensorProduct):
             d = self.l1_column
             directions = edge_attrs[:, d : d + 3] if d >= 0 else None
             weights, bond = weights.per_bond(edge_index, directions, n_nodes)
-        x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)
+        x = self._rows(node_feats)
         # per bond (or edge), paths in instruction order, as row_path reads them
         r = weights.view(weights.shape[0], self.num_paths, c)
         a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
@@ -229,6 +230,12 @@ class FastConvolution(o3.TensorProduct):
             return out  # [n_nodes, rows, C] as the next linear reads it (`feed`)
         return out.view(n_nodes, self.d_out * c).index_select(1, self.out_index)
 
+    def _rows(self, node_feats: torch.Tensor) -> torch.Tensor:
+        """node_feats as ``[n_nodes, d_in, channels]`` (rows (irrep, m) of irreps_in1)."""
+        if node_feats.dim() == 3:
+            return node_feats
+        return node_feats.index_select(1, self.in_index).view(-1, self.d_in, self.channels)
+
     def convolve_autograd(
         self,
         node_feats: torch.Tensor,
@@ -238,8 +245,7 @@ class FastConvolution(o3.TensorProduct):
     ) -> torch.Tensor:
         """The same as the fused kernel with plain differentiable ops (TorchScript path)."""
         n_nodes, n_edges, c = node_feats.shape[0], edge_attrs.shape[0], self.channels
-        x = node_feats.index_select(1, self.in_index).view(n_nodes, self.d_in, c)
-        x = x.index_select(0, edge_index[0])  # [E, d_in, C], the senders' features
+        x = self._rows(node_feats).index_select(0, edge_index[0])  # [E, d_in, C], the senders'
         r = weights.view(n_edges, self.num_paths, c)  # weights come in instruction order
         a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
         summed = []
@@ -289,6 +295,8 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.linear = _same_weights(StackedLinear.like(block.linear), block.linear)
             if block.linear.irreps_in.dim > block.linear.row_channels:  # more than one row
                 block.conv_tp.feed(block.linear.rows_in)
+            if type(block.linear_up) is o3.Linear and block.linear_up.irreps_out == tp.irreps_in1:
+                _stack_linear_up(block)
             block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
             # once per bond, unless mace multiplies the weights by the cutoff in between
             block.conv_tp_weights.per_bond = cutoff_folded
@@ -296,8 +304,21 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.conv_tp = o3.TensorProduct(**_init_args(tp)).to(**_placement(block))
             del block.conv_fusion
             block.linear = _same_weights(restore_linear(block.linear), block.linear)
+            if isinstance(block.linear_up, StackedLinear):
+                block.linear_up = _same_weights(restore_linear(block.linear_up), block.linear_up)
             block.conv_tp_weights = restore_radial(block.conv_tp_weights)
     return model
+
+
+def _stack_linear_up(block: torch.nn.Module) -> None:
+    """The block's ``linear_up`` as a `StackedLinear` writing the rows the convolution reads
+    (``rows_out``), where it computes it (else mace's own stays)."""
+    try:
+        stacked = StackedLinear.like(block.linear_up)
+    except ConfigError:  # biases or another normalisation
+        return
+    block.linear_up = _same_weights(stacked, block.linear_up)
+    block.linear_up.rows_out = True
 
 
 def _same_weights(new: o3.Linear, old: o3.Linear) -> o3.Linear:

@@ -10,7 +10,9 @@ path-normalised weights: one matmul per output, the same numbers.
 
 It also reads its input as ``[nodes, rows, channels]``, one row per (input irrep, m) ordered as
 its matmuls read them (``rows_in``): `mace_grid.conv.FastConvolution` writes its messages so in
-eager mode, and each output's matrix is then a slice of them, not a gather.
+eager mode, and each output's matrix is then a slice of them, not a gather. With ``rows_out``
+set it writes its output so too, rows (output irrep, m) in irreps_out order, as the convolution
+reads its node features: the matmuls' own layout, no transposes.
 """
 
 import torch
@@ -25,6 +27,8 @@ class StackedLinear(o3.Linear):
     A subclass with e3nn's own parameters, so its state_dict is that of the module it replaces;
     under TorchScript it runs e3nn's generated code.
     """
+
+    rows_out: bool = False  # eager output [nodes, rows, channels] (module doc); one multiplicity
 
     def __init__(self, irreps_in, irreps_out, instructions) -> None:
         super().__init__(irreps_in, irreps_out, instructions=instructions)
@@ -83,7 +87,8 @@ class StackedLinear(o3.Linear):
         parts = []
         for o, ((mul, ir), paths) in enumerate(zip(self.irreps_out, self.out_paths, strict=True)):
             if not paths:
-                parts.append(features.new_zeros(z, mul * ir.dim))
+                zeros = features.new_zeros(z, ir.dim, mul)
+                parts.append(zeros if self.rows_out else zeros.view(z, -1))
                 continue
             # x_o [z * (2l + 1), paths * u] (rows (z, m)) and w_o [paths * u, w]
             if rows:
@@ -95,7 +100,12 @@ class StackedLinear(o3.Linear):
                 x_o = x_o.transpose(1, 2).reshape(z * ir.dim, -1)
             w_o = torch.cat([weights[k].view(-1, mul) for k in paths])
             y = x_o @ w_o  # rows (z, m)
-            parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
+            if self.rows_out:
+                parts.append(y.view(z, ir.dim, mul))
+            else:
+                parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
+        if self.rows_out:
+            return torch.cat(parts, dim=1).view(*lead, -1, self.irreps_out[0].mul)
         return torch.cat(parts, dim=1).reshape(*lead, self.irreps_out.dim)
 
 

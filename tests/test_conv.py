@@ -153,6 +153,8 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
         fast.load_state_dict(stock.state_dict())
     assert all(type(b.conv_tp) is FastConvolution for b in fast.interactions)
     assert all(type(b.linear) is StackedLinear for b in fast.interactions)
+    assert all(b.linear_up.rows_out for b in fast.interactions)  # a StackedLinear, in rows
+    assert all(b.conv_tp.place is not None for b in fast.interactions)
     assert all(type(b.conv_tp_weights) is RadialMLP for b in fast.interactions)
     assert fast.state_dict().keys() == stock.state_dict().keys()
     batch = molecule_batch()
@@ -163,12 +165,14 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
 
     back = copy.deepcopy(fast)
-    weights = [b.linear.weight for b in back.interactions]
+    weights = [(b.linear.weight, b.linear_up.weight) for b in back.interactions]
     back = set_conv(back, "e3nn")  # in place, on the same Parameters (an optimiser keeps them)
-    assert all(b.linear.weight is w for b, w in zip(back.interactions, weights, strict=True))
+    for b, (w, w_up) in zip(back.interactions, weights, strict=True):
+        assert b.linear.weight is w and b.linear_up.weight is w_up
     assert all(type(b.conv_tp) is o3.TensorProduct for b in back.interactions)
     assert all(not hasattr(b, "conv_fusion") for b in back.interactions)
     assert all(type(b.linear) is o3.Linear for b in back.interactions)
+    assert all(type(b.linear_up) is o3.Linear for b in back.interactions)
     assert all(type(b.conv_tp_weights) is nn.FullyConnectedNet for b in back.interactions)
     torch.testing.assert_close(
         energy_forces_and_second_derivatives(back, batch)[1], expected[1], rtol=0, atol=1e-10

@@ -91,6 +91,41 @@ def test_reads_its_rows_layout() -> None:
         stacked(x[:, gather][:, 1:])
 
 
+def test_writes_rows_when_asked() -> None:
+    """With ``rows_out`` the output is [nodes, rows, channels], row (irrep k, m) holding e3nn's
+    columns (k, u, m) for the channels u (read back here by plain indexing): values and first and
+    second derivatives are e3nn's."""
+    irreps_in, irreps_out = CASES[0]
+    with default_dtype(torch.float64):
+        e3nn_linear = o3.Linear(irreps_in, irreps_out)
+        stacked = StackedLinear.like(e3nn_linear)
+    stacked.rows_out = True
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        e3nn_linear.weight.normal_(generator=gen)
+        stacked.weight.copy_(e3nn_linear.weight)
+    channels, n = 3, 4
+    columns, offset = [], 0
+    for _, ir in e3nn_linear.irreps_out:
+        columns += [[offset + u * ir.dim + m for u in range(channels)] for m in range(ir.dim)]
+        offset += channels * ir.dim
+    columns = torch.tensor(columns)  # [rows, channels]
+    x = torch.randn(n, e3nn_linear.irreps_in.dim, dtype=torch.float64, generator=gen)
+    probe = torch.randn(n, *columns.shape, dtype=torch.float64, generator=gen)
+
+    def derivatives(linear, layout):
+        xi = x.clone().requires_grad_()
+        y = layout(linear(xi))
+        (dx,) = torch.autograd.grad((y * probe).sum(), xi, create_graph=True)
+        (dw,) = torch.autograd.grad((dx**2).sum(), [linear.weight])
+        return [y, dx, dw]
+
+    got = derivatives(stacked, lambda y: y)
+    assert got[0].shape == (n, *columns.shape)
+    for g, e in zip(got, derivatives(e3nn_linear, lambda y: y[:, columns]), strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+
+
 def test_torchscript_and_restore_give_the_same_function() -> None:
     with default_dtype(torch.float64):
         stacked = StackedLinear.like(o3.Linear(*CASES[0]))
