@@ -67,8 +67,8 @@ def conv_step(conv: FastConvolution, call, n_nodes: int, edge_index: torch.Tenso
     probe = torch.randn(n_nodes, conv.irreps_out.dim, generator=gen)
 
     def step():
-        out = call(x, y, w, edge_index)
-        first = torch.autograd.grad((out * probe).sum(), (x, y, w), create_graph=True)
+        out = call(x, y, w, edge_index)  # e3nn's layout, or rows where the conv is fed
+        first = torch.autograd.grad((out * probe.view_as(out)).sum(), (x, y, w), create_graph=True)
         sum(g.square().sum() for g in first).backward()
 
     return step

@@ -176,6 +176,17 @@ def test_profile_step_writes_work_and_limit_columns(tmp_path: Path) -> None:
     assert all(r["cuda_ms"] == "" and r["cuda_share"] == "" for r in rows)
 
 
+def test_benchmark_conv_times_every_variant_of_the_step_and_the_conv_alone() -> None:
+    """scripts/benchmark_conv.py on a tiny model: all four model steps and the three kernels of
+    the fed convolution alone (its messages in the linear's rows layout) run and are reported."""
+    cmd = [*script("benchmark_conv.py"), "--hidden-irreps", "4x0e+4x1o", "--molecules", "1"]
+    proc = subprocess.run([*cmd, "--repeats", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    conv_alone = proc.stdout.split("convolution alone")[1]
+    for label in ("fast-plain", "fast-pytorch", "fast-cpp"):
+        assert f"{label}: matmul" in conv_alone and f"{label}:" in proc.stdout.split("conv:")[0]
+
+
 @CUDA
 def test_benchmark_scripts_run_on_cuda(tmp_path: Path) -> None:
     run_benchmark_model(tmp_path / "model", "cuda")
