@@ -46,6 +46,17 @@ def test_matches_e3nn_linear_with_derivatives(irreps_in: str, irreps_out: str) -
     assert derivatives(e3nn_linear)[-1].abs().max() > 1e-3  # the weights' gradient is not zero
 
 
+def linear_derivatives(linear, x, probe, before=lambda t: t, after=lambda y: y) -> list:
+    """after(linear(before(x))), its gradient along ``probe`` w.r.t. x, and the gradient of
+    that gradient's square w.r.t. the weights (w.r.t. x it is None: a linear map's gradient does
+    not depend on x)."""
+    xi = x.clone().requires_grad_()
+    y = after(linear(before(xi)))
+    (dx,) = torch.autograd.grad((y * probe).sum(), xi, create_graph=True)
+    (dw,) = torch.autograd.grad((dx**2).sum(), [linear.weight])
+    return [y, dx, dw]
+
+
 def test_reads_its_rows_layout() -> None:
     """Given [nodes, rows, channels] with row q holding the input's (irrep, m) row rows_in[q]
     (built here by plain indexing of e3nn's layout), the output and its first and second
@@ -72,16 +83,8 @@ def test_reads_its_rows_layout() -> None:
     x = torch.randn(n, e3nn_linear.irreps_in.dim, dtype=torch.float64, generator=gen)
     probe = torch.randn(n, e3nn_linear.irreps_out.dim, dtype=torch.float64, generator=gen)
 
-    def derivatives(linear, layout):
-        xi = x.clone().requires_grad_()
-        y = linear(layout(xi))
-        (dx,) = torch.autograd.grad((y * probe).sum(), xi, create_graph=True)
-        # d|dx|^2/dx is None: dx does not depend on x
-        (dw,) = torch.autograd.grad((dx**2).sum(), [linear.weight])
-        return [y, dx, dw]
-
-    expected = derivatives(e3nn_linear, lambda t: t)
-    got = derivatives(stacked, lambda t: t[:, gather])
+    expected = linear_derivatives(e3nn_linear, x, probe)
+    got = linear_derivatives(stacked, x, probe, before=lambda t: t[:, gather])
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
     for irreps in CASES[1:]:
@@ -113,16 +116,10 @@ def test_writes_rows_when_asked() -> None:
     x = torch.randn(n, e3nn_linear.irreps_in.dim, dtype=torch.float64, generator=gen)
     probe = torch.randn(n, *columns.shape, dtype=torch.float64, generator=gen)
 
-    def derivatives(linear, layout):
-        xi = x.clone().requires_grad_()
-        y = layout(linear(xi))
-        (dx,) = torch.autograd.grad((y * probe).sum(), xi, create_graph=True)
-        (dw,) = torch.autograd.grad((dx**2).sum(), [linear.weight])
-        return [y, dx, dw]
-
-    got = derivatives(stacked, lambda y: y)
+    got = linear_derivatives(stacked, x, probe)
     assert got[0].shape == (n, *columns.shape)
-    for g, e in zip(got, derivatives(e3nn_linear, lambda y: y[:, columns]), strict=True):
+    expected = linear_derivatives(e3nn_linear, x, probe, after=lambda y: y[:, columns])
+    for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
 
