@@ -70,9 +70,9 @@ class FastConvolution(o3.TensorProduct):
     weights [n_edges, weight_numel], edge_index [2, n_edges]) -> [n_nodes, irreps_out]``: the
     summed messages, as mace's blocks call a fused conv (``conv_fusion``). node_feats may also
     come as ``[n_nodes, d_in, channels]`` (rows (irrep, m), as `StackedLinear` writes them with
-    ``out_layout="rows"``). In eager mode the weights may come as `mace_grid.radial.Deferred`,
-    the radial network's call, made here once per bond, and once `feed` has set a rows layout
-    the messages come as ``[n_nodes, rows, channels]`` in it.
+    ``rows_out``). In eager mode the weights may come as `mace_grid.radial.Deferred`, the radial
+    network's call, made here once per bond, and once `feed` has set a rows layout the messages
+    come as ``[n_nodes, rows, channels]`` in it.
     """
 
     def __init__(self, **tp_args) -> None:
@@ -269,21 +269,6 @@ class FastConvolution(o3.TensorProduct):
         return out.index_select(1, self.out_index)
 
 
-class PassReshaped(torch.nn.Module):
-    """mace's ``reshape_irreps`` (held, no state of its own), passing on features already in its
-    output's shape ``[nodes, channels, dim]`` (a `StackedLinear` with ``out_layout="reshaped"``:
-    held as [dim, nodes, channels], which the point-set product bases read without a copy)."""
-
-    def __init__(self, reshape: torch.nn.Module) -> None:
-        super().__init__()
-        self.reshape = reshape
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.dim() == 3:
-            return features
-        return self.reshape(features)
-
-
 def _offsets(dims: list[int]) -> list[int]:
     out = [0]
     for d in dims:
@@ -295,9 +280,8 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """Give every interaction block of ``model`` the convolution ``name``, in place.
 
     The weights (the radial MLP outputs) and the state_dict are the same for both, so a model
-    can be switched at any time; ``e3nn`` restores mace's own modules (``conv_tp``, the linears
-    beside it on the same Parameters, the radial network and ``reshape``), so the result is a
-    stock mace-torch model.
+    can be switched at any time; ``e3nn`` restores mace's own modules (``conv_tp`` and the
+    ``linear`` after it, on the same Parameter), so the result is a stock mace-torch model.
     """
     if name not in CONVS:
         raise ConfigError(f"conv.name={name!r}; choose one of {', '.join(CONVS)} (conv=<name>)")
@@ -314,11 +298,6 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             if type(block.linear_up) is o3.Linear and block.linear_up.irreps_out == tp.irreps_in1:
                 _stack_linear_up(block)
             block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
-            # the residual block hands the linear's output straight to its reshape
-            muls = {mul for mul, _ in block.linear.irreps_out}
-            if type(block) is RealAgnosticResidualInteractionBlock and len(muls) == 1:
-                block.linear.out_layout = "reshaped"
-                block.reshape = PassReshaped(block.reshape)
             # once per bond, unless mace multiplies the weights by the cutoff in between
             block.conv_tp_weights.per_bond = cutoff_folded
         elif name == "e3nn" and isinstance(tp, FastConvolution):
@@ -327,21 +306,19 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.linear = _same_weights(restore_linear(block.linear), block.linear)
             if isinstance(block.linear_up, StackedLinear):
                 block.linear_up = _same_weights(restore_linear(block.linear_up), block.linear_up)
-            if isinstance(block.reshape, PassReshaped):
-                block.reshape = block.reshape.reshape
             block.conv_tp_weights = restore_radial(block.conv_tp_weights)
     return model
 
 
 def _stack_linear_up(block: torch.nn.Module) -> None:
     """The block's ``linear_up`` as a `StackedLinear` writing the rows the convolution reads
-    (``out_layout="rows"``), where it computes it (else mace's own stays)."""
+    (``rows_out``), where it computes it (else mace's own stays)."""
     try:
         stacked = StackedLinear.like(block.linear_up)
     except ConfigError:  # biases or another normalisation
         return
     block.linear_up = _same_weights(stacked, block.linear_up)
-    block.linear_up.out_layout = "rows"
+    block.linear_up.rows_out = True
 
 
 def _same_weights(new: o3.Linear, old: o3.Linear) -> o3.Linear:

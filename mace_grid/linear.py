@@ -10,19 +10,15 @@ path-normalised weights: one matmul per output, the same numbers.
 
 It also reads its input as ``[nodes, rows, channels]``, one row per (input irrep, m) ordered as
 its matmuls read them (``rows_in``): `mace_grid.conv.FastConvolution` writes its messages so in
-eager mode, and each output's matrix is then a slice of them, not a gather. Its output can be
-laid out for its reader too (``out_layout``): as rows (output irrep, m) in irreps_out order, as
-the convolution reads its node features (the matmuls' own layout, no transposes); or as mace's
-``reshape_irreps`` would reshape it, ``[nodes, channels, dim]``, held in memory as ``[dim, nodes,
-channels]``, which the point-set product bases read without a copy.
+eager mode, and each output's matrix is then a slice of them, not a gather. With ``rows_out``
+set it writes its output so too, rows (output irrep, m) in irreps_out order, as the convolution
+reads its node features: the matmuls' own layout, no transposes.
 """
 
 import torch
 from e3nn import o3
 
 from mace_grid.errors import ConfigError
-
-OUT_LAYOUTS = ("e3nn", "rows", "reshaped")
 
 
 class StackedLinear(o3.Linear):
@@ -32,10 +28,7 @@ class StackedLinear(o3.Linear):
     under TorchScript it runs e3nn's generated code.
     """
 
-    #: eager output: "e3nn", "rows" ([nodes, rows, channels], rows (irrep, m)) or "reshaped"
-    #: (mace's ``reshape_irreps`` of it, [nodes, channels, dim], held as [dim, nodes, channels]);
-    #: the last two for one multiplicity (module doc)
-    out_layout: str = "e3nn"
+    rows_out: bool = False  # eager output [nodes, rows, channels] (module doc); one multiplicity
 
     def __init__(self, irreps_in, irreps_out, instructions) -> None:
         super().__init__(irreps_in, irreps_out, instructions=instructions)
@@ -91,10 +84,11 @@ class StackedLinear(o3.Linear):
             z = x.shape[0]
             inputs = x.split(self.in_dims, dim=1)
         weights = (self.weight * self.path_scale).split(self.path_sizes)
-        ys = []  # per output irrep [z, 2l + 1, w]: the matmuls' own layout
+        parts = []
         for o, ((mul, ir), paths) in enumerate(zip(self.irreps_out, self.out_paths, strict=True)):
             if not paths:
-                ys.append(features.new_zeros(z, ir.dim, mul))
+                zeros = features.new_zeros(z, ir.dim, mul)
+                parts.append(zeros if self.rows_out else zeros.view(z, -1))
                 continue
             # x_o [z * (2l + 1), paths * u] (rows (z, m)) and w_o [paths * u, w]
             if rows:
@@ -105,14 +99,13 @@ class StackedLinear(o3.Linear):
                 )
                 x_o = x_o.transpose(1, 2).reshape(z * ir.dim, -1)
             w_o = torch.cat([weights[k].view(-1, mul) for k in paths])
-            ys.append((x_o @ w_o).view(z, ir.dim, mul))
-        if self.out_layout not in OUT_LAYOUTS:
-            raise ValueError(f"out_layout={self.out_layout!r}; one of {', '.join(OUT_LAYOUTS)}")
-        if self.out_layout == "rows":
-            return torch.cat(ys, dim=1).view(*lead, -1, self.irreps_out[0].mul)
-        if self.out_layout == "reshaped":  # [dim, z, w] in memory
-            return torch.cat([y.transpose(0, 1) for y in ys]).permute(1, 2, 0)
-        parts = [y.transpose(1, 2).reshape(z, -1) for y in ys]
+            y = x_o @ w_o  # rows (z, m)
+            if self.rows_out:
+                parts.append(y.view(z, ir.dim, mul))
+            else:
+                parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
+        if self.rows_out:
+            return torch.cat(parts, dim=1).view(*lead, -1, self.irreps_out[0].mul)
         return torch.cat(parts, dim=1).reshape(*lead, self.irreps_out.dim)
 
 

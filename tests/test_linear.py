@@ -5,7 +5,6 @@ import pytest
 import torch
 from e3nn import o3
 from e3nn.util import jit
-from mace.modules.irreps_tools import reshape_irreps
 from mace.tools.torch_tools import default_dtype
 
 from mace_grid.errors import ConfigError
@@ -96,14 +95,14 @@ def test_reads_its_rows_layout() -> None:
 
 
 def test_writes_rows_when_asked() -> None:
-    """With ``out_layout="rows"`` the output is [nodes, rows, channels], row (irrep k, m)
-    holding e3nn's columns (k, u, m) for the channels u (read back here by plain indexing):
-    values and first and second derivatives are e3nn's; an unknown layout is refused."""
+    """With ``rows_out`` the output is [nodes, rows, channels], row (irrep k, m) holding e3nn's
+    columns (k, u, m) for the channels u (read back here by plain indexing): values and first and
+    second derivatives are e3nn's."""
     irreps_in, irreps_out = CASES[0]
     with default_dtype(torch.float64):
         e3nn_linear = o3.Linear(irreps_in, irreps_out)
         stacked = StackedLinear.like(e3nn_linear)
-    stacked.out_layout = "rows"
+    stacked.rows_out = True
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         e3nn_linear.weight.normal_(generator=gen)
@@ -119,33 +118,7 @@ def test_writes_rows_when_asked() -> None:
 
     got = linear_derivatives(stacked, x, probe)
     assert got[0].shape == (n, *columns.shape)
-    stacked.out_layout = "row"
-    with pytest.raises(ValueError, match="out_layout='row'"):
-        stacked(x)
-    stacked.out_layout = "rows"
     expected = linear_derivatives(e3nn_linear, x, probe, after=lambda y: y[:, columns])
-    for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
-
-
-def test_writes_what_mace_reshapes_when_asked() -> None:
-    """With ``out_layout="reshaped"`` the output is mace's ``reshape_irreps`` of e3nn's (values,
-    first and second derivatives), held in memory as [dim, nodes, channels]."""
-    irreps_in, irreps_out = CASES[0]
-    with default_dtype(torch.float64):
-        e3nn_linear = o3.Linear(irreps_in, irreps_out)
-        stacked = StackedLinear.like(e3nn_linear)
-    stacked.out_layout = "reshaped"
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        e3nn_linear.weight.normal_(generator=gen)
-        stacked.weight.copy_(e3nn_linear.weight)
-    reshape = reshape_irreps(e3nn_linear.irreps_out)
-    x = torch.randn(4, e3nn_linear.irreps_in.dim, dtype=torch.float64, generator=gen)
-    probe = torch.randn(4, 3, 16, dtype=torch.float64, generator=gen)
-    got = linear_derivatives(stacked, x, probe)
-    assert got[0].permute(2, 0, 1).is_contiguous()
-    expected = linear_derivatives(e3nn_linear, x, probe, after=reshape)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
 
