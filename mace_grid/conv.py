@@ -147,8 +147,7 @@ class FastConvolution(o3.TensorProduct):
                 for off, (_, ir) in zip(in_offsets, self.irreps_in1, strict=False)
             ]
         ).flatten()
-        position = torch.empty(d_out, dtype=torch.long)
-        position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        position = torch.argsort(torch.tensor(order))  # of each (irrep, m) row, grouped
         out_index = torch.cat(
             [
                 (
@@ -186,8 +185,7 @@ class FastConvolution(o3.TensorProduct):
             return
         if sorted(rows) != list(range(self.d_out)):
             raise ValueError(f"rows {rows} are not a permutation of the {self.d_out} output rows")
-        position = torch.empty(self.d_out, dtype=torch.long)
-        position[torch.tensor(rows)] = torch.arange(self.d_out)
+        position = torch.argsort(torch.tensor(rows))  # of each (irrep, m) row in ``rows``
         self.place = position[self.row_irrep_m.cpu()].to(self.row_irrep_m.device)
 
     def forward(
@@ -293,8 +291,9 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             block.conv_tp = FastConvolution.like(tp).to(**_placement(block))
             block.conv_fusion = "mace_grid"  # mace's blocks then call the fused signature
             block.linear = _same_weights(StackedLinear.like(block.linear), block.linear)
-            if block.linear.irreps_in.dim > block.linear.row_channels:  # more than one row
-                block.conv_tp.feed(block.linear.rows_in)
+            rows = block.linear.rows_in
+            if rows is not None and len(rows) > 1:  # one row is e3nn's layout already
+                block.conv_tp.feed(rows)
             if type(block.linear_up) is o3.Linear and block.linear_up.irreps_out == tp.irreps_in1:
                 _stack_linear_up(block)
             block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
