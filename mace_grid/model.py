@@ -155,9 +155,36 @@ def build_compiled_model(
     state_dict keys stay those of the eager model. Inputs need ``positions.requires_grad_()``."""
     from mace.tools import compile as mace_compile
 
-    net = mace_compile.prepare(build_model)(model, tp, statistics, conv)
+    trace = mace_compile.symbolic_trace
+    mace_compile.symbolic_trace = _trace_keeping_buffers
+    try:
+        net = mace_compile.prepare(build_model)(model, tp, statistics, conv)
+    finally:
+        mace_compile.symbolic_trace = trace
     net.compile()
     return net
+
+
+def _trace_keeping_buffers(module: torch.nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace(module)`` holding all of ``module``'s persistent buffers.
+
+    A traced module keeps only the tensors its graph reads, so mace's fx-simplified symmetric
+    contraction (tp=cg) would lose its ``weights_*_zeroed`` flags: a compiled model's
+    state_dict would then miss keys, and its checkpoints would not load into an eager model."""
+    traced = torch.fx.symbolic_trace(module)
+    kept = dict(traced.named_buffers())
+    for name, owner in module.named_modules():
+        for key, buffer in owner.named_buffers(recurse=False):
+            path = f"{name}.{key}" if name else key
+            if path in kept or key in owner._non_persistent_buffers_set:
+                continue
+            holder = traced
+            for part in name.split(".") if name else []:
+                if not hasattr(holder, part):
+                    holder.add_module(part, torch.nn.Module())
+                holder = getattr(holder, part)
+            holder.register_buffer(key, buffer)
+    return traced
 
 
 @contextmanager

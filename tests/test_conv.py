@@ -302,6 +302,21 @@ def test_train_config_validation(overrides: list[str], message: str, tmp_path) -
         validate_config(cfg)
 
 
+def test_compile_preparation_keeps_the_eager_state_dict() -> None:
+    """compile=true with tp=cg: mace's fx simplification of its contraction drops the
+    contraction's ``weights_*_zeroed`` flags unless kept; checkpoints load both ways."""
+    from mace_grid.model import build_compiled_model
+
+    eager = tiny_model(2, *INTERACTIONS[0], "fast")
+    compiled = build_compiled_model(
+        tiny_config(2, *INTERACTIONS[0]), {"name": "cg"}, STATISTICS, {"name": "fast"}
+    )
+    flags = [k for k in eager.state_dict() if k.endswith("_zeroed")]
+    assert flags and set(compiled.state_dict()) == set(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    eager.load_state_dict(compiled.state_dict())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("conv", ["e3nn", "fast"])
 def test_compiled_model_matches_eager_training_step(conv: str) -> None:
