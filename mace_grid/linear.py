@@ -25,7 +25,7 @@ class StackedLinear(o3.Linear):
     """``o3.Linear`` (internal, shared weights, no biases) computed one output irrep at a time.
 
     A subclass with e3nn's own parameters, so its state_dict is that of the module it replaces;
-    under TorchScript it runs e3nn's generated code.
+    under TorchScript and torch.compile it runs e3nn's generated code, in e3nn's layout.
     """
 
     rows_out: bool = False  # eager output [nodes, rows, channels] (module doc); one multiplicity
@@ -62,6 +62,12 @@ class StackedLinear(o3.Linear):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
+            return self._compiled_main(features, self.weight, self.bias)
+        return self._eager(features)
+
+    @torch.jit.unused
+    def _eager(self, features: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # e3nn's layout, as the compiled convolution's
             return self._compiled_main(features, self.weight, self.bias)
         return self._stacked(features)
 

@@ -141,3 +141,20 @@ def test_refuses_what_it_does_not_compute() -> None:
         StackedLinear.like(o3.Linear("2x0e", "2x0e", biases=True))
     with pytest.raises(ConfigError, match="normalises"):
         StackedLinear.like(o3.Linear("1x0e+3x0e", "2x0e", path_normalization="path"))
+
+
+def test_compiled_runs_e3nns_layout() -> None:
+    """Under torch.compile (mace's preparation: e3nn's code generation off) it runs e3nn's code
+    in e3nn's layout, rows_out or not, as the compiled convolution reads and writes it."""
+    from mace.tools.compile import disable_e3nn_codegen
+
+    irreps = "3x0e+3x1o+3x2e"
+    with default_dtype(torch.float64), disable_e3nn_codegen():
+        e3nn_linear = o3.Linear(irreps, irreps)
+        stacked = StackedLinear.like(e3nn_linear)
+    stacked.weight = e3nn_linear.weight
+    stacked.rows_out = True
+    x = torch.randn(4, e3nn_linear.irreps_in.dim, dtype=torch.float64)
+    assert stacked(x).shape == (4, 9, 3)  # eager: the rows layout
+    compiled = torch.compile(stacked, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), e3nn_linear(x), rtol=0, atol=1e-12)
