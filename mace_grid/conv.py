@@ -68,12 +68,14 @@ class FastConvolution(o3.TensorProduct):
 
     ``forward(node_feats [n_nodes, irreps_in1], edge_attrs [n_edges, irreps_in2],
     weights [n_edges, weight_numel], edge_index [2, n_edges]) -> [n_nodes, irreps_out]``: the
-    summed messages, as mace's blocks call a fused conv (``conv_fusion``). node_feats may also
-    come as ``[n_nodes, d_in, channels]`` (rows (irrep, m), as `StackedLinear` writes them with
-    ``rows_out``). In eager mode the weights may come as `mace_grid.radial.Deferred`, the radial
-    network's call, made here once per bond, and once `feed` has set a rows layout the messages
-    come as ``[n_nodes, rows, channels]`` in it.
+    summed messages, as mace's blocks call a fused conv (``conv_fusion``). In eager mode, with
+    ``reads_rows`` set, node_feats come as ``[n_nodes, d_in * channels]`` in rows (irrep, m) of
+    irreps_in1, channels last (as `StackedLinear` writes them with ``rows_out``); the weights may
+    come as `mace_grid.radial.Deferred`, the radial network's call, made here once per bond; and
+    once `feed` has set a rows layout the messages come as ``[n_nodes, rows, channels]`` in it.
     """
+
+    reads_rows: bool = False  # eager node_feats in rows (class doc), set by `set_conv`
 
     def __init__(self, **tp_args) -> None:
         super().__init__(**tp_args)
@@ -217,7 +219,7 @@ class FastConvolution(o3.TensorProduct):
             d = self.l1_column
             directions = edge_attrs[:, d : d + 3] if d >= 0 else None
             weights, bond = weights.per_bond(edge_index, directions, n_nodes)
-        x = self._rows(node_feats)
+        x = node_feats.view(n_nodes, self.d_in, c) if self.reads_rows else self._rows(node_feats)
         # per bond (or edge), paths in instruction order, as row_path reads them
         r = weights.view(weights.shape[0], self.num_paths, c)
         a_all = edge_attrs @ self.cg.to(edge_attrs.dtype)  # [E, sum_g rows_g * dim_g]
@@ -229,9 +231,8 @@ class FastConvolution(o3.TensorProduct):
         return out.view(n_nodes, self.d_out * c).index_select(1, self.out_index)
 
     def _rows(self, node_feats: torch.Tensor) -> torch.Tensor:
-        """node_feats as ``[n_nodes, d_in, channels]`` (rows (irrep, m) of irreps_in1)."""
-        if node_feats.dim() == 3:
-            return node_feats
+        """node_feats (e3nn's layout) as ``[n_nodes, d_in, channels]`` (rows (irrep, m) of
+        irreps_in1)."""
         return node_feats.index_select(1, self.in_index).view(-1, self.d_in, self.channels)
 
     def convolve_autograd(
@@ -295,7 +296,7 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
             if rows is not None and len(rows) > 1:  # one row is e3nn's layout already
                 block.conv_tp.feed(rows)
             if type(block.linear_up) is o3.Linear and block.linear_up.irreps_out == tp.irreps_in1:
-                _stack_linear_up(block)
+                block.conv_tp.reads_rows = _stack_linear_up(block)
             block.conv_tp_weights = RadialMLP.like(block.conv_tp_weights)
             # once per bond, unless mace multiplies the weights by the cutoff in between
             block.conv_tp_weights.per_bond = cutoff_folded
@@ -309,15 +310,16 @@ def set_conv(model: torch.nn.Module, name: str) -> torch.nn.Module:
     return model
 
 
-def _stack_linear_up(block: torch.nn.Module) -> None:
+def _stack_linear_up(block: torch.nn.Module) -> bool:
     """The block's ``linear_up`` as a `StackedLinear` writing the rows the convolution reads
-    (``rows_out``), where it computes it (else mace's own stays)."""
+    (``rows_out``), where it computes it (else mace's own stays: False)."""
     try:
         stacked = StackedLinear.like(block.linear_up)
     except ConfigError:  # biases or another normalisation
-        return
+        return False
     block.linear_up = _same_weights(stacked, block.linear_up)
     block.linear_up.rows_out = True
+    return True
 
 
 def _same_weights(new: o3.Linear, old: o3.Linear) -> o3.Linear:

@@ -11,8 +11,10 @@ path-normalised weights: one matmul per output, the same numbers.
 It also reads its input as ``[nodes, rows, channels]``, one row per (input irrep, m) ordered as
 its matmuls read them (``rows_in``): `mace_grid.conv.FastConvolution` writes its messages so in
 eager mode, and each output's matrix is then a slice of them, not a gather. With ``rows_out``
-set it writes its output so too, rows (output irrep, m) in irreps_out order, as the convolution
-reads its node features: the matmuls' own layout, no transposes.
+set it writes its output in rows too, ``[nodes, rows * channels]``, rows (output irrep, m) in
+irreps_out order, as the convolution reads its node features: the matmuls' own layout, no
+transposes, and still one vector per node (mace's padding and LAMMPS's ghost exchange of node
+features between the linear and the convolution take it as any other).
 """
 
 import torch
@@ -28,7 +30,7 @@ class StackedLinear(o3.Linear):
     under TorchScript and torch.compile it runs e3nn's generated code, in e3nn's layout.
     """
 
-    rows_out: bool = False  # eager output [nodes, rows, channels] (module doc); one multiplicity
+    rows_out: bool = False  # eager output [nodes, rows * channels] (module doc); one multiplicity
 
     def __init__(self, irreps_in, irreps_out, instructions) -> None:
         super().__init__(irreps_in, irreps_out, instructions=instructions)
@@ -111,7 +113,7 @@ class StackedLinear(o3.Linear):
             else:
                 parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
         if self.rows_out:
-            return torch.cat(parts, dim=1).view(*lead, -1, self.irreps_out[0].mul)
+            return torch.cat(parts, dim=1).view(*lead, self.irreps_out.dim)
         return torch.cat(parts, dim=1).reshape(*lead, self.irreps_out.dim)
 
 

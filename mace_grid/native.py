@@ -22,7 +22,10 @@ def load(source: Path, namespace: str, what: str):
     torch), or None with a warning naming ``what`` falls back to PyTorch ops."""
     try:
         cpp_extension = _quiet_import_cpp_extension()
-        key = hashlib.sha1((_cpu_flags() + source.read_text()).encode()).hexdigest()[:10]
+        # the source's path too: torch's build directory is named by this key, and a checkout
+        # whose build file names other paths rebuilds (two clones would rebuild each other's)
+        text = _cpu_flags() + str(source.resolve()) + source.read_text()
+        key = hashlib.sha1(text.encode()).hexdigest()[:10]
         cpp_extension.load(
             name=f"{namespace}_{key}",
             sources=[str(source)],

@@ -154,6 +154,7 @@ def test_model_with_fast_conv_loads_e3nn_weights_and_matches(
     assert all(type(b.conv_tp) is FastConvolution for b in fast.interactions)
     assert all(type(b.linear) is StackedLinear for b in fast.interactions)
     assert all(b.linear_up.rows_out for b in fast.interactions)  # a StackedLinear, in rows
+    assert all(b.conv_tp.reads_rows for b in fast.interactions)  # and the conv reads them so
     assert all(b.conv_tp.place is not None for b in fast.interactions)
     assert all(type(b.conv_tp_weights) is RadialMLP for b in fast.interactions)
     assert fast.state_dict().keys() == stock.state_dict().keys()
@@ -342,3 +343,88 @@ def test_compiled_model_matches_eager_training_step(conv: str) -> None:
     for e, g in zip(*results, strict=True):
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+class GhostExchange:
+    """What LAMMPS's ML-IAP data object does for mace's ``LAMMPS_MP``: each ghost atom takes its
+    owner's features (forward) and gives its gradient back to the owner (reverse), on per-atom
+    vectors of ``vec_len`` numbers."""
+
+    def __init__(self, owner: torch.Tensor) -> None:
+        self.owner = owner
+
+    def _atoms(self, t: torch.Tensor, vec_len: int) -> torch.Tensor:
+        assert t.numel() == len(self.owner) * vec_len, "features are not one vector per atom"
+        return t.view(len(self.owner), vec_len)
+
+    def forward_exchange(self, feats, out, vec_len: int) -> None:
+        self._atoms(out, vec_len).copy_(self._atoms(feats, vec_len)[self.owner])
+
+    def reverse_exchange(self, grad, gout, vec_len: int) -> None:
+        gout.zero_()
+        self._atoms(gout, vec_len).index_add_(0, self.owner, self._atoms(grad, vec_len))
+
+
+def mliap_batch(atoms, z_table: list[int], r_max: float) -> dict:
+    """mace's ML-IAP input for periodic ``atoms`` (as ``LAMMPS_MLIAP_MACE._prepare_batch``
+    builds it): local atoms, then one ghost per periodic image within r_max of them; pairs
+    (sender j, local receiver i) with their vectors."""
+    from ase.neighborlist import neighbor_list
+
+    i, j, shifts = neighbor_list("ijS", atoms, r_max)
+    n = len(atoms)
+    images = {}
+    senders = []
+    for jj, s in zip(j, map(tuple, shifts), strict=True):
+        if any(s):
+            images.setdefault((jj, s), n + len(images))
+        senders.append(images[jj, s] if any(s) else jj)
+    owner = torch.tensor(list(range(n)) + [jj for jj, _ in images])
+    vectors = atoms.positions[j] + shifts @ atoms.cell.array - atoms.positions[i]
+    species = torch.tensor([z_table.index(z) for z in atoms.numbers])[owner]
+    return {
+        "vectors": torch.tensor(vectors),
+        "node_attrs": torch.nn.functional.one_hot(species, len(z_table)).double(),
+        "edge_index": torch.tensor(np.stack([senders, i])),
+        "batch": torch.zeros(n, dtype=torch.long),
+        "lammps_class": GhostExchange(owner),
+        "natoms": (n, len(images)),
+    }
+
+
+@pytest.mark.parametrize("interaction", INTERACTIONS)
+def test_lammps_mliap_wrapper_with_fast_conv_matches_mace(interaction) -> None:
+    """LAMMPS's ML-IAP interface runs the Python model (eager) on local and ghost atoms,
+    exchanging ghost features between layers, and takes per-pair forces f_ij = -dE/dr_ij, which
+    it adds to atom i (-) and j (+), ghosts' to their owners, and tallies as the virial
+    sum r_ij f_ij. conv=fast gives mace's own conv's energies, atom forces and virial, and they
+    are the calculator's (forces from positions) for the periodic structure. Its pair forces
+    differ: the radial network runs once per bond, so the length's derivative lands on one of
+    the bond's two pairs (the same force on each atom, the same virial)."""
+    from ase import Atoms
+    from mace.calculators.lammps_mliap_mace import MACEEdgeForcesWrapper
+
+    rng = np.random.default_rng(3)
+    atoms = Atoms("H4O2", positions=rng.uniform(0, 3.2, (6, 3)), cell=[3.2] * 3, pbc=True)
+    with default_dtype(torch.float64):
+        fast = tiny_model(2, *interaction, "fast")
+        stock = set_conv(copy.deepcopy(fast), "e3nn")
+    results = []
+    for model in (fast, stock):
+        batch = mliap_batch(atoms, [1, 8], 3.0)
+        energy, node_energy, pair_forces = MACEEdgeForcesWrapper(model)(batch)
+        senders, receivers = batch["edge_index"]
+        forces = torch.zeros(len(batch["lammps_class"].owner), 3, dtype=torch.float64)
+        forces.index_add_(0, receivers, -pair_forces).index_add_(0, senders, pair_forces)
+        local = torch.zeros(len(atoms), 3, dtype=torch.float64)
+        local.index_add_(0, batch["lammps_class"].owner, forces)
+        virial = batch["vectors"].detach().T @ pair_forces
+        results.append((energy, node_energy, local, virial))
+    assert results[0][2].abs().max() > 1e-2
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    with default_dtype(torch.float64):
+        data = AtomicData.from_config(config_from_atoms(atoms), AtomicNumberTable([1, 8]), 3.0)
+    reference = stock(next(iter(DataLoader([data], batch_size=1))).to_dict(), compute_force=True)
+    torch.testing.assert_close(results[0][0], reference["energy"][0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(results[0][2], reference["forces"], rtol=0, atol=1e-10)
