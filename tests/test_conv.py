@@ -395,12 +395,13 @@ def mliap_batch(atoms, z_table: list[int], r_max: float) -> dict:
 @pytest.mark.parametrize("interaction", INTERACTIONS)
 def test_lammps_mliap_wrapper_with_fast_conv_matches_mace(interaction) -> None:
     """LAMMPS's ML-IAP interface runs the Python model (eager) on local and ghost atoms,
-    exchanging ghost features between layers, and takes per-pair forces f_ij = -dE/dr_ij, which
-    it adds to atom i (-) and j (+), ghosts' to their owners, and tallies as the virial
-    sum r_ij f_ij. conv=fast gives mace's own conv's energies, atom forces and virial, and they
-    are the calculator's (forces from positions) for the periodic structure. Its pair forces
-    differ: the radial network runs once per bond, so the length's derivative lands on one of
-    the bond's two pairs (the same force on each atom, the same virial)."""
+    exchanging ghost features between layers, and takes per-pair f_ij = dE/dr_ij (r_ij = x_j -
+    x_i), which it adds to atom i's force and subtracts from j's, ghosts' to their owners, and
+    tallies as the virial sum r_ij f_ij. conv=fast gives mace's own conv's energies, atom
+    forces and virial, and they are the calculator's (forces from positions) for the periodic
+    structure. Its pair forces differ: the radial network runs once per bond, so the length's
+    derivative lands on one of the bond's two pairs (the same force on each atom, the same
+    virial)."""
     from ase import Atoms
     from mace.calculators.lammps_mliap_mace import MACEEdgeForcesWrapper
 
@@ -415,7 +416,7 @@ def test_lammps_mliap_wrapper_with_fast_conv_matches_mace(interaction) -> None:
         energy, node_energy, pair_forces = MACEEdgeForcesWrapper(model)(batch)
         senders, receivers = batch["edge_index"]
         forces = torch.zeros(len(batch["lammps_class"].owner), 3, dtype=torch.float64)
-        forces.index_add_(0, receivers, -pair_forces).index_add_(0, senders, pair_forces)
+        forces.index_add_(0, receivers, pair_forces).index_add_(0, senders, -pair_forces)
         local = torch.zeros(len(atoms), 3, dtype=torch.float64)
         local.index_add_(0, batch["lammps_class"].owner, forces)
         virial = batch["vectors"].detach().T @ pair_forces
