@@ -95,8 +95,7 @@ class StackedLinear(o3.Linear):
         parts = []
         for o, ((mul, ir), paths) in enumerate(zip(self.irreps_out, self.out_paths, strict=True)):
             if not paths:
-                zeros = features.new_zeros(z, ir.dim, mul)
-                parts.append(zeros if self.rows_out else zeros.view(z, -1))
+                parts.append(features.new_zeros(z, ir.dim * mul))
                 continue
             # x_o [z * (2l + 1), paths * u] (rows (z, m)) and w_o [paths * u, w]
             if rows:
@@ -108,13 +107,11 @@ class StackedLinear(o3.Linear):
                 x_o = x_o.transpose(1, 2).reshape(z * ir.dim, -1)
             w_o = torch.cat([weights[k].view(-1, mul) for k in paths])
             y = x_o @ w_o  # rows (z, m)
-            if self.rows_out:
-                parts.append(y.view(z, ir.dim, mul))
-            else:
+            if self.rows_out:  # per node: rows m, channels last
+                parts.append(y.view(z, ir.dim * mul))
+            else:  # e3nn's: channels, then m
                 parts.append(y.view(z, ir.dim, mul).transpose(1, 2).reshape(z, mul * ir.dim))
-        if self.rows_out:
-            return torch.cat(parts, dim=1).view(*lead, self.irreps_out.dim)
-        return torch.cat(parts, dim=1).reshape(*lead, self.irreps_out.dim)
+        return torch.cat(parts, dim=1).view(*lead, self.irreps_out.dim)
 
 
 def _rows_layout(linear: StackedLinear) -> tuple[list[int] | None, list[int], int]:
