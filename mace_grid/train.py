@@ -185,13 +185,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    except (SystemExit, KeyboardInterrupt) as stop:  # Ctrl-C (Lightning exits 1) or SIGTERM
-        if trainer.state.status != TrainerStatus.INTERRUPTED:
+    except BaseException as raised:  # Ctrl-C (Lightning exits 1) or SIGTERM, maybe re-raised
+        stop = _stop_in(raised)
+        if trainer.state.status != TrainerStatus.INTERRUPTED or stop is None:
             raise
+        if stop is not raised:  # a hook or logger failed while the run was stopping
+            log.warning("While stopping: %s: %s", type(raised).__name__, raised)
         _report_interrupt(trainer)
         code = getattr(stop, "code", 1)
         raise SystemExit(130 if code == 1 else code) from None
     train_time = module.fit_time_offset + time.perf_counter() - start
+    try:
+        return _test_and_summarise(cfg, trainer, evaluator, module, datamodule, train_time)
+    except (SystemExit, KeyboardInterrupt):
+        last = _last_checkpoint(trainer)
+        if trainer.is_global_zero and last is not None:
+            log.warning(
+                "Interrupted after training, before the summary: evaluate the run with  "
+                "python train.py ckpt_path=%s",
+                last,
+            )
+        raise
+
+
+def _test_and_summarise(cfg, trainer, evaluator, module, datamodule, train_time) -> dict:
+    """Validate and test the best checkpoint; write ``summary.json`` and print the table."""
+    out_dir, callbacks = Path(cfg.paths.output_dir), trainer.callbacks
 
     best = _best_checkpoint(trainer)
     # announce what is there: callbacks=none has Lightning's own last-epoch checkpoint, no EMA
@@ -242,13 +261,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _report_interrupt(trainer: L.Trainer) -> None:
-    """Say how to continue an interrupted run (its last completed epoch is checkpointed)."""
+def _stop_in(raised: BaseException) -> BaseException | None:
+    """The SystemExit or KeyboardInterrupt that stopped the run: ``raised`` itself, or the one
+    being handled when a callback or logger raised ``raised`` while Lightning tore down."""
+    seen = raised
+    while seen is not None:
+        if isinstance(seen, (SystemExit, KeyboardInterrupt)):
+            return seen
+        seen = seen.__context__
+    return None
+
+
+def _last_checkpoint(trainer: L.Trainer) -> Path | None:
+    """The run's ``last.ckpt`` (its last completed epoch), if it has one."""
     ckpt = trainer.checkpoint_callback
     last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
+    return last if last is not None and last.is_file() else None
+
+
+def _report_interrupt(trainer: L.Trainer) -> None:
+    """Say how to continue an interrupted run (its last completed epoch is checkpointed)."""
+    last = _last_checkpoint(trainer)
     if not trainer.is_global_zero:
         return
-    if last is not None and last.is_file():
+    if last is not None:
         log.warning(
             "Interrupted: resume from the last completed epoch with  python train.py ckpt_path=%s",
             last,

@@ -165,7 +165,7 @@ def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tm
     log = out / "runs" / "grid" / "seed1.log"
     while time.time() < deadline and "Interrupted: resume" not in log.read_text():
         time.sleep(0.2)
-    assert "Interrupted: resume" in log.read_text()
+    assert "Interrupted: resume" in log.read_text(), log.read_text()[-4000:]
     done = val_epochs(run)
     assert done[:2] == [0, 1] and len(done) < 4
 

@@ -233,6 +233,74 @@ def test_sigterm_then_resume_continues_the_run_it_resumes(tmp_path: Path) -> Non
     assert json.loads((run / "summary.json").read_text())["epochs"] == 5
 
 
+# train.py with two faults injected: SIGTERM to itself at the end of a given hook (epoch 1's
+# checkpointing, or the final evaluation), and a logger whose "failed" finalize raises (as a
+# full disk would while Lightning tears down after the signal).
+_SIGTERM_DRIVER = """
+import os, runpy, signal, sys
+from lightning.pytorch.callbacks import ModelCheckpoint
+from mace_grid.loggers import ResumableCSVLogger
+from mace_grid.lit_module import MaceLitModule
+
+def then_sigterm(hook, when=lambda *args: True):
+    def wrapped(*args):
+        hook(*args)
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+    return wrapped
+
+def finalize(self, status):
+    raise OSError(28, "No space left on device")
+
+if sys.argv[1] == "epoch1":
+    ModelCheckpoint.on_validation_end = then_sigterm(
+        ModelCheckpoint.on_validation_end, lambda cb, trainer, module: trainer.current_epoch == 1
+    )
+    ResumableCSVLogger.finalize = finalize
+else:
+    MaceLitModule.on_test_start = then_sigterm(MaceLitModule.on_test_start)
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("when", ["epoch1", "evaluation"])
+def test_sigterm_always_ends_with_how_to_continue(when: str, tmp_path: Path) -> None:
+    """SIGTERM during epoch 1's checkpointing, with a logger that fails in Lightning's teardown
+    after it, or during the final evaluation: exit 143 with one line on what failed and the
+    command that continues (no traceback); that command finishes the run."""
+    run = tmp_path / "run"
+    args = [
+        *QUIET,
+        *tiny_demo(tmp_path),
+        "trainer.max_epochs=3",
+        f"hydra.run.dir={run}",
+        "threads=1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_DRIVER, when, *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out and "Error executing job" not in out, out[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    said = {
+        "epoch1": "Interrupted: resume from the last completed epoch with",
+        "evaluation": "Interrupted after training, before the summary: evaluate the run with",
+    }[when]
+    assert f"{said}  python train.py ckpt_path={last}" in out, out[-3000:]
+    if when == "epoch1":
+        assert "While stopping: OSError: [Errno 28] No space left on device" in out
+    assert not (run / "summary.json").exists()
+    train_cli(f"ckpt_path={last}", "threads=1")
+    assert val_epochs(run) == [0, 1, 2]
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+
+
 def test_resume_after_the_data_changed_is_refused(tmp_path: Path) -> None:
     data = _write_xyz(tmp_path / "train.xyz", "Cu", n=8)
     run = tmp_path / "run"
