@@ -200,39 +200,6 @@ def start_until_epoch(cmd: list[str], run: Path, epoch: int, **popen) -> subproc
     return proc
 
 
-def test_sigterm_then_resume_continues_the_run_it_resumes(tmp_path: Path) -> None:
-    """SIGTERM stops a run cleanly with the resume command; a plain resume restores every
-    setting (trainer, callbacks), not the defaults; a resume's own change is logged and kept."""
-    run = tmp_path / "run"
-    settings = [
-        "trainer.max_epochs=4",
-        "callbacks.ema.decay=0.5",
-        "callbacks.early_stopping.patience=9",
-    ]
-    cmd = [sys.executable, str(PROJECT_ROOT / "train.py"), *QUIET, *tiny_demo(tmp_path), *settings]
-    proc = start_until_epoch([*cmd, f"hydra.run.dir={run}", "threads=1"], run, epoch=0)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
-    last = run / "checkpoints" / "last.ckpt"
-    assert f"ckpt_path={last}" in out + err and "Traceback" not in err
-
-    # Same-valued run-defining overrides (as the study passes them) are no change.
-    proc = train_cli(f"ckpt_path={last}", "tp=cg", "seed=123", "threads=1")
-    assert "Training for up to 4 epochs" in proc.stdout and "Resume changes" not in proc.stdout
-    assert val_epochs(run) == [0, 1, 2, 3]
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    assert ckpt["run_config"]["callbacks"]["ema"]["decay"] == 0.5
-    assert ckpt["run_config"]["callbacks"]["early_stopping"]["patience"] == 9
-
-    proc = train_cli(f"ckpt_path={last}", "trainer.max_epochs=5", "threads=1")
-    assert "Resume changes trainer.max_epochs: 4 -> 5" in proc.stdout
-    assert val_epochs(run) == [0, 1, 2, 3, 4]
-    proc = train_cli(f"ckpt_path={last}", "threads=1")  # the longer run is now the run's own
-    assert "Training for up to 5 epochs" in proc.stdout
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 5
-
-
 # train.py with two faults injected: SIGTERM to itself at the end of a given hook (epoch 1's
 # checkpointing, or the final evaluation), and a logger whose "failed" finalize raises (as a
 # full disk would while Lightning tears down after the signal).
@@ -264,42 +231,56 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def test_sigterm_always_ends_with_how_to_continue(tmp_path: Path) -> None:
-    """SIGTERM during epoch 1's checkpointing, with a logger that fails in Lightning's teardown
-    after it, and then in the resumed run's final evaluation: each time exit 143 with one line
-    on what failed and the command that continues (no traceback); the last one finishes the
-    run."""
+def _stop_by_sigterm(when: str, *overrides: str) -> str:
+    """Run train.py under ``_SIGTERM_DRIVER``; assert the clean stop; its output."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_DRIVER, when, "callbacks.progress_bar=null", *overrides],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "Traceback" not in out and "Error executing job" not in out, out[-3000:]
+    return out
+
+
+def test_sigterm_then_resume_continues_the_run_it_resumes(tmp_path: Path) -> None:
+    """SIGTERM stops a run cleanly with the command that continues it, also when a logger fails
+    in Lightning's teardown after the signal (one line says so) and when it comes in the final
+    evaluation; a plain resume restores every setting (trainer, callbacks), not the defaults; a
+    resume's own change is logged and kept."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
-    common = [*QUIET, *tiny_demo(tmp_path), "threads=1"]
-    first = [*common, "trainer.max_epochs=3", f"hydra.run.dir={run}"]
-    for when, args, said in [
-        ("epoch1", first, "Interrupted: resume from the last completed epoch with"),
-        (
-            "evaluation",
-            [*common, f"ckpt_path={last}"],
-            "Interrupted after training, before the summary: evaluate the run with",
-        ),
-    ]:
-        proc = subprocess.run(
-            [sys.executable, "-c", _SIGTERM_DRIVER, when, *args],
-            cwd=PROJECT_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-        assert "Traceback" not in out and "Error executing job" not in out, out[-3000:]
-        assert f"{said}  python train.py ckpt_path={last}" in out, out[-3000:]
-        assert not (run / "summary.json").exists()
-    assert (
-        "While stopping: OSError: [Errno 28] No space left on device"
-        in open(run / "train.log").read()
-    )
-    train_cli(f"ckpt_path={last}", "threads=1")
-    assert val_epochs(run) == [0, 1, 2]
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 3
+    settings = [
+        "trainer.max_epochs=4",
+        "callbacks.ema.decay=0.5",
+        "callbacks.early_stopping.patience=9",
+    ]
+    first = [*tiny_demo(tmp_path), *settings, f"hydra.run.dir={run}", "threads=1"]
+    out = _stop_by_sigterm("epoch1", *first)
+    said = "Interrupted: resume from the last completed epoch with"
+    assert f"{said}  python train.py ckpt_path={last}" in out, out[-3000:]
+    assert "While stopping: OSError: [Errno 28] No space left on device" in out
+    assert val_epochs(run) == [0, 1]
+
+    # Same-valued run-defining overrides (as the study passes them) are no change.
+    out = _stop_by_sigterm("evaluation", f"ckpt_path={last}", "tp=cg", "seed=123", "threads=1")
+    assert "Training for up to 4 epochs" in out and "Resume changes" not in out
+    said = "Interrupted after training, before the summary: evaluate the run with"
+    assert f"{said}  python train.py ckpt_path={last}" in out, out[-3000:]
+    assert val_epochs(run) == [0, 1, 2, 3] and not (run / "summary.json").exists()
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["run_config"]["callbacks"]["ema"]["decay"] == 0.5
+    assert ckpt["run_config"]["callbacks"]["early_stopping"]["patience"] == 9
+
+    proc = train_cli(f"ckpt_path={last}", "trainer.max_epochs=5", "threads=1")
+    assert "Resume changes trainer.max_epochs: 4 -> 5" in proc.stdout
+    assert val_epochs(run) == [0, 1, 2, 3, 4]
+    proc = train_cli(f"ckpt_path={last}", "threads=1")  # the longer run is now the run's own
+    assert "Training for up to 5 epochs" in proc.stdout
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 5
 
 
 def test_resume_after_the_data_changed_is_refused(tmp_path: Path) -> None:
