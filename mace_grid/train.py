@@ -7,6 +7,7 @@ to ``<run dir>/summary.json``.
 import json
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.warning("While stopping: %s: %s", type(raised).__name__, raised)
         _report_interrupt(trainer)
         code = getattr(stop, "code", 1)
+        if code is None:  # Lightning's SIGTERMException: its loop saw the signal
+            code = 128 + signal.SIGTERM
         raise SystemExit(130 if code == 1 else code) from None
     train_time = module.fit_time_offset + time.perf_counter() - start
     try:
