@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import statistics
@@ -339,9 +340,37 @@ def _wait_logged(cmd, log_path: Path, what: str, env, start: float) -> tuple[flo
             _LIVE.discard(proc)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        tail = log_path.read_text().strip().splitlines()[-1:] or ["(empty log)"]
-        raise MaceGridError(f"{what} exited with {proc.returncode} ({tail[0]}); see {log_path}")
+        why = _failure_line(log_path.read_text(errors="replace"))
+        raise MaceGridError(f"{what} {_ended(proc.returncode)} ({why}); see {log_path}")
     return wall, usage.ru_maxrss / 1024.0
+
+
+# Lines of a training log that say nothing about why it ended: progress-bar refreshes (written
+# last, at exit) and Hydra's hint after a traceback.
+_NOISE = re.compile(r"\d+%\||\d+/\?|it/s\]|HYDRA_FULL_ERROR")
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+
+
+def _ended(returncode: int) -> str:
+    """``exited with 1``, or ``was killed by SIGKILL`` (the kernel's OOM killer sends that)."""
+    if returncode >= 0:
+        return f"exited with {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
+def _failure_line(log: str) -> str:
+    """Why a training ended badly, from its log: its ``error:`` line, else a traceback's
+    exception line, else the last line that is not a progress bar."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", log)]
+    lines = [line for line in lines if line and not _NOISE.search(line)]
+    for wanted in (lambda line: line.startswith("error: "), _EXCEPTION.match, bool):
+        found = [line for line in lines if wanted(line)]
+        if found:
+            return found[-1]
+    return "empty log"
 
 
 def run_job(run: Run, cmd: list[str], threads: int, slots: queue.Queue | None = None) -> bool:

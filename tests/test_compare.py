@@ -177,6 +177,37 @@ def test_killed_study_resumes_its_run_in_the_same_directory(tmp_path_factory, tm
     assert (out / "study.csv").is_file()
 
 
+BAR = "\rEpoch 1:  33%|███▎      | 1/3 [00:00<00:00,  5.03it/s, loss=24.10]"  # tqdm's last
+HINT = "\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+STOPPED = "[..][WARNING] - Interrupted: resume with  python train.py ckpt_path=x"
+
+
+@pytest.mark.parametrize(
+    "lines, ended, reported",
+    [
+        (["[..][INFO] - epoch 0", "error: no key x"], "exited with 1", "error: no key x"),
+        (
+            ["Traceback (most recent call last):", "OSError: [Errno 28] Full", HINT],
+            "exited with 1",
+            "OSError: [Errno 28] Full",
+        ),
+        ([STOPPED], "exited with 1", STOPPED),
+        ([], "was killed by SIGKILL", "empty log"),
+    ],
+)
+def test_a_failed_training_is_reported_by_its_reason(lines, ended, reported, tmp_path) -> None:
+    """A study names why a training ended badly: its `error:` line, a traceback's exception, or
+    its last words, never the progress bar tqdm writes last; a signal is named (SIGKILL: the
+    OOM killer's)."""
+    log = tmp_path / "seed0.log"
+    end = "os.kill(os.getpid(), 9)" if "SIGKILL" in ended else "raise SystemExit(1)"
+    output = "".join(line + "\n" for line in lines) + BAR
+    script = f"import os, sys; sys.stdout.write({output!r}); sys.stdout.flush(); {end}"
+    with pytest.raises(MaceGridError) as failed:
+        _run_logged([sys.executable, "-c", script], log, "train.py tp=grid seed=0")
+    assert str(failed.value) == f"train.py tp=grid seed=0 {ended} ({reported}); see {log}"
+
+
 def test_each_run_is_reported_as_it_ends(monkeypatch) -> None:
     """run_all calls finished(run) in its caller's thread as each run ends well, trained or
     reused (the study writes that run's curve at once), not for a failed run, whose error is
