@@ -138,8 +138,17 @@ def _global_rank_zero() -> bool:
     return all(int(os.environ.get(key) or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
+_STOPPING = False
+
+
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
+    """Exit through ``finally`` blocks, once: a repeat while they run is ignored, so that it
+    cannot cut the cleanup or the resume line short (a study's death signals each training once
+    per exiting study thread: PR_SET_PDEATHSIG fires at every reparenting)."""
+    global _STOPPING
+    if not _STOPPING:
+        _STOPPING = True
+        raise SystemExit(128 + signum)
 
 
 def remove_failed_start() -> None:

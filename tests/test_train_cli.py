@@ -203,9 +203,10 @@ def start_until_epoch(cmd: list[str], run: Path, epoch: int, **popen) -> subproc
 # train.py with faults injected. "epoch1": SIGTERM at the end of epoch 1's checkpointing, whose
 # SystemExit is lost (as when the handler runs inside a finalizer, which Python only prints), so
 # Lightning's loop stops on its own flag, and a logger whose "failed" finalize then raises (as a
-# full disk would). "evaluation": SIGTERM when the final test starts.
+# full disk would). "evaluation": SIGTERM when the final test starts, and again while the run
+# says how to continue (a study's death signals its trainings once per exiting study thread).
 _SIGTERM_DRIVER = """
-import os, runpy, signal, sys
+import logging, os, runpy, signal, sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 import mace_grid.cli
 from mace_grid.loggers import ResumableCSVLogger
@@ -221,6 +222,11 @@ def then_sigterm(hook, when=lambda *args: True):
 def finalize(self, status):
     raise OSError(28, "No space left on device")
 
+def sigterm_at_warnings(record):
+    if record.levelno >= logging.WARNING:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
 if sys.argv[1] == "epoch1":
     ModelCheckpoint.on_validation_end = then_sigterm(
         ModelCheckpoint.on_validation_end, lambda cb, trainer, module: trainer.current_epoch == 1
@@ -229,6 +235,7 @@ if sys.argv[1] == "epoch1":
     mace_grid.cli._terminate = lambda signum, frame: None
 else:
     MaceLitModule.on_test_start = then_sigterm(MaceLitModule.on_test_start)
+    logging.getLogger("mace_grid.train").addFilter(sigterm_at_warnings)
 sys.argv = ["train.py", *sys.argv[2:]]
 runpy.run_path("train.py", run_name="__main__")
 """
@@ -252,8 +259,9 @@ def _stop_by_sigterm(when: str, *overrides: str) -> str:
 def test_sigterm_then_resume_continues_the_run_it_resumes(tmp_path: Path) -> None:
     """SIGTERM stops a run cleanly (exit 143) with the command that continues it, also when only
     Lightning's loop saw it and a logger then fails in the teardown (one line says so), and when
-    it comes in the final evaluation; a plain resume restores every setting (trainer,
-    callbacks), not the defaults; a resume's own change is logged and kept."""
+    it comes in the final evaluation and again while the run says so (a repeat is ignored); a
+    plain resume restores every setting (trainer, callbacks), not the defaults; a resume's own
+    change is logged and kept."""
     run = tmp_path / "run"
     last = run / "checkpoints" / "last.ckpt"
     settings = [
