@@ -446,7 +446,8 @@ def _without_budget(args: list[str]) -> list[str]:
 
 def _die_with_parent() -> None:
     """Linux: the training gets SIGTERM (checkpoint kept, clean exit) when the study process
-    dies, even by SIGKILL, instead of training on unwatched."""
+    dies, even by SIGKILL, instead of training on unwatched; once per exiting study thread (it
+    is reparented to each in turn), and train.py acts on the first."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
